@@ -1,0 +1,25 @@
+# Two entry points: `make demo` (set up + main job) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= /tmp/maxlm-demo
+
+.PHONY: demo test setup clean
+
+$(BIN)/maxlm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/maxlm
+
+demo: setup
+	rm -rf $(DEMO_DIR)
+	$(BIN)/maxlm train --config=configs/tiny.py --workdir=$(DEMO_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) *.egg-info
