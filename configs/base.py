@@ -1,0 +1,71 @@
+"""The config schema: every key maxlm reads, with its default. Named configs override what differs.
+
+Override any key on the command line: `--config.model.num_layers=4`. Keys are validated at load
+(maxlm/config.py): unknown keys, wrong types and inconsistent shapes exit with code 2.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 256  # Tokens in the vocabulary (embedding rows and output logits).
+  m.d_model = 64  # Residual stream width D.
+  m.num_layers = 2  # Transformer blocks N.
+  m.num_heads = 4  # Query heads H; head_dim = d_model / num_heads (must be even for RoPE).
+  m.num_kv_heads = 2  # Key/value heads K for grouped-query attention; num_heads % num_kv_heads == 0.
+  m.mlp_dim = 192  # SwiGLU hidden width F.
+  m.rope_theta = 10_000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5).
+  m.tie_embeddings = True  # Output projection reuses the token embedding matrix.
+  m.qk_norm = False  # RMSNorm on queries and keys (per head) before RoPE.
+  m.norm_eps = 1e-5  # RMSNorm epsilon.
+  m.init_std = 0.02  # Std of the normal init of embeddings; projections use 1/sqrt(fan_in).
+  m.param_dtype = "float32"  # Stored (master) parameter dtype: float32 | bfloat16.
+  m.compute_dtype = "auto"  # Matmul/activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16.
+  m.attention = "xla"  # Attention implementation: xla (einsum + softmax; kernels plug in at maxlm/model.py ATTENTION).
+  m.scan_layers = True  # jax.lax.scan over layers (fast compile); False unrolls. Parameter layout is the same.
+  m.remat = "none"  # Rematerialisation per block: none | full | dots | dots_no_batch.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Pure data-parallel axis (replicated params); -1 fills the remaining devices.
+  c.mesh.fsdp = 1  # Data parallel with parameters and optimizer state sharded (ZeRO-3); -1 fills.
+  c.mesh.tensor = 1  # Tensor (Megatron) parallel over heads, MLP width and vocab; -1 fills.
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "synthetic"  # synthetic (learnable permutation walk) | tokens (flat binary token file).
+  d.path = ""  # Token file for source=tokens: raw little-endian ints, dtype data.token_dtype.
+  d.token_dtype = "uint16"  # Element type of the token file: uint16 | uint32.
+  d.eval_fraction = 0.01  # source=tokens: last fraction of the file held out for eval.
+  d.seq_len = 64  # Tokens per training row T.
+  d.seed = 0  # Data order seed (independent of the parameter init seed train.seed).
+  d.num_workers = 0  # Grain worker processes for loading (0 = in the training process).
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 3e-3  # Peak learning rate.
+  o.schedule = "cosine"  # cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant (warmup + flat).
+  o.warmup_steps = 20  # Linear warmup from 0 to optim.lr.
+  o.decay_fraction = 0.2  # wsd: fraction of train.steps spent in the final linear decay.
+  o.min_lr_ratio = 0.1  # Final learning rate as a fraction of optim.lr (cosine and wsd).
+  o.b1 = 0.9  # AdamW beta1.
+  o.b2 = 0.95  # AdamW beta2.
+  o.eps = 1e-8  # AdamW epsilon.
+  o.weight_decay = 0.1  # Decoupled weight decay on matrices; never on norm scales.
+  o.decay_embeddings = False  # Also apply weight decay to the token embedding.
+  o.clip_norm = 1.0  # Clip gradients to this global L2 norm (0 disables).
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 200  # Optimizer steps.
+  t.global_batch = 16  # Rows per step over all devices; divisible by microbatches × (mesh.data × mesh.fsdp).
+  t.microbatches = 1  # Gradient accumulation: the step runs global_batch/microbatches rows at a time.
+  t.seed = 0  # Parameter init seed.
+  t.z_loss = 0.0  # Weight of the z-loss term mean(logsumexp(logits)^2) (PaLM uses 1e-4).
+  t.log_every = 10  # Steps between metrics.jsonl / progress updates.
+  t.eval_every = 100  # Steps between evals on the held-out split (0 disables).
+  t.eval_batches = 4  # Global batches per eval.
+
+  c.metrics = ml_collections.ConfigDict()
+  c.metrics.peak_tflops = 0.0  # Per-device peak for MFU; 0 = device table, or a measured matmul rate on CPU.
+  c.metrics.tensorboard = True  # Write TensorBoard events to <workdir>/tb/.
+  return c

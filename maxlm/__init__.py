@@ -1,0 +1,1 @@
+"""maxlm: JAX-native LLM pre-training."""

@@ -1,0 +1,65 @@
+"""`maxlm COMMAND [flags]`. Config problems print one line and exit 2; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from maxlm.config import ConfigError
+
+USAGE = """usage: maxlm train --config=FILE --workdir=DIR [--config.KEY=VALUE ...]
+
+  train   train a model; writes DIR/config.json, DIR/metrics.jsonl and DIR/tb/
+          e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
+"""
+
+
+def _train(args: list[str]) -> None:
+  workdir, config_args = None, []
+  for arg in args:
+    if arg.startswith("--workdir="):
+      workdir = arg.split("=", 1)[1]
+    elif arg.startswith("--config"):
+      config_args.append(arg)
+    else:
+      raise ConfigError(f"unknown argument {arg!r}: maxlm train takes --config=FILE, --config.KEY=VALUE and "
+                        "--workdir=DIR")
+  if not workdir:
+    raise ConfigError("missing --workdir: pass a directory for the run's outputs, e.g. --workdir=/tmp/run")
+
+  from maxlm import config  # Imports jax: keep `maxlm --help` fast.
+
+  cfg = config.load(config_args)
+  import jax
+
+  cfg = config.validate(cfg, num_devices=jax.device_count(), process_count=jax.process_count(),
+                        platform=jax.devices()[0].platform)
+  from maxlm import train
+
+  train.run(cfg, workdir)
+
+
+COMMANDS = {"train": _train}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(USAGE)
+    return 0 if argv else 2
+  command, args = argv[0], argv[1:]
+  if command not in COMMANDS:
+    print(f"maxlm: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  logging.getLogger("maxlm").setLevel(logging.INFO)
+  try:
+    COMMANDS[command](args)
+  except ConfigError as e:
+    print(f"maxlm {command}: config error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,195 @@
+"""Load a run config (an ml-collections file plus `--config.key=value` overrides) and validate it.
+
+Every problem is a `ConfigError` whose message is one line naming the key and the fix; the CLI prints it
+and exits with code 2. `configs/base.py` is the schema: a key it lacks is unknown, and a value must have
+the type of the base default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from configs import base
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+CHOICES = {
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("auto", "float32", "bfloat16"),
+    "model.attention": ("xla",),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "data.source": ("synthetic", "tokens"),
+    "data.token_dtype": ("uint16", "uint32"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+}
+
+# (key, lowest allowed value); a key listed here must be >= its bound.
+MINIMA = {
+    "model.vocab_size": 1, "model.d_model": 1, "model.num_layers": 1, "model.num_heads": 1,
+    "model.num_kv_heads": 1, "model.mlp_dim": 1, "model.rope_theta": 1e-9, "model.norm_eps": 0.0,
+    "model.init_std": 0.0, "data.seq_len": 1, "data.num_workers": 0, "optim.lr": 0.0,
+    "optim.warmup_steps": 0, "optim.decay_fraction": 0.0, "optim.min_lr_ratio": 0.0,
+    "optim.weight_decay": 0.0, "optim.clip_norm": 0.0, "optim.eps": 0.0, "train.steps": 1,
+    "train.global_batch": 1, "train.microbatches": 1, "train.z_loss": 0.0, "train.log_every": 1,
+    "train.eval_every": 0, "train.eval_batches": 1, "metrics.peak_tflops": 0.0,
+}
+MAXIMA = {"optim.decay_fraction": 1.0, "optim.min_lr_ratio": 1.0, "optim.b1": 1.0, "optim.b2": 1.0,
+          "data.eval_fraction": 0.5}
+
+
+class ConfigError(ValueError):
+  """A config problem a user can fix; the message is one line."""
+
+
+def load(args: Sequence[str]) -> ml_collections.ConfigDict:
+  """Loads `--config=FILE[:ARG]` and applies `--config.a.b=value` overrides, in absl/ml-collections syntax."""
+  if not any(a.startswith("--config=") for a in args):
+    raise ConfigError("missing --config: pass a config file, e.g. --config=configs/tiny.py")
+  path = next(a for a in args if a.startswith("--config="))[len("--config="):].split(":")[0]
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config={path}: no such file; pass a file from configs/, e.g. --config=configs/tiny.py")
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
+  try:
+    flag_values(["maxlm", *args])
+    cfg = holder.value
+  except Exception as e:  # ml-collections raises several types; all become one line.
+    raise ConfigError(_explain_flag_error(e, args)) from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"--config={path}: get_config() must return an ml_collections.ConfigDict")
+  return cfg
+
+
+def _explain_flag_error(error: Exception, args: Sequence[str]) -> str:
+  known = _flat_keys(base.get_config())
+  for arg in args:
+    if arg.startswith("--config.") and "=" in arg:
+      key = arg[len("--config."):].split("=", 1)[0]
+      if key not in known:
+        return _unknown_key_message(key, known)
+  message = " ".join(str(error).replace("\\n", " ").split())
+  return f"bad config value: {message.strip(chr(39))}"
+
+
+def _unknown_key_message(key: str, known: Sequence[str]) -> str:
+  close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+  hint = f"did you mean '{close[0]}'?" if close else "see configs/base.py for the keys"
+  return f"unknown config key '{key}': {hint}"
+
+
+def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+  out = {}
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat_keys(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
+             platform: str = "cpu") -> ml_collections.ConfigDict:
+  """Checks `cfg` against the schema and itself; returns a resolved copy (mesh sizes filled, dtype chosen)."""
+  schema = _flat_keys(base.get_config())
+  values = _flat_keys(cfg)
+  for key in values:
+    if key not in schema:
+      raise ConfigError(_unknown_key_message(key, list(schema)))
+  for key, default in schema.items():
+    if key not in values:
+      raise ConfigError(f"config key '{key}' is missing: named configs must start from configs/base.get_config()")
+    _check_type(key, values[key], default)
+  for key, options in CHOICES.items():
+    if values[key] not in options:
+      raise ConfigError(f"{key}={values[key]!r} is not one of {', '.join(options)}")
+  for key, low in MINIMA.items():
+    if values[key] < low:
+      raise ConfigError(f"{key}={values[key]} must be >= {low}")
+  for key, high in MAXIMA.items():
+    if values[key] > high:
+      raise ConfigError(f"{key}={values[key]} must be <= {high}")
+
+  resolved = ml_collections.ConfigDict(cfg.to_dict())
+  m = resolved.model
+  if m.d_model % m.num_heads:
+    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}: "
+                      "choose num_heads dividing d_model")
+  if (m.d_model // m.num_heads) % 2:
+    raise ConfigError(f"head_dim = model.d_model/model.num_heads = {m.d_model // m.num_heads} is odd: RoPE needs an "
+                      "even head_dim")
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
+                      "choose num_kv_heads dividing num_heads")
+  if m.compute_dtype == "auto":
+    m.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
+
+  sizes = resolve_mesh_sizes(resolved.mesh, num_devices)
+  for axis, size in zip(MESH_AXES, sizes):
+    resolved.mesh[axis] = size
+  tensor = resolved.mesh.tensor
+  for key in ("num_heads", "num_kv_heads", "mlp_dim"):
+    if m[key] % tensor:
+      raise ConfigError(f"model.{key}={m[key]} is not divisible by mesh.tensor={tensor}: "
+                        f"choose mesh.tensor dividing {key}")
+
+  t = resolved.train
+  dp = resolved.mesh.data * resolved.mesh.fsdp
+  if t.global_batch % t.microbatches:
+    raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.microbatches={t.microbatches}")
+  micro = t.global_batch // t.microbatches
+  if micro % dp:
+    raise ConfigError(f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
+                      f"mesh.data*mesh.fsdp={dp}: make global_batch a multiple of {dp * t.microbatches}")
+  if t.global_batch % process_count:
+    raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
+
+  d = resolved.data
+  if d.source == "tokens":
+    if not d.path:
+      raise ConfigError("data.source='tokens' needs data.path: pass --config.data.path=FILE")
+    if not os.path.isfile(d.path):
+      raise ConfigError(f"data.path={d.path!r}: no such file")
+  return resolved
+
+
+def _check_type(key: str, value: object, default: object) -> None:
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  else:
+    ok = isinstance(value, type(default))
+  if not ok:
+    raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {type(default).__name__} "
+                      f"like the default {default!r}")
+
+
+def resolve_mesh_sizes(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Mesh axis sizes with at most one -1 filled so that the product equals `num_devices`."""
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}={size}: use a positive size, or -1 to fill the remaining devices")
+  fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"mesh.{fill[0]} and mesh.{fill[1]} are both -1: at most one mesh axis may fill")
+  fixed = 1
+  for s in sizes:
+    fixed *= s if s != -1 else 1
+  if fill:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: the fixed "
+                        f"axes' product {fixed} must divide the device count")
+    sizes[MESH_AXES.index(fill[0])] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} multiply to {fixed} but there are {num_devices} "
+                      "devices: make the product match, or set one axis to -1")
+  return tuple(sizes)

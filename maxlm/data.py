@@ -1,0 +1,144 @@
+"""Grain input pipelines: random-access sources -> examples -> per-process batches.
+
+Every example is a dict of int32 [T] arrays: `inputs`, `targets`, `positions`, `segment_ids`, and a
+`loss_mask` (1 where the target counts). Sources here give one unpacked document per row (segment 1,
+positions 0..T-1); packed sources plug in by emitting several segments per row.
+
+Determinism and sharding: record i of a source depends only on (seed, i). Records are batched into
+per-process slices of the global batch: global step k holds records [k·B, (k+1)·B), and process p of P
+reads the p-th contiguous B/P of them, so the global batch at step k is the same for any number of
+processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import grain
+import ml_collections
+import numpy as np
+
+from maxlm.config import ConfigError
+
+TRAIN, EVAL = 0, 1
+
+
+class SyntheticSource:
+  """A learnable token stream: a walk along a fixed random cycle through the vocabulary, with noise.
+
+  Clean token t is cycle[(start + t) mod V] for a random start; each observed token is replaced by a
+  uniform random one with probability `noise`. A model that has learned the cycle predicts the next
+  token, so the loss falls from ln V towards `entropy_floor()`.
+  """
+
+  def __init__(self, vocab_size: int, seq_len: int, seed: int, split: int, noise: float = 0.1):
+    self.vocab_size, self.seq_len, self.seed, self.split, self.noise = vocab_size, seq_len, seed, split, noise
+    self.cycle = np.random.default_rng([seed, 7919]).permutation(vocab_size).astype(np.int32)
+
+  def __len__(self) -> int:
+    return 2**40
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, self.split, index])
+    start = rng.integers(self.vocab_size)
+    tokens = self.cycle[(start + np.arange(self.seq_len + 1)) % self.vocab_size]
+    noisy = rng.random(self.seq_len + 1) < self.noise
+    return np.where(noisy, rng.integers(0, self.vocab_size, self.seq_len + 1), tokens).astype(np.int32)
+
+  def entropy_floor(self) -> float:
+    """Cross-entropy (nats) of the best predictor that knows the clean next token."""
+    v, p = self.vocab_size, self.noise
+    hit = 1 - p + p / v
+    return float(-(hit * np.log(hit) + (v - 1) * (p / v) * np.log(p / v)))
+
+  def __repr__(self) -> str:
+    return f"SyntheticSource(vocab={self.vocab_size}, seq_len={self.seq_len}, seed={self.seed}, split={self.split})"
+
+
+class TokenFileSource:
+  """Windows of seq_len+1 tokens at random offsets of a flat token file (memory-mapped, opened lazily).
+
+  The file is split by position: the last `eval_fraction` of its tokens are the eval split. One epoch
+  has as many windows as fit end to end in the split; window i's offset depends only on (seed, i).
+  """
+
+  def __init__(self, path: str, dtype: str, seq_len: int, seed: int, split: int, eval_fraction: float):
+    self.path, self.dtype, self.seq_len, self.seed, self.split = os.path.abspath(path), dtype, seq_len, seed, split
+    n = os.path.getsize(path) // np.dtype(dtype).itemsize
+    cut = int(n * (1 - eval_fraction))
+    self.start, self.stop = (0, cut) if split == TRAIN else (cut, n)
+    if self.stop - self.start < seq_len + 1:
+      raise ConfigError(f"data.path={path!r}: the {'train' if split == TRAIN else 'eval'} split has {self.stop - self.start} "
+                       f"tokens, fewer than data.seq_len+1={seq_len + 1}")
+    self._tokens = None
+
+  def __len__(self) -> int:
+    return max((self.stop - self.start) // self.seq_len, 1)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if self._tokens is None:
+      self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+    rng = np.random.default_rng([self.seed, self.split, index])
+    offset = self.start + rng.integers(self.stop - self.start - self.seq_len)
+    return np.asarray(self._tokens[offset:offset + self.seq_len + 1], dtype=np.int32)
+
+  def __getstate__(self):  # Worker processes reopen the memmap.
+    return {**self.__dict__, "_tokens": None}
+
+  def __repr__(self) -> str:
+    return f"TokenFileSource({self.path!r}, {self.dtype}, seq_len={self.seq_len}, seed={self.seed}, split={self.split})"
+
+
+def window_to_example(window_T1: np.ndarray) -> dict[str, np.ndarray]:
+  T = window_T1.shape[0] - 1
+  return {
+      "inputs": window_T1[:-1],
+      "targets": window_T1[1:],
+      "positions": np.arange(T, dtype=np.int32),
+      "segment_ids": np.ones(T, np.int32),
+      "loss_mask": np.ones(T, np.int32),
+  }
+
+
+def make_source(cfg: ml_collections.ConfigDict, split: int):
+  d = cfg.data
+  if d.source == "synthetic":
+    return SyntheticSource(cfg.model.vocab_size, d.seq_len, d.seed, split)
+  return TokenFileSource(d.path, d.token_dtype, d.seq_len, d.seed, split, d.eval_fraction)
+
+
+def check_vocab(source, vocab_size: int) -> None:
+  """Fails fast when the token file holds ids the model cannot embed (checks a sample of windows)."""
+  if isinstance(source, TokenFileSource):
+    sample = np.concatenate([source[i] for i in range(min(len(source), 64))])
+    if sample.max() >= vocab_size:
+      raise ConfigError(f"data.path={source.path!r} holds token id {int(sample.max())} >= model.vocab_size="
+                       f"{vocab_size}: set model.vocab_size to the tokenizer's vocabulary size")
+
+
+def batches(source, global_batch: int, process_index: int, process_count: int,
+            num_workers: int = 0, repeat: bool = True) -> grain.IterDataset:
+  """This process's share of each global batch, as a resumable Grain iterator dataset."""
+  ds = grain.MapDataset.source(source).map(window_to_example)
+  ds = ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
+  if repeat:
+    ds = ds.repeat(None)
+  it = ds.to_iter_dataset()
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it
+
+
+def train_and_eval(cfg: ml_collections.ConfigDict, process_index: int = 0,
+                   process_count: int = 1) -> tuple[Iterator, Callable[[], Iterator]]:
+  """The training iterator and a factory of fresh eval iterators (the same eval batches every time)."""
+  train_source = make_source(cfg, TRAIN)
+  check_vocab(train_source, cfg.model.vocab_size)
+  train = iter(batches(train_source, cfg.train.global_batch, process_index, process_count, cfg.data.num_workers))
+  eval_source = make_source(cfg, EVAL)
+
+  def eval_batches() -> Iterator:
+    return iter(batches(eval_source, cfg.train.global_batch, process_index, process_count, repeat=True))
+
+  return train, eval_batches

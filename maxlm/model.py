@@ -1,0 +1,199 @@
+"""Llama-style decoder-only transformer in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Shape suffixes name every tensor's dimensions: B batch, T query positions, S key positions, D d_model,
+H query heads, K kv heads, G = H/K query heads per kv head, Dh head dim, F mlp width, V vocab, N layers.
+
+Parameters are stored in `model.param_dtype` and cast to `model.compute_dtype` at use; norms, softmax
+and RoPE run in float32. Block parameters are always stacked on a leading "layers" axis, so the
+checkpoint layout does not depend on `model.scan_layers`, which only chooses scan vs. an unrolled loop.
+Logical axis names on parameters and activations are mapped to the mesh by `maxlm.mesh.RULES`.
+RoPE uses the half-split ("rotate_half") convention of Hugging Face Llama checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from maxlm.mesh import constrain
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # Save nothing inside a block: recompute the whole forward in the backward pass.
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, names: tuple[str, ...], dtype) -> nnx.Param:
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)  # Mean of squares in f32: bf16 loses the small components.
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (Su et al. 2021): rotates pairs (i, i + Dh/2) by position · theta^(-2i/Dh)."""
+  half = x_BxTxNxDh.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxTx1xHalf = (positions_BxT[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxTx1xHalf), jnp.cos(angle_BxTx1xHalf)
+  x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxDh.dtype)
+
+
+def xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT):
+  """Causal GQA attention in plain einsums; a query sees keys at or before it in its own segment."""
+  B, T, H, Dh = q_BxTxHxDh.shape
+  K = k_BxSxKxDh.shape[2]
+  q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+  scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxDh, k_BxSxKxDh,
+                                preferred_element_type=jnp.float32) * Dh**-0.5
+  causal_TxS = jnp.tril(jnp.ones((T, T), dtype=bool))
+  same_segment_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  mask_Bx1x1xTxS = (causal_TxS & same_segment_BxTxS)[:, None, None]
+  # Every query sees at least itself, so no row is fully masked and the softmax stays finite.
+  scores_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxDh.dtype)
+  out_BxTxKxGxDh = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxDh)
+  return out_BxTxKxGxDh.reshape(B, T, H, Dh)
+
+
+# `model.attention` -> implementation with the signature of `xla_attention`. Fused kernels (cuDNN flash
+# attention on GPU, Pallas splash attention on TPU) are added here.
+ATTENTION = {"xla": xla_attention}
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    D, H, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
+    Dh = D // H
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.q_proj = _normal(rngs, (D, H, Dh), D**-0.5, ("embed", "heads", "head_dim"), pdt)
+    self.k_proj = _normal(rngs, (D, K, Dh), D**-0.5, ("embed", "kv_heads", "head_dim"), pdt)
+    self.v_proj = _normal(rngs, (D, K, Dh), D**-0.5, ("embed", "kv_heads", "head_dim"), pdt)
+    self.o_proj = _normal(rngs, (H, Dh, D), (H * Dh)**-0.5, ("heads", "head_dim", "embed"), pdt)
+    self.q_norm = RMSNorm(Dh, cfg.norm_eps, pdt) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(Dh, cfg.norm_eps, pdt) if cfg.qk_norm else None
+    self.rope_theta = cfg.rope_theta
+    self.attention_fn = ATTENTION[cfg.attention]
+    self.dtype = jnp.dtype(cfg.compute_dtype)
+
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    dt = self.dtype
+    q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_proj[...].astype(dt))
+    k_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x_BxTxD, self.k_proj[...].astype(dt))
+    v_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x_BxTxD, self.v_proj[...].astype(dt))
+    q_BxTxHxDh = constrain(q_BxTxHxDh, ("act_batch", "act_seq", "act_heads", None))
+    k_BxSxKxDh = constrain(k_BxSxKxDh, ("act_batch", "act_seq", "act_kv_heads", None))
+    v_BxSxKxDh = constrain(v_BxSxKxDh, ("act_batch", "act_seq", "act_kv_heads", None))
+    if self.q_norm is not None:
+      q_BxTxHxDh, k_BxSxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxSxKxDh)
+    q_BxTxHxDh = rope(q_BxTxHxDh, positions_BxT, self.rope_theta)
+    k_BxSxKxDh = rope(k_BxSxKxDh, positions_BxT, self.rope_theta)
+    out_BxTxHxDh = self.attention_fn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)
+    return jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_proj[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    D, F = cfg.d_model, cfg.mlp_dim
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.gate_proj = _normal(rngs, (D, F), D**-0.5, ("embed", "mlp"), pdt)
+    self.up_proj = _normal(rngs, (D, F), D**-0.5, ("embed", "mlp"), pdt)
+    self.down_proj = _normal(rngs, (F, D), F**-0.5, ("mlp", "embed"), pdt)
+    self.dtype = jnp.dtype(cfg.compute_dtype)
+
+  def __call__(self, x_BxTxD):
+    dt = self.dtype
+    gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.gate_proj[...].astype(dt))
+    up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.up_proj[...].astype(dt))
+    h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("act_batch", "act_seq", "act_mlp"))
+    return jnp.einsum("btf,fd->btd", h_BxTxF, self.down_proj[...].astype(dt))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    return constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
+
+
+class Transformer(nnx.Module):
+  """tokens_BxT -> logits_BxTxV. `positions` restart and `segment_ids` change at packed document borders."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    V, D = cfg.vocab_size, cfg.d_model
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.embed = _normal(rngs, (V, D), cfg.init_std, ("vocab", "embed"), pdt)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = stacked_blocks(rngs)
+    self.final_norm = RMSNorm(D, cfg.norm_eps, pdt)
+    self.lm_head = None if cfg.tie_embeddings else _normal(rngs, (D, V), D**-0.5, ("embed", "vocab"), pdt)
+    self.num_layers = cfg.num_layers
+    self.scan_layers = cfg.scan_layers
+    self.remat = cfg.remat
+    self.dtype = jnp.dtype(cfg.compute_dtype)
+
+  def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+    x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.dtype)
+    x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
+
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def block(x_BxTxD, layer_params):
+      return nnx.merge(graphdef, layer_params)(x_BxTxD, positions_BxT, segment_ids_BxT), None
+
+    if self.remat != "none":
+      block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, stacked)
+    else:
+      for i in range(self.num_layers):
+        x_BxTxD, _ = block(x_BxTxD, jax.tree.map(lambda a: a[i], stacked))
+
+    x_BxTxD = self.final_norm(x_BxTxD)
+    if self.lm_head is None:
+      logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.embed[...].astype(self.dtype))
+    else:
+      logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.lm_head[...].astype(self.dtype))
+    return constrain(logits_BxTxV, ("act_batch", "act_seq", "act_vocab"))
+
+
+def create(cfg: ml_collections.ConfigDict, seed: int) -> Transformer:
+  """A freshly initialised model. Sharding metadata is recorded, not applied: callers place the arrays."""
+  with nnx.use_eager_sharding(False):
+    return Transformer(cfg, nnx.Rngs(params=seed))

@@ -1,0 +1,52 @@
+"""Optax optimizer: global-norm clipping, then AdamW with a weight-decay mask, on a learning-rate schedule."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine to `min_lr_ratio·lr`, WSD, or constant.
+
+  WSD (warmup-stable-decay, Hu et al. 2024 "MiniCPM"): flat at `lr` until the last `decay_fraction` of the
+  run, then linear to `min_lr_ratio·lr`. Its stable phase lets one run branch into several decay lengths.
+  """
+  peak, final = cfg.lr, cfg.lr * cfg.min_lr_ratio
+  warmup = min(cfg.warmup_steps, total_steps)
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), final)
+  warmup_fn = optax.linear_schedule(0.0, peak, warmup)
+  if cfg.schedule == "constant":
+    return optax.join_schedules([warmup_fn, optax.constant_schedule(peak)], [warmup])
+  decay_steps = int(round(cfg.decay_fraction * total_steps))
+  stable_steps = max(total_steps - warmup - decay_steps, 0)
+  return optax.join_schedules(
+      [warmup_fn, optax.constant_schedule(peak), optax.linear_schedule(peak, final, max(decay_steps, 1))],
+      [warmup, warmup + stable_steps])
+
+
+def decay_mask(params, decay_embeddings: bool):
+  """True for leaves that get weight decay: every projection matrix, the embedding only if configured.
+
+  Norm scales never decay (decaying them pulls the normalised activations towards zero).
+  """
+
+  def wants_decay(path, _):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if any("norm" in n for n in names):
+      return False
+    if "embed" in names:
+      return decay_embeddings
+    return True
+
+  return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  lr = schedule(cfg, total_steps)
+  adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                      mask=lambda p: decay_mask(p, cfg.decay_embeddings))
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+  return tx, lr
