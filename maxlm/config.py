@@ -55,9 +55,10 @@ def load(args: Sequence[str]) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise ConfigError(f"--config={path}: no such file; pass a file from configs/, e.g. --config=configs/tiny.py")
   flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
+  argv = ["maxlm", *args]
+  holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True, sys_argv=argv)
   try:
-    flag_values(["maxlm", *args])
+    flag_values(argv)
     cfg = holder.value
   except Exception as e:  # ml-collections raises several types; all become one line.
     raise ConfigError(_explain_flag_error(e, args)) from None

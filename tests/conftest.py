@@ -1,0 +1,29 @@
+"""Every test process sees 8 fake CPU devices; single-device runs pass `devices=jax.devices()[:1]`."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import base  # noqa: E402
+from maxlm import config  # noqa: E402
+
+
+def make_config(num_devices: int = 1, **overrides):
+  """The tiny base config with dotted-key overrides ("model.num_layers": 3), validated for `num_devices`."""
+  raw = base.get_config().to_dict()
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    raw[group][name] = value
+  cfg = ml_collections.ConfigDict(raw)  # Built from a dict: type errors reach validate(), as from a config file.
+  return config.validate(cfg, num_devices=num_devices)
+
+
+@pytest.fixture
+def devices():
+  assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set in conftest.py)"
+  return jax.devices()

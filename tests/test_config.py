@@ -1,0 +1,115 @@
+"""Config loading and validation: every user error is one line naming the key, exit code 2, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import base
+from maxlm import config
+from maxlm.config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def validate(num_devices=1, **overrides):
+  raw = base.get_config().to_dict()
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    raw[group][name] = value
+  cfg = ml_collections.ConfigDict(raw)  # Built from a dict: type errors reach validate(), as from a config file.
+  return config.validate(cfg, num_devices=num_devices)
+
+
+def test_named_configs_load_and_validate():
+  for name in ("tiny", "cpu_10m", "gpt2_124m", "llama_1b", "llama3_8b"):
+    cfg = config.load([f"--config={REPO}/configs/{name}.py"])
+    config.validate(cfg, num_devices=8)
+
+
+def test_llama3_8b_has_the_real_shapes():
+  from maxlm import flops
+  cfg = config.validate(config.load([f"--config={REPO}/configs/llama3_8b.py"]), num_devices=1)
+  assert 8.0e9 < flops.param_count(cfg.model) < 8.1e9  # Llama 3 8B: 8.03B parameters.
+
+
+def test_overrides_are_typed():
+  cfg = config.load([f"--config={REPO}/configs/tiny.py", "--config.model.num_layers=3", "--config.optim.lr=1e-2",
+                     "--config.model.qk_norm=true", "--config.model.remat=full"])
+  assert (cfg.model.num_layers, cfg.optim.lr, cfg.model.qk_norm, cfg.model.remat) == (3, 1e-2, True, "full")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.model.num_layer=3"], "unknown config key 'model.num_layer': did you mean 'model.num_layers'?"),
+    (["--config.modle.num_layers=3"], "unknown config key 'modle.num_layers': did you mean 'model.num_layers'?"),
+    (["--config.model.num_layers=abc"], "--config.model.num_layers=abc"),
+    (["--config.model.qk_norm=maybe"], "--config.model.qk_norm=maybe"),
+])
+def test_bad_overrides(args, expected):
+  with pytest.raises(ConfigError) as e:
+    config.load([f"--config={REPO}/configs/tiny.py", *args])
+  assert expected in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_missing_config_file():
+  with pytest.raises(ConfigError, match="no such file"):
+    config.load(["--config=configs/nope.py"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"model.d_model": 100, "model.num_heads": 3}, "model.d_model=100 is not divisible by model.num_heads=3"),
+    ({"model.num_heads": 4, "model.num_kv_heads": 3}, "model.num_heads=4 is not divisible by model.num_kv_heads=3"),
+    ({"model.d_model": 60, "model.num_heads": 4}, "RoPE needs an even head_dim"),
+    ({"train.global_batch": 12}, "not divisible by the data-parallel size mesh.data*mesh.fsdp=8"),
+    ({"train.global_batch": 16, "train.microbatches": 3}, "not divisible by train.microbatches=3"),
+    ({"mesh.data": 3}, "multiply to 3 but there are 8 devices"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one mesh axis may fill"),
+    ({"mesh.data": -1, "mesh.fsdp": 3}, "cannot fill 8 devices"),
+    ({"mesh.data": 2, "mesh.tensor": 4, "model.num_kv_heads": 2}, "model.num_kv_heads=2 is not divisible by mesh.tensor=4"),
+    ({"model.remat": "some"}, "model.remat='some' is not one of none, full, dots, dots_no_batch"),
+    ({"model.num_layers": 2.5}, "model.num_layers=2.5 has type float; expected int"),
+    ({"optim.lr": "fast"}, "optim.lr='fast' has type str; expected float"),
+    ({"train.steps": 0}, "train.steps=0 must be >= 1"),
+    ({"data.source": "tokens"}, "data.source='tokens' needs data.path"),
+    ({"data.source": "tokens", "data.path": "/nonexistent.bin"}, "no such file"),
+])
+def test_validation_errors(overrides, expected):
+  with pytest.raises(ConfigError) as e:
+    validate(num_devices=8, **overrides)
+  assert expected in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_unknown_key_in_config_file():
+  cfg = base.get_config()
+  cfg.train.stpes = 10
+  with pytest.raises(ConfigError, match="unknown config key 'train.stpes': did you mean 'train.steps'"):
+    config.validate(cfg, num_devices=1)
+
+
+def test_mesh_fill_and_dtype_resolution():
+  cfg = validate(num_devices=8, **{"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2})
+  assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (2, 2, 2)
+  assert cfg.model.compute_dtype == "float32"
+  gpu = config.validate(base.get_config(), num_devices=1, platform="gpu")
+  assert gpu.model.compute_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/tiny.py", "--config.model.num_layer=3"], "did you mean 'model.num_layers'?"),
+    (["--config=configs/tiny.py", "--config.model.d_model=65"], "model.d_model=65 is not divisible"),
+    (["--config=configs/tiny.py"], "missing --workdir"),
+])
+def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
+  if "missing --workdir" not in expected:
+    args = [*args, f"--workdir={tmp_path}/run"]
+  proc = subprocess.run([sys.executable, "-m", "maxlm", "train", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and expected in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(f"{tmp_path}/run")
