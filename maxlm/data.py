@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterator
 
 import grain
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -126,6 +127,8 @@ def batches(source, global_batch: int, process_index: int, process_count: int,
     ds = ds.repeat(None)
   it = ds.to_iter_dataset()
   if num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # Grain reads its absl flags in the spawned workers.
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it
 

@@ -34,7 +34,7 @@ def decay_mask(params, decay_embeddings: bool):
   """
 
   def wants_decay(path, _):
-    names = [str(getattr(k, "key", k)) for k in path]
+    names = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
     if any("norm" in n for n in names):
       return False
     if "embed" in names:

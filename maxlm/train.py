@@ -86,7 +86,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, lr_schedule, microbatc
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": sums["nll_sum"] / tokens, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+  metrics = {"loss": sums["nll_sum"] / tokens, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
   if z_loss:
     metrics["z_loss"] = sums["z_sum"] / tokens
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
