@@ -8,10 +8,12 @@ by the total token count, so 4 microbatches of B/4 rows give the gradient of one
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import flax
 import jax
@@ -110,16 +112,25 @@ def peak_tflops_per_device(cfg: ml_collections.ConfigDict, devices) -> tuple[flo
                             f"matmul on {devices[0].platform}, shared by {local} local device(s)")
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict]:
-  """Trains with a validated, resolved config (`maxlm.config.validate`); returns the logged records."""
+@dataclasses.dataclass
+class Session:
+  """A compiled training setup: what a loop (train, benchmark) needs, built the same way for both."""
+  cfg: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  state: TrainState
+  step: Callable  # (state, global batch) -> (state, metrics); compiled, donates `state`
+  next_batch: Callable[[], dict]  # the next global training batch, on device
+  evaluate: Callable[[nnx.State], float]  # mean eval loss over train.eval_batches held-out batches
+  tokens_per_step: int
+  flops_per_step: float
+  peak_tflops: float  # per device, for MFU
+  compile_s: float
+
+
+def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
+  """Mesh, sharded state, data iterators and the AOT-compiled train step for a validated, resolved config."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json(indent=2))
-
   t = cfg.train
   tx, lr_schedule = optim.make(cfg.optim, t.steps)
   tokens_per_step = t.global_batch * cfg.data.seq_len
@@ -133,8 +144,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
   batch_sharding = mesh_lib.batch_sharding(mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct((t.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
                     for k in BATCH_KEYS}
-  writer = MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
-  progress = Progress(t.steps, enabled=is_main)
   # Outside the mesh context: NNX would read the logical names on parameters as mesh axes.
   graphdef, state, shardings = init_state(cfg.model, tx, mesh, t.seed)
   with jax.set_mesh(mesh):
@@ -146,39 +155,57 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
                       in_shardings=(shardings.params, batch_sharding))
     t0 = time.perf_counter()
     compiled_step = step_fn.lower(state, abstract_batch).compile()
-    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    compile_s = time.perf_counter() - t0
+  log.info("train step compiled in %.1f s", compile_s)
 
-    def to_global(local_batch):
-      return {k: jax.make_array_from_process_local_data(batch_sharding, local_batch[k]) for k in BATCH_KEYS}
+  def to_global(local_batch):
+    return {k: jax.make_array_from_process_local_data(batch_sharding, local_batch[k]) for k in BATCH_KEYS}
 
-    def evaluate(params) -> float:
-      it, loss_sum, count = eval_iter(), 0.0, 0.0
+  def evaluate(params) -> float:
+    it, loss_sum, count = eval_iter(), 0.0, 0.0
+    with jax.set_mesh(mesh):
       for _ in range(t.eval_batches):
         s, n = jax.device_get(eval_fn(params, to_global(next(it))))  # Blocking: one program in flight.
         loss_sum, count = loss_sum + float(s), count + float(n)
-      return loss_sum / max(count, 1.0)
+    return loss_sum / max(count, 1.0)
 
-    records, previous = [], None
+  return Session(cfg=cfg, mesh=mesh, state=state, step=compiled_step, next_batch=lambda: to_global(next(train_iter)),
+                 evaluate=evaluate, tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
+                 peak_tflops=peak, compile_s=compile_s)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict]:
+  """Trains with a validated, resolved config (`maxlm.config.validate`); returns the logged records."""
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json(indent=2))
+  s = setup(cfg, devices)
+  t, num_devices, state = cfg.train, s.mesh.size, s.state
+  writer = MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
+  progress = Progress(t.steps, enabled=is_main)
+  records, previous = [], None
+  window_start, window_steps = time.perf_counter(), 0
+  for step in range(1, t.steps + 1):
+    state, metrics = s.step(state, s.next_batch())
+    if previous is not None:
+      jax.block_until_ready(previous)  # Keep one step in flight: never queue an unbounded backlog.
+    previous, window_steps = metrics, window_steps + 1
+    do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
+    if step % t.log_every and step != t.steps and not do_eval:
+      continue
+    record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+    step_time = (time.perf_counter() - window_start) / window_steps
+    achieved = s.flops_per_step / step_time / num_devices / 1e12
+    record.update(tokens_per_sec=s.tokens_per_step / step_time, step_time_s=step_time,
+                  tflops_per_device=achieved, mfu=achieved / s.peak_tflops)
+    if do_eval:
+      record["eval_loss"] = s.evaluate(state.params)
+    writer.write(record)
+    progress.update(step, record)
+    records.append(record)
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(1, t.steps + 1):
-      state, metrics = compiled_step(state, to_global(next(train_iter)))
-      if previous is not None:
-        jax.block_until_ready(previous)  # Keep one step in flight: never queue an unbounded backlog.
-      previous, window_steps = metrics, window_steps + 1
-      do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
-      if step % t.log_every and step != t.steps and not do_eval:
-        continue
-      record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-      step_time = (time.perf_counter() - window_start) / window_steps
-      achieved = flops_per_step / step_time / len(devices) / 1e12
-      record.update(tokens_per_sec=tokens_per_step / step_time, step_time_s=step_time,
-                    tflops_per_device=achieved, mfu=achieved / peak)
-      if do_eval:
-        record["eval_loss"] = evaluate(state.params)
-      writer.write(record)
-      progress.update(step, record)
-      records.append(record)
-      window_start, window_steps = time.perf_counter(), 0
   progress.close()
   writer.close()
   last = records[-1]

@@ -1,0 +1,86 @@
+"""Train-step throughput on this machine, measured against the same process's matmul rate.
+
+For each config and variant: compile time, median step time (warm-up excluded), tokens/s, model FLOP/s
+(maxlm/flops.py formula) and that rate divided by the f32 2048^3 matmul rate measured in the same process
+right before and after (the better of the two is the reference). Writes
+benchmarks/results/step_throughput_<platform>.json and prints a table.
+
+  python benchmarks/step_throughput.py [--steps 20] [--configs tiny,cpu_10m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from maxlm import config, flops, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = {
+    "scan": [],
+    "unrolled": ["--config.model.scan_layers=false"],
+}
+
+
+def bench(name: str, variant: list[str], steps: int) -> dict:
+  cfg = config.load([f"--config={REPO}/configs/{name}.py", "--config.metrics.peak_tflops=1", *variant])
+  cfg = config.validate(cfg, num_devices=1, platform=jax.devices()[0].platform)
+  session = train.setup(cfg, jax.devices()[:1])
+  matmul_before = flops.measure_matmul_tflops(jnp.float32)
+  state, times = session.state, []
+  for i in range(3 + steps):
+    batch = session.next_batch()
+    jax.block_until_ready(batch)
+    t0 = time.perf_counter()
+    state, metrics = session.step(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= 3:  # The first steps include allocation and cache warm-up.
+      times.append(time.perf_counter() - t0)
+  matmul_after = flops.measure_matmul_tflops(jnp.float32)
+  step_time = statistics.median(times)
+  train_tflops = session.flops_per_step / step_time / 1e12
+  matmul = max(matmul_before, matmul_after)
+  return {
+      "config": name, "variant": " ".join(variant) or "default", "params_m": flops.param_count(cfg.model) / 1e6,
+      "tokens_per_step": session.tokens_per_step, "compile_s": session.compile_s, "step_time_s": step_time,
+      "step_time_spread_s": [min(times), max(times)], "tokens_per_sec": session.tokens_per_step / step_time,
+      "train_gflops": train_tflops * 1e3, "matmul_gflops": [matmul_before * 1e3, matmul_after * 1e3],
+      "train_over_matmul": train_tflops / matmul,
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--configs", default="tiny,cpu_10m")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  args = parser.parse_args()
+  rows = [bench(name, VARIANTS[v], args.steps) for name in args.configs.split(",") for v in args.variants.split(",")]
+  device = jax.devices()[0]
+  result = {
+      "benchmark": "step_throughput", "date": datetime.date.today().isoformat(), "device": device.device_kind,
+      "platform": device.platform, "host": f"{platform.machine()}, {os.cpu_count()} cores",
+      "jax": jax.__version__, "python": sys.version.split()[0], "rows": rows,
+  }
+  os.makedirs(f"{REPO}/benchmarks/results", exist_ok=True)
+  path = f"{REPO}/benchmarks/results/step_throughput_{device.platform}.json"
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"{'config':10} {'variant':36} {'compile s':>9} {'step ms':>8} {'tok/s':>9} {'GFLOP/s':>8} {'/matmul':>7}")
+  for r in rows:
+    print(f"{r['config']:10} {r['variant']:36} {r['compile_s']:9.1f} {1e3 * r['step_time_s']:8.1f} "
+          f"{r['tokens_per_sec']:9.0f} {r['train_gflops']:8.1f} {100 * r['train_over_matmul']:6.1f}%")
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
