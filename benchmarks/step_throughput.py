@@ -26,7 +26,7 @@ from maxlm import config, flops, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
-    "scan": [],
+    "scan": ["--config.model.scan_layers=true"],
     "unrolled": ["--config.model.scan_layers=false"],
 }
 

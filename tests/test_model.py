@@ -1,5 +1,7 @@
 """Model numerics: a float64 NumPy reference, masks, scan vs. unrolled, remat vs. none."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +107,10 @@ def test_packed_documents_do_not_attend_across_segments():
   np.testing.assert_array_equal(np.asarray(packed[5:]), np.asarray(other[5:]))
 
 
-def _loss_and_grads(cfg, tokens):
+@functools.cache
+def _loss_and_grads(overrides: tuple):
+  cfg = make_config(**{"model.num_layers": 3, **dict(overrides)}).model
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
   m = model.create(cfg, seed=1)
   graphdef, params = nnx.split(m)
 
@@ -123,9 +128,8 @@ def _loss_and_grads(cfg, tokens):
     {"model.remat": "dots_no_batch", "model.scan_layers": False},
 ])
 def test_scan_and_remat_give_the_same_loss_and_gradients(variant):
-  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
-  base_loss, base_grads = _loss_and_grads(make_config(**{"model.num_layers": 3}).model, tokens)
-  loss, grads = _loss_and_grads(make_config(**{"model.num_layers": 3, **variant}).model, tokens)
+  base_loss, base_grads = _loss_and_grads(())
+  loss, grads = _loss_and_grads(tuple(variant.items()))
   np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
   for g, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(b), rtol=1e-5, atol=1e-7)
