@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from maxlm.config import ConfigError
@@ -15,28 +16,25 @@ USAGE = """usage: maxlm train --config=FILE --workdir=DIR [--config.KEY=VALUE ..
 
 
 def _train(args: list[str]) -> None:
-  workdir, config_args = None, []
-  for arg in args:
-    if arg.startswith("--workdir="):
-      workdir = arg.split("=", 1)[1]
-    elif arg.startswith("--config"):
-      config_args.append(arg)
-    else:
-      raise ConfigError(f"unknown argument {arg!r}: maxlm train takes --config=FILE, --config.KEY=VALUE and "
-                        "--workdir=DIR")
-  if not workdir:
-    raise ConfigError("missing --workdir: pass a directory for the run's outputs, e.g. --workdir=/tmp/run")
+  from absl import flags
 
   from maxlm import config  # Imports jax: keep `maxlm --help` fast.
 
-  cfg = config.load(config_args)
+  flag_values = flags.FlagValues()
+  workdir = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=flag_values)
+  cfg = config.load(args, flag_values)
+  if not workdir.value:
+    raise ConfigError("missing --workdir: pass a directory for the run's outputs, e.g. --workdir=/tmp/run")
+  if os.path.exists(os.path.join(workdir.value, "metrics.jsonl")):
+    raise ConfigError(f"--workdir={workdir.value} already holds a run (metrics.jsonl): pass a new directory, or "
+                      "delete that one")
   import jax
 
   cfg = config.validate(cfg, num_devices=jax.device_count(), process_count=jax.process_count(),
                         platform=jax.devices()[0].platform)
   from maxlm import train
 
-  train.run(cfg, workdir)
+  train.run(cfg, workdir.value)
 
 
 COMMANDS = {"train": _train}

@@ -47,24 +47,34 @@ class ConfigError(ValueError):
   """A config problem a user can fix; the message is one line."""
 
 
-def load(args: Sequence[str]) -> ml_collections.ConfigDict:
-  """Loads `--config=FILE[:ARG]` and applies `--config.a.b=value` overrides, in absl/ml-collections syntax."""
-  if not any(a.startswith("--config=") for a in args):
-    raise ConfigError("missing --config: pass a config file, e.g. --config=configs/tiny.py")
-  path = next(a for a in args if a.startswith("--config="))[len("--config="):].split(":")[0]
-  if not os.path.isfile(path):
-    raise ConfigError(f"--config={path}: no such file; pass a file from configs/, e.g. --config=configs/tiny.py")
-  flag_values = flags.FlagValues()
+def load(args: Sequence[str], flag_values: flags.FlagValues | None = None) -> ml_collections.ConfigDict:
+  """Loads `--config=FILE[:ARG]` and applies `--config.a.b=value` overrides, in absl/ml-collections syntax.
+
+  `flag_values` may define a command's other flags (e.g. --workdir); they are parsed from `args` too.
+  """
+  flag_values = flags.FlagValues() if flag_values is None else flag_values
   argv = ["maxlm", *args]
   holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True, sys_argv=argv)
   try:
     flag_values(argv)
-    cfg = holder.value
-  except Exception as e:  # ml-collections raises several types; all become one line.
+  except Exception as e:  # absl and ml-collections raise several types; all become one line.
     raise ConfigError(_explain_flag_error(e, args)) from None
+  if not flag_values["config"].present:
+    raise ConfigError("missing --config: pass a config file, e.g. --config=configs/tiny.py")
+  path = config_flags.get_config_filename(flag_values["config"])
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config={path}: no such file; pass a file from configs/, e.g. --config=configs/tiny.py")
+  try:
+    cfg = holder.value
+  except Exception as e:  # The config file itself failed (syntax error, bad assignment, ...).
+    raise ConfigError(f"--config={path}: cannot load: {_one_line(e)}") from None
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"--config={path}: get_config() must return an ml_collections.ConfigDict")
   return cfg
+
+
+def _one_line(error: Exception) -> str:
+  return " ".join(str(error).replace("\\n", " ").split()).strip("'\"")
 
 
 def _explain_flag_error(error: Exception, args: Sequence[str]) -> str:
@@ -74,8 +84,7 @@ def _explain_flag_error(error: Exception, args: Sequence[str]) -> str:
       key = arg[len("--config."):].split("=", 1)[0]
       if key not in known:
         return _unknown_key_message(key, known)
-  message = " ".join(str(error).replace("\\n", " ").split())
-  return f"bad config value: {message.strip(chr(39))}"
+  return f"bad argument: {_one_line(error)}"
 
 
 def _unknown_key_message(key: str, known: Sequence[str]) -> str:

@@ -4,23 +4,14 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from configs import base
+from conftest import make_config
 from maxlm import config
 from maxlm.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def validate(num_devices=1, **overrides):
-  raw = base.get_config().to_dict()
-  for key, value in overrides.items():
-    group, name = key.split(".")
-    raw[group][name] = value
-  cfg = ml_collections.ConfigDict(raw)  # Built from a dict: type errors reach validate(), as from a config file.
-  return config.validate(cfg, num_devices=num_devices)
 
 
 def test_named_configs_load_and_validate():
@@ -78,7 +69,7 @@ def test_missing_config_file():
 ])
 def test_validation_errors(overrides, expected):
   with pytest.raises(ConfigError) as e:
-    validate(num_devices=8, **overrides)
+    make_config(num_devices=8, **overrides)
   assert expected in str(e.value)
   assert "\n" not in str(e.value)
 
@@ -91,7 +82,7 @@ def test_unknown_key_in_config_file():
 
 
 def test_mesh_fill_and_dtype_resolution():
-  cfg = validate(num_devices=8, **{"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2})
+  cfg = make_config(num_devices=8, **{"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2})
   assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (2, 2, 2)
   assert cfg.model.compute_dtype == "float32"
   gpu = config.validate(base.get_config(), num_devices=1, platform="gpu")
@@ -99,13 +90,16 @@ def test_mesh_fill_and_dtype_resolution():
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--config=configs/tiny.py", "--config.model.num_layer=3"], "did you mean 'model.num_layers'?"),
-    (["--config=configs/tiny.py", "--config.model.d_model=65"], "model.d_model=65 is not divisible"),
+    (["--config=configs/tiny.py", "--config.model.num_layer=3", "--workdir=W"], "did you mean 'model.num_layers'?"),
+    (["--config", "configs/tiny.py", "--config.model.d_model=65", "--workdir", "W"],
+     "model.d_model=65 is not divisible"),
     (["--config=configs/tiny.py"], "missing --workdir"),
+    (["--workdir=W"], "missing --config"),
+    (["--config=configs/nope.py", "--workdir=W"], "--config=configs/nope.py: no such file"),
+    (["--config=configs/tiny.py", "--wrkdir=W"], "bad argument: Unknown command line flag 'wrkdir'"),
 ])
 def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
-  if "missing --workdir" not in expected:
-    args = [*args, f"--workdir={tmp_path}/run"]
+  args = [a.replace("W", f"{tmp_path}/run") if "W" in a and "=" in a or a == "W" else a for a in args]
   proc = subprocess.run([sys.executable, "-m", "maxlm", "train", *args], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 2, proc.stderr
@@ -113,3 +107,11 @@ def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
   assert len(lines) == 1 and expected in lines[0], proc.stderr
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(f"{tmp_path}/run")
+
+
+def test_cli_refuses_a_workdir_that_holds_a_run(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+  proc = subprocess.run([sys.executable, "-m", "maxlm", "train", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "already holds a run" in proc.stderr
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # Nothing lost.

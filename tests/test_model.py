@@ -14,7 +14,7 @@ from maxlm import model
 
 def params_np(m):
   """Model parameters as a nested dict of float64 arrays."""
-  return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.split(m)[1].to_pure_dict())
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.split(m)[1]))
 
 
 def reference_logits(p, cfg, tokens, positions, segment_ids):

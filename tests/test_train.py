@@ -105,3 +105,26 @@ def test_cli_writes_config_metrics_and_tensorboard(tmp_path):
       assert isinstance(r[key], (int, float)) and np.isfinite(r[key]), (key, r)
   assert [r["step"] for r in records if "eval_loss" in r] == [6, 12]
   assert {"loss", "grad_norm", "lr", "mfu", "eval_loss"} <= read_tensorboard_scalars(workdir / "tb")
+
+
+def test_masked_cross_entropy_and_z_loss_match_numpy():
+  from flax import nnx
+  import jax.numpy as jnp
+  from maxlm import model
+  cfg = make_config().model
+  graphdef, params = nnx.split(model.create(cfg, 0))
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 256, (2, 8)), "targets": rng.integers(0, 256, (2, 8)),
+           "positions": np.tile(np.arange(8), (2, 1)), "segment_ids": np.ones((2, 8), np.int32),
+           "loss_mask": (rng.random((2, 8)) < 0.5).astype(np.int32)}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  objective, sums = train.loss_terms(params, graphdef, batch, z_loss=0.01)
+
+  logits = np.asarray(nnx.merge(graphdef, params)(batch["inputs"]), np.float64)
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  nll = lse - np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+  mask = np.asarray(batch["loss_mask"], bool)
+  np.testing.assert_allclose(sums["nll_sum"], nll[mask].sum(), rtol=1e-5)
+  np.testing.assert_allclose(sums["z_sum"], (lse[mask] ** 2).sum(), rtol=1e-5)
+  assert sums["tokens"] == mask.sum()
+  np.testing.assert_allclose(objective, nll[mask].sum() + 0.01 * (lse[mask] ** 2).sum(), rtol=1e-5)
