@@ -32,11 +32,12 @@ VARIANTS = {
 
 
 def bench(name: str, variant: list[str], steps: int) -> dict:
-  cfg = config.load([f"--config={REPO}/configs/{name}.py", "--config.metrics.peak_tflops=1", *variant])
+  cfg = config.load([f"--config={REPO}/configs/{name}.py", "--config.metrics.peak_tflops=1",
+                     "--config.checkpoint.every_steps=0", *variant])
   cfg = config.validate(cfg, num_devices=1, platform=jax.devices()[0].platform)
   session = train.setup(cfg, jax.devices()[:1])
   matmul_before = flops.measure_matmul_tflops(jnp.float32)
-  state, times = session.state, []
+  state, times = session.init(), []
   for i in range(3 + steps):
     batch = session.next_batch()
     jax.block_until_ready(batch)

@@ -65,6 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every = 100  # Steps between evals on the held-out split (0 disables).
   t.eval_batches = 4  # Global batches per eval.
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100  # Save every N steps, at the last step and on SIGTERM/SIGINT; 0 = no checkpoints.
+  c.checkpoint.every_minutes = 0.0  # Also save once this many minutes passed since the last save (0 = off).
+  c.checkpoint.keep = 3  # Newest checkpoints kept; older ones are deleted after a newer save completes.
+  c.checkpoint.keep_every = 0  # Also keep, permanently, checkpoints whose step is a multiple of this (0 = off).
+
   c.metrics = ml_collections.ConfigDict()
   c.metrics.peak_tflops = 0.0  # Per-device peak for MFU; 0 = device table, or a measured matmul rate on CPU.
   c.metrics.tensorboard = True  # Write TensorBoard events to <workdir>/tb/.

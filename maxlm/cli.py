@@ -25,9 +25,10 @@ def _train(args: list[str]) -> None:
   cfg = config.load(args, flag_values)
   if not workdir.value:
     raise ConfigError("missing --workdir: pass a directory for the run's outputs, e.g. --workdir=/tmp/run")
-  if os.path.exists(os.path.join(workdir.value, "metrics.jsonl")):
-    raise ConfigError(f"--workdir={workdir.value} already holds a run (metrics.jsonl): pass a new directory, or "
-                      "delete that one")
+  has_run = os.path.exists(os.path.join(workdir.value, "metrics.jsonl"))
+  if has_run and not os.path.isdir(os.path.join(workdir.value, "checkpoints")):
+    raise ConfigError(f"--workdir={workdir.value} holds a run without checkpoints to resume from: pass a new "
+                      "directory, or delete that one")
   import jax
 
   cfg = config.validate(cfg, num_devices=jax.device_count(), process_count=jax.process_count(),

@@ -37,7 +37,8 @@ MINIMA = {
     "optim.warmup_steps": 0, "optim.decay_fraction": 0.0, "optim.min_lr_ratio": 0.0,
     "optim.weight_decay": 0.0, "optim.clip_norm": 0.0, "optim.eps": 0.0, "train.steps": 1,
     "train.global_batch": 1, "train.microbatches": 1, "train.z_loss": 0.0, "train.log_every": 1,
-    "train.eval_every": 0, "train.eval_batches": 1, "metrics.peak_tflops": 0.0,
+    "train.eval_every": 0, "train.eval_batches": 1, "metrics.peak_tflops": 0.0, "checkpoint.every_steps": 0,
+    "checkpoint.every_minutes": 0.0, "checkpoint.keep": 1, "checkpoint.keep_every": 0,
 }
 MAXIMA = {"optim.decay_fraction": 1.0, "optim.min_lr_ratio": 1.0, "optim.b1": 1.0, "optim.b2": 1.0,
           "data.eval_fraction": 0.5}

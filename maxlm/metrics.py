@@ -19,9 +19,14 @@ log = logging.getLogger("maxlm")
 
 class MetricsWriter:
 
-  def __init__(self, workdir: str, *, tensorboard: bool, enabled: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool, enabled: bool = True, after_step: int = 0):
+    """`after_step`: a resumed run's starting step; records of later steps (from the lost part of the
+    interrupted run) are dropped from metrics.jsonl, since this run writes them again."""
     self.enabled = enabled
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+    path = os.path.join(workdir, "metrics.jsonl")
+    if enabled and os.path.exists(path):
+      _drop_records_after(path, after_step)
+    self._jsonl = open(path, "a") if enabled else None
     self._tb = SummaryWriter(os.path.join(workdir, "tb")) if enabled and tensorboard else None
 
   def write(self, record: dict) -> None:
@@ -43,6 +48,17 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _drop_records_after(path: str, step: int) -> None:
+  with open(path) as f:
+    lines = f.readlines()
+  # A line cut short by a hard kill is dropped too.
+  kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 def _jsonable(value):
   value = value.item() if hasattr(value, "item") else value
   if isinstance(value, float) and not math.isfinite(value):
@@ -53,10 +69,10 @@ def _jsonable(value):
 class Progress:
   """A tqdm bar on a terminal; one log line per update otherwise (CI logs, files)."""
 
-  def __init__(self, total: int, enabled: bool = True):
-    self.enabled, self.total = enabled, total
-    self.bar = tqdm.tqdm(total=total, unit="step", dynamic_ncols=True) if enabled and sys.stderr.isatty() else None
-    self.done = 0
+  def __init__(self, total: int, enabled: bool = True, initial: int = 0):
+    self.enabled, self.total, self.done = enabled, total, initial
+    tty = enabled and sys.stderr.isatty()
+    self.bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if tty else None
 
   def update(self, step: int, record: dict) -> None:
     if not self.enabled:

@@ -12,17 +12,23 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from maxlm import data, flops, mesh as mesh_lib, model, optim
+from maxlm.checkpoint import Checkpointer
 from maxlm.config import MESH_AXES
 from maxlm.metrics import MetricsWriter, Progress
 
@@ -39,15 +45,17 @@ class TrainState:
 
 
 def init_state(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh, seed: int):
-  """Creates the train state directly in its sharded layout (no host copy of the full parameters)."""
+  """(graphdef, abstract state with shardings, init) where `init()` creates the state already sharded."""
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: model.create(model_cfg, seed)))
 
   def init() -> TrainState:
     _, params = nnx.split(model.create(model_cfg, seed))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  shardings = mesh_lib.tree_shardings(jax.eval_shape(init), mesh)
-  return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
+  abstract = jax.eval_shape(init)
+  shardings = mesh_lib.tree_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return graphdef, abstract, jax.jit(init, out_shardings=shardings)
 
 
 def loss_terms(params, graphdef, batch, z_loss: float):
@@ -117,8 +125,10 @@ class Session:
   """A compiled training setup: what a loop (train, benchmark) needs, built the same way for both."""
   cfg: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  state: TrainState
+  abstract_state: TrainState  # shapes, dtypes and shardings of the state
+  init: Callable[[], TrainState]  # a fresh state, created sharded
   step: Callable  # (state, global batch) -> (state, metrics); compiled, donates `state`
+  data_iterator: Any  # this process's Grain training iterator (checkpointable)
   next_batch: Callable[[], dict]  # the next global training batch, on device
   evaluate: Callable[[nnx.State], float]  # mean eval loss over train.eval_batches held-out batches
   tokens_per_step: int
@@ -128,7 +138,7 @@ class Session:
 
 
 def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
-  """Mesh, sharded state, data iterators and the AOT-compiled train step for a validated, resolved config."""
+  """Mesh, state shardings, data iterators and the AOT-compiled train step for a validated, resolved config."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
   t = cfg.train
@@ -145,7 +155,8 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   abstract_batch = {k: jax.ShapeDtypeStruct((t.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
                     for k in BATCH_KEYS}
   # Outside the mesh context: NNX would read the logical names on parameters as mesh axes.
-  graphdef, state, shardings = init_state(cfg.model, tx, mesh, t.seed)
+  graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, t.seed)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   with jax.set_mesh(mesh):
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
@@ -154,7 +165,7 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
                       in_shardings=(shardings.params, batch_sharding))
     t0 = time.perf_counter()
-    compiled_step = step_fn.lower(state, abstract_batch).compile()
+    compiled_step = step_fn.lower(abstract_state, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
   log.info("train step compiled in %.1f s", compile_s)
 
@@ -169,47 +180,112 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
         loss_sum, count = loss_sum + float(s), count + float(n)
     return loss_sum / max(count, 1.0)
 
-  return Session(cfg=cfg, mesh=mesh, state=state, step=compiled_step, next_batch=lambda: to_global(next(train_iter)),
-                 evaluate=evaluate, tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
-                 peak_tflops=peak, compile_s=compile_s)
+  return Session(cfg=cfg, mesh=mesh, abstract_state=abstract_state, init=init, step=compiled_step,
+                 data_iterator=train_iter, next_batch=lambda: to_global(next(train_iter)), evaluate=evaluate,
+                 tokens_per_step=tokens_per_step, flops_per_step=flops_per_step, peak_tflops=peak,
+                 compile_s=compile_s)
+
+
+def _restore_or_init(s: Session, ckpt: Checkpointer | None) -> tuple[TrainState, int]:
+  restored = ckpt.restore_latest(s.abstract_state, s.data_iterator, s.cfg.model) if ckpt else None
+  if restored is None:
+    return s.init(), 0
+  state, step, meta = restored
+  saved_mesh, mesh = meta["config"]["mesh"], {a: s.cfg.mesh[a] for a in MESH_AXES}
+  resharded = f"; resharded from mesh {saved_mesh} to {mesh}" if saved_mesh != mesh else ""
+  log.info("resumed from the checkpoint at step %d%s", step, resharded)
+  return state, step
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict]:
-  """Trains with a validated, resolved config (`maxlm.config.validate`); returns the logged records."""
+  """Trains with a validated, resolved config (`maxlm.config.validate`); returns the records logged by this call.
+
+  Resumes from the newest readable checkpoint in `workdir`, if any. SIGTERM/SIGINT end the run after the
+  current step with a checkpoint (when checkpointing is on).
+  """
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json(indent=2))
   s = setup(cfg, devices)
-  t, num_devices, state = cfg.train, s.mesh.size, s.state
-  writer = MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main)
-  progress = Progress(t.steps, enabled=is_main)
-  records, previous = [], None
-  window_start, window_steps = time.perf_counter(), 0
-  for step in range(1, t.steps + 1):
-    state, metrics = s.step(state, s.next_batch())
-    if previous is not None:
-      jax.block_until_ready(previous)  # Keep one step in flight: never queue an unbounded backlog.
-    previous, window_steps = metrics, window_steps + 1
-    do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
-    if step % t.log_every and step != t.steps and not do_eval:
-      continue
-    record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
-    step_time = (time.perf_counter() - window_start) / window_steps
-    achieved = s.flops_per_step / step_time / num_devices / 1e12
-    record.update(tokens_per_sec=s.tokens_per_step / step_time, step_time_s=step_time,
-                  tflops_per_device=achieved, mfu=achieved / s.peak_tflops)
-    if do_eval:
-      record["eval_loss"] = s.evaluate(state.params)
-    writer.write(record)
-    progress.update(step, record)
-    records.append(record)
-    window_start, window_steps = time.perf_counter(), 0
-  progress.close()
-  writer.close()
-  last = records[-1]
-  evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-  log.info("done: %d steps, final loss %.4f%s, %.0f tokens/s, MFU %.1f%%", t.steps, last["loss"],
-           f", eval loss {evals[-1]:.4f}" if evals else "", last["tokens_per_sec"], 100 * last["mfu"])
+  t, c, num_devices = cfg.train, cfg.checkpoint, s.mesh.size
+  ckpt = Checkpointer(workdir, cfg) if c.every_steps > 0 else None
+  state, start = _restore_or_init(s, ckpt)
+  if start >= t.steps:
+    log.info("the checkpoint is at step %d and train.steps=%d: nothing to train; raise train.steps to continue",
+             start, t.steps)
+    ckpt.close()
+    return []
+  writer = MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main, after_step=start)
+  progress = Progress(t.steps, enabled=is_main, initial=start)
+  stop = StopRequest()
+  records, previous, stopping = [], None, False
+  window_start, window_steps, last_save = time.perf_counter(), 0, time.monotonic()
+  try:
+    for step in range(start + 1, t.steps + 1):
+      state, metrics = s.step(state, s.next_batch())
+      if previous is not None:
+        jax.block_until_ready(previous)  # Keep one step in flight: never queue an unbounded backlog.
+      previous, window_steps = metrics, window_steps + 1
+      stopping, time_due = stop.agreed(c.every_minutes > 0 and time.monotonic() - last_save > 60 * c.every_minutes)
+      if ckpt and (step % c.every_steps == 0 or step == t.steps or time_due or stopping):
+        ckpt.save(step, state, s.data_iterator, wait=stopping)
+        last_save = time.monotonic()
+      do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
+      if step % t.log_every == 0 or step == t.steps or do_eval or stopping:
+        record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        step_time = (time.perf_counter() - window_start) / window_steps
+        achieved = s.flops_per_step / step_time / num_devices / 1e12
+        record.update(tokens_per_sec=s.tokens_per_step / step_time, step_time_s=step_time,
+                      tflops_per_device=achieved, mfu=achieved / s.peak_tflops)
+        if do_eval:
+          record["eval_loss"] = s.evaluate(state.params)
+        writer.write(record)
+        progress.update(step, record)
+        records.append(record)
+        window_start, window_steps = time.perf_counter(), 0
+      if stopping:
+        saved = "a checkpoint was saved; rerun the same command to resume" if ckpt else "checkpointing is off"
+        log.info("stopped by %s after step %d: %s", stop.name or "another process's signal", step, saved)
+        break
+  finally:
+    stop.uninstall()
+    progress.close()
+    writer.close()
+    if ckpt:
+      ckpt.close()  # Waits for a save in flight.
+  if records and not stopping:
+    last = records[-1]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    log.info("done: %d steps, final loss %.4f%s, %.0f tokens/s, MFU %.1f%%", t.steps, last["loss"],
+             f", eval loss {evals[-1]:.4f}" if evals else "", last["tokens_per_sec"], 100 * last["mfu"])
   return records
+
+
+class StopRequest:
+  """SIGTERM/SIGINT set a flag that the loop checks between steps (a second SIGINT interrupts at once)."""
+
+  def __init__(self):
+    self.requested, self.name = False, ""
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested, self.name = True, signal.Signals(signum).name
+    log.info("%s received: stopping after this step", self.name)
+
+  def agreed(self, time_due: bool) -> tuple[bool, bool]:
+    """(stop, save now) decided the same on every process: any process's request counts for all."""
+    flags = np.array([self.requested, time_due], np.int32)
+    if jax.process_count() > 1:
+      flags = multihost_utils.process_allgather(flags).max(axis=0)
+    return bool(flags[0]), bool(flags[1])
+
+  def uninstall(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

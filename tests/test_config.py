@@ -113,5 +113,5 @@ def test_cli_refuses_a_workdir_that_holds_a_run(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
   proc = subprocess.run([sys.executable, "-m", "maxlm", "train", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 2 and "already holds a run" in proc.stderr
+  assert proc.returncode == 2 and "holds a run without checkpoints to resume from" in proc.stderr
   assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # Nothing lost.

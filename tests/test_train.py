@@ -16,7 +16,7 @@ from maxlm import mesh as mesh_lib, optim, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = {"train.steps": 6, "train.log_every": 1, "train.eval_every": 0, "metrics.tensorboard": False,
-         "metrics.peak_tflops": 1.0}
+         "metrics.peak_tflops": 1.0, "checkpoint.every_steps": 0}
 
 
 def losses(records):
@@ -52,7 +52,9 @@ def test_parameters_and_optimizer_state_follow_the_rules(devices):
   cfg = make_config(num_devices=8, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   mesh = mesh_lib.build_mesh([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor], devices)
   tx, _ = optim.make(cfg.optim, cfg.train.steps)
-  _, state, _ = train.init_state(cfg.model, tx, mesh, seed=0)
+  _, abstract, init = train.init_state(cfg.model, tx, mesh, seed=0)
+  state = init()
+  assert jax.tree.map(lambda a: a.sharding, abstract) == jax.tree.map(lambda a: a.sharding, state)
   q = state.params["blocks"]["attn"]["q_proj"]
   assert q.sharding.spec == P(None, "fsdp", "tensor", None)
   assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)  # [N, D/fsdp, H/tensor, Dh]
