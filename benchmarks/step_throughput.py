@@ -21,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maxlm import config, flops, train
 
@@ -38,11 +39,12 @@ def bench(name: str, variant: list[str], steps: int) -> dict:
   session = train.setup(cfg, jax.devices()[:1])
   matmul_before = flops.measure_matmul_tflops(jnp.float32)
   state, times = session.init(), []
+  controls = {"loss_scale": np.float32(1), "lr_scale": np.float32(1), "max_loss": np.float32(np.inf)}
   for i in range(3 + steps):
     batch = session.next_batch()
     jax.block_until_ready(batch)
     t0 = time.perf_counter()
-    state, metrics = session.step(state, batch)
+    state, metrics = session.step(state, batch, controls)
     jax.block_until_ready((state, metrics))
     if i >= 3:  # The first steps include allocation and cache warm-up.
       times.append(time.perf_counter() - t0)

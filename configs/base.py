@@ -64,6 +64,16 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 10  # Steps between metrics.jsonl / progress updates.
   t.eval_every = 100  # Steps between evals on the held-out split (0 disables).
   t.eval_batches = 4  # Global batches per eval.
+  t.inject_nan_at_step = 0  # Fault injection: make this step's loss and gradients NaN (0 = off).
+  t.inject_spike_at_step = 0  # Fault injection: multiply this step's loss and gradients by 100 (0 = off).
+
+  t.guard = g = ml_collections.ConfigDict()  # Stability guard: a rejected step never changes the state.
+  g.policy = "skip"  # none | skip (reject the update) | rollback (reject, then restore the last checkpoint).
+  g.spike_z = 6.0  # A loss above mean + spike_z·std of the last `window` accepted losses is a spike (0 = off).
+  g.window = 50  # Accepted steps in the spike statistics; detection starts once the window is full.
+  g.max_rollbacks = 3  # rollback: give up (exit 1) after this many rollbacks in one run.
+  g.rollback_lr_scale = 0.5  # rollback: learning-rate factor for the steps right after a rollback.
+  g.rollback_lr_steps = 100  # rollback: how many steps the lowered learning rate lasts.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100  # Save every N steps, at the last step and on SIGTERM/SIGINT; 0 = no checkpoints.

@@ -42,12 +42,21 @@ class Checkpointer:
                        "meta": ocp.JsonCheckpointHandler()})
     self.meta = {"config": cfg.to_dict()}
 
-  def save(self, step: int, state, data_iterator, *, wait: bool = False) -> None:
+  def save(self, step: int, state, data_iterator, *, extra: dict | None = None, wait: bool = False) -> None:
+    """Starts an asynchronous save; returns once the arrays are copied off the devices (or, with
+    `wait`, once the checkpoint is complete). `extra` goes into the JSON metadata."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave({**self.meta, "step": step})))
+        meta=ocp.args.JsonSave({**self.meta, **(extra or {}), "step": step})))
     if wait:
-      self.manager.wait_until_finished()
+      self.wait()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore_state(self, step: int, abstract_state):
+    """Only the train state of a checkpoint (a rollback keeps the data iterator where it is)."""
+    return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

@@ -33,9 +33,16 @@ def _train(args: list[str]) -> None:
 
   cfg = config.validate(cfg, num_devices=jax.device_count(), process_count=jax.process_count(),
                         platform=jax.devices()[0].platform)
-  from maxlm import train
+  from maxlm import guard, train
 
-  train.run(cfg, workdir.value)
+  try:
+    train.run(cfg, workdir.value)
+  except guard.Diverged as e:
+    raise RunFailed(str(e)) from None
+
+
+class RunFailed(RuntimeError):
+  """The run cannot go on (e.g. the stability guard ran out of rollbacks); the message is the report."""
 
 
 COMMANDS = {"train": _train}
@@ -57,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"maxlm {command}: config error: {e}", file=sys.stderr)
     return 2
+  except RunFailed as e:
+    print(f"maxlm {command}: stopped: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -27,6 +27,7 @@ CHOICES = {
     "data.source": ("synthetic", "tokens"),
     "data.token_dtype": ("uint16", "uint32"),
     "optim.schedule": ("cosine", "wsd", "constant"),
+    "train.guard.policy": ("none", "skip", "rollback"),
 }
 
 # (key, lowest allowed value); a key listed here must be >= its bound.
@@ -39,6 +40,9 @@ MINIMA = {
     "train.global_batch": 1, "train.microbatches": 1, "train.z_loss": 0.0, "train.log_every": 1,
     "train.eval_every": 0, "train.eval_batches": 1, "metrics.peak_tflops": 0.0, "checkpoint.every_steps": 0,
     "checkpoint.every_minutes": 0.0, "checkpoint.keep": 1, "checkpoint.keep_every": 0,
+    "train.inject_nan_at_step": 0, "train.inject_spike_at_step": 0, "train.guard.spike_z": 0.0,
+    "train.guard.window": 2, "train.guard.max_rollbacks": 0, "train.guard.rollback_lr_scale": 0.0,
+    "train.guard.rollback_lr_steps": 0,
 }
 MAXIMA = {"optim.decay_fraction": 1.0, "optim.min_lr_ratio": 1.0, "optim.b1": 1.0, "optim.b2": 1.0,
           "data.eval_fraction": 0.5}
@@ -160,6 +164,9 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
   if t.global_batch % process_count:
     raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
 
+  if t.guard.policy == "rollback" and resolved.checkpoint.every_steps == 0:
+    raise ConfigError("train.guard.policy='rollback' needs checkpoints: set checkpoint.every_steps > 0, or use "
+                      "train.guard.policy='skip'")
   d = resolved.data
   if d.source == "tokens":
     if not d.path:

@@ -30,11 +30,13 @@ from jax.experimental import multihost_utils
 from maxlm import data, flops, mesh as mesh_lib, model, optim
 from maxlm.checkpoint import Checkpointer
 from maxlm.config import MESH_AXES
+from maxlm.guard import Diverged, Guard
 from maxlm.metrics import MetricsWriter, Progress
 
 log = logging.getLogger("maxlm")
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+CONTROLS = ("loss_scale", "lr_scale", "max_loss")
 
 
 @flax.struct.dataclass
@@ -79,7 +81,14 @@ def _microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, lr_schedule, microbatches: int, z_loss: float):
+def train_step(state: TrainState, batch, controls, *, graphdef, tx, lr_schedule, microbatches: int,
+               z_loss: float, guard: bool):
+  """One optimizer step. `controls` are per-step scalars from the host:
+
+  loss_scale: multiplies the loss and gradients (1; NaN or 100 only for fault injection),
+  lr_scale:   multiplies the update (the stability guard lowers it after a rollback),
+  max_loss:   with `guard`, a step whose loss exceeds it or is not finite keeps the old state.
+  """
   grad_fn = jax.grad(loss_terms, has_aux=True)
   if microbatches == 1:
     grads, sums = grad_fn(state.params, graphdef, batch, z_loss)
@@ -93,13 +102,20 @@ def train_step(state: TrainState, batch, *, graphdef, tx, lr_schedule, microbatc
              {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0})
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, microbatches))
   tokens = jnp.maximum(sums["tokens"], 1.0)
-  grads = jax.tree.map(lambda g: g / tokens, grads)
+  scale = controls["loss_scale"]
+  grads = jax.tree.map(lambda g: g * (scale / tokens), grads)
+  loss, grad_norm = sums["nll_sum"] * scale / tokens, optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": sums["nll_sum"] / tokens, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
+  updates = jax.tree.map(lambda u: u * controls["lr_scale"].astype(u.dtype), updates)
+  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step) * controls["lr_scale"]}
   if z_loss:
     metrics["z_loss"] = sums["z_sum"] / tokens
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  if guard:
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= controls["max_loss"])
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    metrics["applied"] = ok
+  return new_state, metrics
 
 
 def eval_step(params, batch, *, graphdef):
@@ -127,7 +143,7 @@ class Session:
   mesh: jax.sharding.Mesh
   abstract_state: TrainState  # shapes, dtypes and shardings of the state
   init: Callable[[], TrainState]  # a fresh state, created sharded
-  step: Callable  # (state, global batch) -> (state, metrics); compiled, donates `state`
+  step: Callable  # (state, global batch, controls) -> (state, metrics); compiled, donates `state`
   data_iterator: Any  # this process's Grain training iterator (checkpointable)
   next_batch: Callable[[], dict]  # the next global training batch, on device
   evaluate: Callable[[nnx.State], float]  # mean eval loss over train.eval_batches held-out batches
@@ -157,15 +173,17 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   # Outside the mesh context: NNX would read the logical names on parameters as mesh axes.
   graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, t.seed)
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   with jax.set_mesh(mesh):
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
-                          microbatches=t.microbatches, z_loss=t.z_loss),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+                          microbatches=t.microbatches, z_loss=t.z_loss, guard=t.guard.policy != "none"),
+        in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, None), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
                       in_shardings=(shardings.params, batch_sharding))
     t0 = time.perf_counter()
-    compiled_step = step_fn.lower(abstract_state, abstract_batch).compile()
+    controls = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in CONTROLS}
+    compiled_step = step_fn.lower(abstract_state, abstract_batch, controls).compile()
     compile_s = time.perf_counter() - t0
   log.info("train step compiled in %.1f s", compile_s)
 
@@ -186,22 +204,30 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
                  compile_s=compile_s)
 
 
-def _restore_or_init(s: Session, ckpt: Checkpointer | None) -> tuple[TrainState, int]:
+def _restore_or_init(s: Session, ckpt: Checkpointer | None, guard: Guard) -> tuple[TrainState, int]:
   restored = ckpt.restore_latest(s.abstract_state, s.data_iterator, s.cfg.model) if ckpt else None
   if restored is None:
     return s.init(), 0
   state, step, meta = restored
+  guard.load(meta.get("guard"))
   saved_mesh, mesh = meta["config"]["mesh"], {a: s.cfg.mesh[a] for a in MESH_AXES}
   resharded = f"; resharded from mesh {saved_mesh} to {mesh}" if saved_mesh != mesh else ""
   log.info("resumed from the checkpoint at step %d%s", step, resharded)
   return state, step
 
 
+def _controls(cfg: ml_collections.ConfigDict, guard: Guard, step: int) -> dict[str, np.float32]:
+  loss_scale = {cfg.train.inject_nan_at_step: np.nan, cfg.train.inject_spike_at_step: 100.0}.get(step, 1.0)
+  return {"loss_scale": np.float32(loss_scale), "lr_scale": np.float32(guard.lr_scale(step)),
+          "max_loss": np.float32(guard.max_loss())}
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict]:
   """Trains with a validated, resolved config (`maxlm.config.validate`); returns the records logged by this call.
 
   Resumes from the newest readable checkpoint in `workdir`, if any. SIGTERM/SIGINT end the run after the
-  current step with a checkpoint (when checkpointing is on).
+  current step with a checkpoint (when checkpointing is on). Raises `guard.Diverged` when the stability
+  guard runs out of rollbacks.
   """
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -211,7 +237,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
   s = setup(cfg, devices)
   t, c, num_devices = cfg.train, cfg.checkpoint, s.mesh.size
   ckpt = Checkpointer(workdir, cfg) if c.every_steps > 0 else None
-  state, start = _restore_or_init(s, ckpt)
+  guard = Guard(t.guard)
+  state, start = _restore_or_init(s, ckpt, guard)
   if start >= t.steps:
     log.info("the checkpoint is at step %d and train.steps=%d: nothing to train; raise train.steps to continue",
              start, t.steps)
@@ -220,25 +247,42 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
   writer = MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main, after_step=start)
   progress = Progress(t.steps, enabled=is_main, initial=start)
   stop = StopRequest()
-  records, previous, stopping = [], None, False
+  records, in_flight, stopping = [], None, False
   window_start, window_steps, last_save = time.perf_counter(), 0, time.monotonic()
+
+  def settle(step: int, metrics, controls) -> bool:
+    """Guard bookkeeping for a finished step; True if it was rejected and the policy is rollback."""
+    metrics = jax.device_get(metrics)
+    applied = bool(metrics.get("applied", True))
+    events = guard.observe(step, float(metrics["loss"]), applied, float(controls["max_loss"]))
+    for event in events:
+      log.warning("step %d: %s", step, ", ".join(f"{k}={v}" for k, v in event.items() if k != "step"))
+      writer.write(event)
+    return bool(events) and t.guard.policy == "rollback"
+
   try:
     for step in range(start + 1, t.steps + 1):
-      state, metrics = s.step(state, s.next_batch())
-      if previous is not None:
-        jax.block_until_ready(previous)  # Keep one step in flight: never queue an unbounded backlog.
-      previous, window_steps = metrics, window_steps + 1
+      controls = _controls(cfg, guard, step)
+      state, metrics = s.step(state, s.next_batch(), controls)
+      window_steps += 1
+      # Settle the previous step while this one runs: one step in flight, never an unbounded backlog.
+      if in_flight is not None and settle(*in_flight):
+        state, to_step = _rollback(ckpt, s, guard, bad_step=in_flight[0], step=step, pending=state)
+        writer.write({"step": in_flight[0], "event": "rollback", "to_step": to_step, "data_skipped_to": step})
+        in_flight, window_start, window_steps = None, time.perf_counter(), 0
+        continue
+      in_flight = (step, metrics, controls)
       stopping, time_due = stop.agreed(c.every_minutes > 0 and time.monotonic() - last_save > 60 * c.every_minutes)
       if ckpt and (step % c.every_steps == 0 or step == t.steps or time_due or stopping):
-        ckpt.save(step, state, s.data_iterator, wait=stopping)
+        ckpt.save(step, state, s.data_iterator, extra={"guard": guard.state()}, wait=stopping)
         last_save = time.monotonic()
       do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
       if step % t.log_every == 0 or step == t.steps or do_eval or stopping:
-        record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "applied"}
         step_time = (time.perf_counter() - window_start) / window_steps
         achieved = s.flops_per_step / step_time / num_devices / 1e12
-        record.update(tokens_per_sec=s.tokens_per_step / step_time, step_time_s=step_time,
-                      tflops_per_device=achieved, mfu=achieved / s.peak_tflops)
+        record = {"step": step, **values, "tokens_per_sec": s.tokens_per_step / step_time, "step_time_s": step_time,
+                  "tflops_per_device": achieved, "mfu": achieved / s.peak_tflops}
         if do_eval:
           record["eval_loss"] = s.evaluate(state.params)
         writer.write(record)
@@ -249,6 +293,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
         saved = "a checkpoint was saved; rerun the same command to resume" if ckpt else "checkpointing is off"
         log.info("stopped by %s after step %d: %s", stop.name or "another process's signal", step, saved)
         break
+    if in_flight is not None and not stopping:
+      settle(*in_flight)  # A rejected last step stays rejected: there is no later step to roll back for.
   finally:
     stop.uninstall()
     progress.close()
@@ -261,6 +307,22 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
     log.info("done: %d steps, final loss %.4f%s, %.0f tokens/s, MFU %.1f%%", t.steps, last["loss"],
              f", eval loss {evals[-1]:.4f}" if evals else "", last["tokens_per_sec"], 100 * last["mfu"])
   return records
+
+
+def _rollback(ckpt: Checkpointer, s: Session, guard: Guard, *, bad_step: int, step: int,
+              pending) -> tuple[TrainState, int]:
+  """Restores the newest checkpoint from before `bad_step`; the data iterator keeps its place, so the
+  batches between that checkpoint and `step` are left behind."""
+  jax.block_until_ready(pending)  # The step in flight ran on the old state; its result is dropped.
+  ckpt.wait()
+  earlier = [k for k in ckpt.steps() if k < bad_step]
+  if not earlier:
+    raise Diverged(f"step {bad_step} failed the stability guard and no checkpoint from before it exists: lower "
+                   "optim.lr or save checkpoints more often (checkpoint.every_steps)")
+  guard.start_rollback(bad_step, earlier[-1], step)
+  log.warning("rolling back to the checkpoint at step %d; skipping the data of steps %d-%d; learning rate x%g "
+              "until step %d", earlier[-1], earlier[-1] + 1, step, guard.cfg.rollback_lr_scale, guard.lowered_lr_until)
+  return ckpt.restore_state(earlier[-1], s.abstract_state), earlier[-1]
 
 
 class StopRequest:

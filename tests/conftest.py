@@ -17,8 +17,11 @@ def make_config(num_devices: int = 1, **overrides):
   """The tiny base config with dotted-key overrides ("model.num_layers": 3), validated for `num_devices`."""
   raw = base.get_config().to_dict()
   for key, value in overrides.items():
-    group, name = key.split(".")
-    raw[group][name] = value
+    *groups, name = key.split(".")
+    node = raw
+    for group in groups:
+      node = node[group]
+    node[name] = value
   cfg = ml_collections.ConfigDict(raw)  # Built from a dict: type errors reach validate(), as from a config file.
   return config.validate(cfg, num_devices=num_devices)
 
