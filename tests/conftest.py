@@ -26,6 +26,11 @@ def make_config(num_devices: int = 1, **overrides):
   return config.validate(cfg, num_devices=num_devices)
 
 
+def cli_env(num_devices: int = 1) -> dict[str, str]:
+  """Environment for a `maxlm` subprocess with this many fake CPU devices (this process has 8)."""
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
+
+
 @pytest.fixture
 def devices():
   assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set in conftest.py)"

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_config
+from conftest import cli_env, make_config
 from maxlm import train
 from maxlm.config import ConfigError
 
@@ -46,36 +46,43 @@ def cli(workdir, *extra):
           "--config.checkpoint.every_steps=4", "--config.metrics.tensorboard=false", *extra]
 
 
+def complete_checkpoints(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return [d for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []  # not *.tmp
+
+
 def wait_for_step(workdir, step, proc, timeout=180):
+  """Waits until `step` is logged and at least one checkpoint is complete."""
   path, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(path) and sum(1 for _ in open(path)) >= step:
+    if os.path.exists(path) and sum(1 for _ in open(path)) >= step and complete_checkpoints(workdir):
       return
-    time.sleep(0.05)
-  raise AssertionError(f"the run did not reach step {step}")
+    time.sleep(0.02)
+  raise AssertionError(f"the run did not reach step {step} with a complete checkpoint")
 
 
 @pytest.fixture(scope="module")
 def cli_reference(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("cli_reference")
-  subprocess.run(cli(workdir), cwd=REPO, check=True, capture_output=True, timeout=300)
+  subprocess.run(cli(workdir), cwd=REPO, check=True, capture_output=True, timeout=300, env=cli_env())
   return losses_by_step(workdir)
 
 
 def test_hard_kill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, cli_reference):
   kill_at = random.randint(6, 20)
-  proc = subprocess.Popen(cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
   wait_for_step(tmp_path, kill_at, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  resumed = subprocess.run(cli(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+  resumed = subprocess.run(cli(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300, env=cli_env())
   assert resumed.returncode == 0, resumed.stderr
   assert "resumed from the checkpoint at step" in resumed.stderr
   assert losses_by_step(tmp_path) == cli_reference  # Bitwise: same floats, every step 1..24 exactly once.
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, cli_reference):
-  proc = subprocess.Popen(cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=cli_env())
   wait_for_step(tmp_path, 7, proc)
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
@@ -83,7 +90,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cli_reference):
   stopped_at = max(losses_by_step(tmp_path))
   assert f"stopped by SIGTERM after step {stopped_at}: a checkpoint was saved" in stderr
   assert str(stopped_at) in os.listdir(tmp_path / "checkpoints")  # Saved at the stop step, not the last periodic one.
-  subprocess.run(cli(tmp_path), cwd=REPO, check=True, capture_output=True, timeout=300)
+  subprocess.run(cli(tmp_path), cwd=REPO, check=True, capture_output=True, timeout=300, env=cli_env())
   assert losses_by_step(tmp_path) == cli_reference
 
 
@@ -125,9 +132,10 @@ def test_checkpoint_of_another_model_is_a_config_error(tmp_path):
 
 
 def test_cli_reports_a_model_mismatch_in_one_line(tmp_path):
-  subprocess.run(cli(tmp_path, "--config.train.steps=2"), cwd=REPO, check=True, capture_output=True, timeout=300)
+  subprocess.run(cli(tmp_path, "--config.train.steps=2"), cwd=REPO, check=True, capture_output=True, timeout=300,
+                 env=cli_env())
   proc = subprocess.run(cli(tmp_path, "--config.model.num_layers=3"), cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
+                        timeout=300, env=cli_env())
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("maxlm train: config error: the checkpoint at step 2 was "
                                                          "saved for a different model (model.num_layers: saved 2, "

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_config
+from conftest import cli_env, make_config
 from maxlm import guard as guard_lib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def test_running_out_of_rollbacks_stops_with_a_report(tmp_path):
       [sys.executable, "-m", "maxlm", "train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
        "--config.train.steps=10", "--config.checkpoint.every_steps=2", "--config.train.guard.policy=rollback",
        "--config.train.guard.max_rollbacks=0", "--config.train.inject_nan_at_step=5"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=cli_env())
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
       "maxlm train: stopped: step 5 failed the stability guard after 0 rollbacks (train.guard.max_rollbacks); the "

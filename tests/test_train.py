@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import make_config
+from conftest import cli_env, make_config
 from maxlm import mesh as mesh_lib, optim, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ def test_cli_writes_config_metrics_and_tensorboard(tmp_path):
        "--config.train.steps=12", "--config.train.log_every=4", "--config.train.eval_every=6",
        "--config.train.eval_batches=2", "--config.optim.schedule=wsd"],
       cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+      env=cli_env(2))
   assert proc.returncode == 0, proc.stderr
   assert "MEASURED peak" in proc.stderr and "final loss" in proc.stderr
 

@@ -1,0 +1,99 @@
+"""How much an asynchronous checkpoint save stalls training, and how long saves and restores take.
+
+For a config (default: the ~10M CPU model), measured in one process:
+  step time     median of steps with no save,
+  stall         the save call plus the extra time of the steps that overlap the background write (their
+                time minus the median step time): what a save adds to training, host contention included,
+  save total    from the save call until the checkpoint is complete on disk,
+  restore       restoring the newest checkpoint (state + data iterator) into the same shardings.
+The first save is reported apart (it sets up the writer); the stall target is <= 5% of a step.
+Writes benchmarks/results/checkpoint_stall_<platform>.json.
+
+  python benchmarks/checkpoint_stall.py [--config cpu_10m] [--saves 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from maxlm import config, flops, train
+from maxlm.checkpoint import Checkpointer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="cpu_10m")
+  parser.add_argument("--saves", type=int, default=5)
+  parser.add_argument("--steps_between", type=int, default=3)
+  args = parser.parse_args()
+  cfg = config.validate(config.load([f"--config={REPO}/configs/{args.config}.py", "--config.metrics.peak_tflops=1"]),
+                        num_devices=jax.device_count(), platform=jax.devices()[0].platform)
+  session = train.setup(cfg)
+  controls = {"loss_scale": np.float32(1), "lr_scale": np.float32(1), "max_loss": np.float32(np.inf)}
+  state = session.init()
+
+  def step(state):
+    t0 = time.perf_counter()
+    state, metrics = session.step(state, session.next_batch(), controls)
+    jax.block_until_ready((state, metrics))
+    return state, time.perf_counter() - t0
+
+  with tempfile.TemporaryDirectory() as workdir:
+    ckpt = Checkpointer(workdir, cfg)
+    plain, stalls, calls, totals = [], [], [], []
+    for _ in range(3):
+      state, _ = step(state)  # warm-up
+    for _ in range(args.saves + 1):
+      for _ in range(args.steps_between):
+        state, dt = step(state)
+        plain.append(dt)
+      t0 = time.perf_counter()
+      ckpt.save(int(state.step), state, session.data_iterator)
+      calls.append(time.perf_counter() - t0)
+      after = []
+      for _ in range(args.steps_between):  # Steps that overlap the background write.
+        state, dt = step(state)
+        after.append(dt)
+      ckpt.wait()
+      totals.append(time.perf_counter() - t0)
+      stalls.append(calls[-1] + sum(after) - len(after) * statistics.median(plain))
+    step_time = statistics.median(plain)
+    t0 = time.perf_counter()
+    restored = ckpt.restore_latest(session.abstract_state, session.data_iterator, cfg.model)
+    jax.block_until_ready(restored[0])
+    restore_s = time.perf_counter() - t0
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt.directory) for f in fs)
+    ckpt.close()
+
+  steady = stalls[1:]
+  device = jax.devices()[0]
+  result = {
+      "benchmark": "checkpoint_stall", "date": datetime.date.today().isoformat(), "device": device.device_kind,
+      "platform": device.platform, "devices": jax.device_count(), "jax": jax.__version__, "config": args.config,
+      "params_m": flops.param_count(cfg.model) / 1e6, "step_time_s": step_time,
+      "first_save": {"stall_s": stalls[0], "save_call_s": calls[0], "save_total_s": totals[0]},
+      "stall_s_median": statistics.median(steady), "stall_pct_of_step": 100 * statistics.median(steady) / step_time,
+      "save_call_s_median": statistics.median(calls[1:]), "save_total_s_median": statistics.median(totals[1:]),
+      "restore_s": restore_s, "checkpoint_dir_mb": size / 2**20,
+  }
+  os.makedirs(f"{REPO}/benchmarks/results", exist_ok=True)
+  path = f"{REPO}/benchmarks/results/checkpoint_stall_{device.platform}.json"
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result, indent=2))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
