@@ -153,3 +153,29 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, caplog):
   with caplog.at_level(logging.INFO, logger="maxlm"):
     assert run(tmp_path, **{"train.steps": 2}) == []
   assert "nothing to train" in caplog.text
+
+
+def test_every_minutes_saves_between_step_multiples(tmp_path):
+  # 0.0001 minutes: every step is past due, so a save follows every step, not just multiples of 50.
+  run(tmp_path, **{"train.steps": 5, "checkpoint.every_steps": 50, "checkpoint.every_minutes": 0.0001,
+                   "checkpoint.keep": 10})
+  assert sorted(map(int, os.listdir(tmp_path / "checkpoints"))) == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_missing_an_item_falls_back(tmp_path, reference, caplog):
+  run(tmp_path)  # checkpoints at 4, 6, 8
+  import shutil
+  shutil.rmtree(tmp_path / "checkpoints" / "8" / "data")
+  with caplog.at_level(logging.INFO, logger="maxlm"):
+    records = run(tmp_path)
+  assert "checkpoint step 8 is unreadable" in caplog.text and "resumed from the checkpoint at step 6" in caplog.text
+  assert [r["loss"] for r in records] == [reference[7], reference[8]]
+
+
+def test_sigint_stops_like_sigterm(tmp_path):
+  proc = subprocess.Popen(cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=cli_env())
+  wait_for_step(tmp_path, 5, proc)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "stopped by SIGINT after step" in stderr
