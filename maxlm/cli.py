@@ -6,20 +6,20 @@ import logging
 import os
 import sys
 
+from absl import flags
+
+from maxlm import config
 from maxlm.config import ConfigError
 
 USAGE = """usage: maxlm train --config=FILE --workdir=DIR [--config.KEY=VALUE ...]
 
-  train   train a model; writes DIR/config.json, DIR/metrics.jsonl and DIR/tb/
+  train   train a model; writes DIR/config.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpoints/.
+          Rerunning on a DIR with checkpoints resumes; SIGTERM/SIGINT stop after a checkpoint.
           e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
 """
 
 
 def _train(args: list[str]) -> None:
-  from absl import flags
-
-  from maxlm import config  # Imports jax: keep `maxlm --help` fast.
-
   flag_values = flags.FlagValues()
   workdir = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=flag_values)
   cfg = config.load(args, flag_values)
@@ -29,7 +29,7 @@ def _train(args: list[str]) -> None:
   if has_run and not os.path.isdir(os.path.join(workdir.value, "checkpoints")):
     raise ConfigError(f"--workdir={workdir.value} holds a run without checkpoints to resume from: pass a new "
                       "directory, or delete that one")
-  import jax
+  import jax  # Imported here: configuration errors above are reported without loading JAX.
 
   cfg = config.validate(cfg, num_devices=jax.device_count(), process_count=jax.process_count(),
                         platform=jax.devices()[0].platform)

@@ -293,8 +293,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
         saved = "a checkpoint was saved; rerun the same command to resume" if ckpt else "checkpointing is off"
         log.info("stopped by %s after step %d: %s", stop.name or "another process's signal", step, saved)
         break
-    if in_flight is not None and not stopping:
-      settle(*in_flight)  # A rejected last step stays rejected: there is no later step to roll back for.
+    if in_flight is not None:
+      settle(*in_flight)  # Log its guard events; a rejected last step stays rejected (nothing left to redo).
   finally:
     stop.uninstall()
     progress.close()
