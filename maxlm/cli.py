@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import collections
+import json
 import logging
 import os
 import sys
@@ -11,12 +14,24 @@ from absl import flags
 from maxlm import config
 from maxlm.config import ConfigError
 
-USAGE = """usage: maxlm train --config=FILE --workdir=DIR [--config.KEY=VALUE ...]
+log = logging.getLogger("maxlm")
 
-  train   train a model; writes DIR/config.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpoints/.
-          Rerunning on a DIR with checkpoints resumes; SIGTERM/SIGINT stop after a checkpoint.
-          e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
+USAGE = """usage: maxlm COMMAND ...
+
+  train            --config=FILE --workdir=DIR [--config.KEY=VALUE ...]
+                   train a model; writes DIR/config.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpoints/.
+                   Rerunning on a DIR with checkpoints resumes; SIGTERM/SIGINT stop after a checkpoint.
+                   e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
+  tokenizer train  --input PATH... --vocab-size N --output FILE.model [--model-type bpe|unigram]
+                   train a SentencePiece tokenizer on .txt/.md/.py/.jsonl(.gz) files, directories or globs
 """
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+  """argparse, with its errors as one-line ConfigErrors."""
+
+  def error(self, message):
+    raise ConfigError(f"{message} (see maxlm --help)")
 
 
 def _train(args: list[str]) -> None:
@@ -41,11 +56,32 @@ def _train(args: list[str]) -> None:
     raise RunFailed(str(e)) from None
 
 
+def _tokenizer(args: list[str]) -> None:
+  if not args or args[0] != "train":
+    raise ConfigError("usage: maxlm tokenizer train --input PATH... --vocab-size N --output FILE.model")
+  from maxlm import corpus, tokenizer  # SentencePiece only; no JAX.
+
+  parser = _ArgumentParser(prog="maxlm tokenizer train", add_help=False)
+  parser.add_argument("--input", nargs="+", required=True)
+  parser.add_argument("--vocab-size", type=int, required=True)
+  parser.add_argument("--output", required=True)
+  parser.add_argument("--model-type", default="bpe")
+  parser.add_argument("--text-field", default="text")
+  a = parser.parse_args(args[1:])
+  files, skipped = corpus.expand(a.input), collections.Counter()
+  tok = tokenizer.train(corpus.documents(files, skipped, a.text_field), vocab_size=a.vocab_size, output=a.output,
+                        model_type=a.model_type)
+  for reason, count in sorted(skipped.items()):
+    log.warning("skipped %d input(s): %s", count, reason)
+  log.info("trained a %d-token %s tokenizer on %d file(s): %s", tok.vocab_size, a.model_type, len(files), a.output)
+  print(json.dumps(tok.info()))
+
+
 class RunFailed(RuntimeError):
   """The run cannot go on (e.g. the stability guard ran out of rollbacks); the message is the report."""
 
 
-COMMANDS = {"train": _train}
+COMMANDS = {"train": _train, "tokenizer": _tokenizer}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     COMMANDS[command](args)
   except ConfigError as e:
-    print(f"maxlm {command}: config error: {e}", file=sys.stderr)
+    print(f"maxlm {command}: error: {e}", file=sys.stderr)
     return 2
   except RunFailed as e:
     print(f"maxlm {command}: stopped: {e}", file=sys.stderr)

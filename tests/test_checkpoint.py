@@ -137,7 +137,7 @@ def test_cli_reports_a_model_mismatch_in_one_line(tmp_path):
   proc = subprocess.run(cli(tmp_path, "--config.model.num_layers=3"), cwd=REPO, capture_output=True, text=True,
                         timeout=300, env=cli_env())
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith("maxlm train: config error: the checkpoint at step 2 was "
+  assert proc.stderr.strip().splitlines()[-1].startswith("maxlm train: error: the checkpoint at step 2 was "
                                                          "saved for a different model (model.num_layers: saved 2, "
                                                          "now 3)")
   assert "Traceback" not in proc.stderr
