@@ -24,6 +24,8 @@ USAGE = """usage: maxlm COMMAND ...
                    e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
   tokenizer train  --input PATH... --vocab-size N --output FILE.model [--model-type bpe|unigram]
                    train a SentencePiece tokenizer on .txt/.md/.py/.jsonl(.gz) files, directories or globs
+  data prepare     --input PATH... --tokenizer FILE.model --output DIR [--val-fraction 0.01]
+                   tokenize documents once into DIR/{train,val}/ with a manifest (see maxlm/prepare.py)
 """
 
 
@@ -77,11 +79,30 @@ def _tokenizer(args: list[str]) -> None:
   print(json.dumps(tok.info()))
 
 
+def _data(args: list[str]) -> None:
+  if not args or args[0] != "prepare":
+    raise ConfigError("usage: maxlm data prepare --input PATH... --tokenizer FILE.model --output DIR")
+  from maxlm import prepare  # SentencePiece and NumPy only; no JAX.
+
+  parser = _ArgumentParser(prog="maxlm data prepare", add_help=False)
+  parser.add_argument("--input", nargs="+", required=True)
+  parser.add_argument("--tokenizer", required=True)
+  parser.add_argument("--output", required=True)
+  parser.add_argument("--val-fraction", type=float, default=0.01)
+  parser.add_argument("--text-field", default="text")
+  a = parser.parse_args(args[1:])
+  manifest = prepare.prepare(a.input, a.tokenizer, a.output, val_fraction=a.val_fraction, text_field=a.text_field)
+  for reason, count in manifest["skipped"].items():
+    log.warning("skipped %d input(s): %s", count, reason)
+  log.info("%s: %s", a.output, ", ".join(f"{k} {v['documents']} documents / {v['tokens']} tokens"
+                                         for k, v in manifest["splits"].items()))
+
+
 class RunFailed(RuntimeError):
   """The run cannot go on (e.g. the stability guard ran out of rollbacks); the message is the report."""
 
 
-COMMANDS = {"train": _train, "tokenizer": _tokenizer}
+COMMANDS = {"train": _train, "tokenizer": _tokenizer, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:
