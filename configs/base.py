@@ -34,8 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1  # Tensor (Megatron) parallel over heads, MLP width and vocab; -1 fills.
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "synthetic"  # synthetic (learnable permutation walk) | tokens (flat binary token file).
-  d.path = ""  # Token file for source=tokens: raw little-endian ints, dtype data.token_dtype.
+  d.source = "synthetic"  # synthetic (learnable walk) | tokens (flat token file) | prepared (maxlm data prepare).
+  d.path = ""  # source=tokens: a file of little-endian ints (data.token_dtype); source=prepared: its directory.
   d.token_dtype = "uint16"  # Element type of the token file: uint16 | uint32.
   d.eval_fraction = 0.01  # source=tokens: last fraction of the file held out for eval.
   d.seq_len = 64  # Tokens per training row T.

@@ -24,7 +24,7 @@ CHOICES = {
     "model.compute_dtype": ("auto", "float32", "bfloat16"),
     "model.attention": ("xla",),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "data.source": ("synthetic", "tokens"),
+    "data.source": ("synthetic", "tokens", "prepared"),
     "data.token_dtype": ("uint16", "uint32"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "train.guard.policy": ("none", "skip", "rollback"),
@@ -173,6 +173,9 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
       raise ConfigError("data.source='tokens' needs data.path: pass --config.data.path=FILE")
     if not os.path.isfile(d.path):
       raise ConfigError(f"data.path={d.path!r}: no such file")
+  if d.source == "prepared" and not os.path.isfile(os.path.join(d.path, "manifest.json")):
+    raise ConfigError(f"data.path={d.path!r} is not a prepared dataset (no manifest.json): make one with "
+                      "maxlm data prepare, or pass its directory")
   return resolved
 
 

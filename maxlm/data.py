@@ -1,8 +1,8 @@
 """Grain input pipelines: random-access sources -> examples -> per-process batches.
 
 Every example is a dict of int32 [T] arrays: `inputs`, `targets`, `positions`, `segment_ids`, and a
-`loss_mask` (1 where the target counts). Sources here give one unpacked document per row (segment 1,
-positions 0..T-1); packed sources plug in by emitting several segments per row.
+`loss_mask` (1 where the target counts). The synthetic and token-file sources give one unpacked window per
+row (segment 1, positions 0..T-1); `PackedSource` packs the documents of a prepared dataset.
 
 Determinism and sharding: record i of a source depends only on (seed, i). Records are batched into
 per-process slices of the global batch: global step k holds records [k·B, (k+1)·B), and process p of P
@@ -20,6 +20,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from maxlm import prepare
 from maxlm.config import ConfigError
 
 TRAIN, EVAL = 0, 1
@@ -91,6 +92,68 @@ class TokenFileSource:
     return f"TokenFileSource({self.path!r}, {self.dtype}, seq_len={self.seq_len}, seed={self.seed}, split={self.split})"
 
 
+class PackedSource:
+  """Rows of a prepared dataset (`maxlm data prepare`): documents shuffled per epoch, concatenated, cut into
+  rows of seq_len+1 tokens, with `segment_ids` numbering the documents in a row (from 1) and `positions`
+  counting tokens within each document. Row i depends only on (seed, i): random access, so resuming and
+  per-process slicing work as for the other sources. Rows do not cross epochs.
+
+  The loss mask drops targets that start a new document (the token after an EOS is not predictable from
+  the previous document, which is all the masked attention lets the model see).
+  """
+
+  def __init__(self, directory: str, split: str, seq_len: int, seed: int):
+    self.directory, self.split, self.seq_len, self.seed = os.path.abspath(directory), split, seq_len, seed
+    self._tokens, self.offsets, self.manifest = prepare.load_split(directory, split)
+    self.lengths = np.diff(self.offsets)
+    total = int(self.offsets[-1])
+    if total < seq_len + 1:
+      raise ConfigError(f"data.path={directory!r}: the {split} split has {total} tokens, fewer than "
+                        f"data.seq_len+1={seq_len + 1}")
+    self.rows_per_epoch = (total - 1) // seq_len
+    self._epoch, self._order, self._starts = None, None, None
+
+  def __len__(self) -> int:
+    return self.rows_per_epoch
+
+  def _layout(self, epoch: int):
+    if epoch != self._epoch:
+      order = np.random.default_rng([self.seed, 104729, epoch]).permutation(len(self.lengths))
+      self._epoch, self._order = epoch, order
+      self._starts = np.concatenate([[0], np.cumsum(self.lengths[order])])
+    return self._order, self._starts
+
+  def tokens(self) -> np.ndarray:
+    if self._tokens is None:  # After unpickling in a worker process.
+      self._tokens = prepare.load_split(self.directory, self.split)[0]
+    return self._tokens
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    order, starts = self._layout(index // self.rows_per_epoch)
+    begin = (index % self.rows_per_epoch) * self.seq_len
+    k = int(np.searchsorted(starts, begin, side="right")) - 1
+    tokens, segments, positions, pos, segment = [], [], [], begin - starts[k], 1
+    need = self.seq_len + 1
+    while need > 0:
+      doc = order[k]
+      piece = self.tokens()[self.offsets[doc] + pos:self.offsets[doc + 1]][:need]
+      tokens.append(piece)
+      segments.append(np.full(len(piece), segment, np.int32))
+      positions.append(np.arange(pos, pos + len(piece), dtype=np.int32))
+      need, k, pos, segment = need - len(piece), k + 1, 0, segment + 1
+    tokens, segments, positions = (np.concatenate(x) for x in (tokens, segments, positions))
+    return {
+        "inputs": tokens[:-1].astype(np.int32), "targets": tokens[1:].astype(np.int32), "positions": positions[:-1],
+        "segment_ids": segments[:-1], "loss_mask": (segments[1:] == segments[:-1]).astype(np.int32),
+    }
+
+  def __getstate__(self):  # Worker processes reopen the memmap.
+    return {**self.__dict__, "_tokens": None, "_epoch": None}
+
+  def __repr__(self) -> str:
+    return f"PackedSource({self.directory!r}, {self.split}, seq_len={self.seq_len}, seed={self.seed})"
+
+
 def window_to_example(window_T1: np.ndarray) -> dict[str, np.ndarray]:
   T = window_T1.shape[0] - 1
   return {
@@ -106,11 +169,18 @@ def make_source(cfg: ml_collections.ConfigDict, split: int):
   d = cfg.data
   if d.source == "synthetic":
     return SyntheticSource(cfg.model.vocab_size, d.seq_len, d.seed, split)
+  if d.source == "prepared":
+    return PackedSource(d.path, "train" if split == TRAIN else "val", d.seq_len, d.seed)
   return TokenFileSource(d.path, d.token_dtype, d.seq_len, d.seed, split, d.eval_fraction)
 
 
 def check_vocab(source, vocab_size: int) -> None:
-  """Fails fast when the token file holds ids the model cannot embed (checks a sample of windows)."""
+  """Fails fast when the data holds ids the model cannot embed."""
+  if isinstance(source, PackedSource):
+    data_vocab = source.manifest["tokenizer"]["vocab_size"]
+    if data_vocab > vocab_size:
+      raise ConfigError(f"data.path={source.directory!r} was tokenized with a {data_vocab}-token vocabulary but "
+                        f"model.vocab_size={vocab_size}: set model.vocab_size >= {data_vocab}")
   if isinstance(source, TokenFileSource):
     sample = np.concatenate([source[i] for i in range(min(len(source), 64))])
     if sample.max() >= vocab_size:
@@ -121,7 +191,9 @@ def check_vocab(source, vocab_size: int) -> None:
 def batches(source, global_batch: int, process_index: int, process_count: int,
             num_workers: int = 0, repeat: bool = True) -> grain.IterDataset:
   """This process's share of each global batch, as a resumable Grain iterator dataset."""
-  ds = grain.MapDataset.source(source).map(window_to_example)
+  ds = grain.MapDataset.source(source)
+  if not isinstance(source, PackedSource):
+    ds = ds.map(window_to_example)
   ds = ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
   if repeat:
     ds = ds.repeat(None)

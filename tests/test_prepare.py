@@ -120,3 +120,60 @@ def test_cli(tok, texts, tmp_path):
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
   assert "not a readable SentencePiece model" in bad.stderr
+
+
+@pytest.fixture
+def prepared(tok, texts, tmp_path):
+  src, _ = texts
+  prepare.prepare([src], tok.path, str(tmp_path / "ds"), val_fraction=0.2)
+  return str(tmp_path / "ds")
+
+
+def test_packed_rows_cover_every_token_once_with_correct_segments(prepared):
+  from maxlm import data
+  src = data.PackedSource(prepared, "train", seq_len=16, seed=5)
+  tokens, offsets, _ = prepare.load_split(prepared, "train")
+  order = np.random.default_rng([5, 104729, 0]).permutation(len(offsets) - 1)
+  stream = np.concatenate([tokens[offsets[d]:offsets[d + 1]] for d in order])
+  docs_at = np.repeat(np.arange(len(order)), np.diff(offsets)[order])  # stream position -> document rank
+  starts = np.concatenate([[0], np.cumsum(np.diff(offsets)[order])])
+  for i in range(len(src)):
+    row = src[i]
+    span = slice(16 * i, 16 * i + 16)
+    np.testing.assert_array_equal(row["inputs"], stream[span])
+    np.testing.assert_array_equal(row["targets"], stream[16 * i + 1:16 * i + 17])
+    ranks = docs_at[span]
+    np.testing.assert_array_equal(row["segment_ids"], ranks - ranks[0] + 1)
+    np.testing.assert_array_equal(row["positions"], np.arange(16 * i, 16 * i + 16) - starts[ranks])
+    np.testing.assert_array_equal(row["loss_mask"], docs_at[16 * i + 1:16 * i + 17] == ranks)
+  assert len(src) == (len(stream) - 1) // 16
+  assert not np.array_equal(src[len(src)]["inputs"], src[0]["inputs"])  # epoch 2 is reshuffled
+
+
+def test_packed_batches_same_for_any_process_count(prepared):
+  from maxlm import data
+  src = data.PackedSource(prepared, "train", seq_len=16, seed=0)
+  one = [next(it) for it in [iter(data.batches(src, 4, 0, 1))] for _ in range(3)]
+  parts = [iter(data.batches(src, 4, p, 2)) for p in range(2)]
+  for step in range(3):
+    halves = [next(p) for p in parts]
+    for k in one[step]:
+      np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), one[step][k])
+
+
+def test_training_on_a_prepared_dataset(prepared, tok, tmp_path):
+  import jax
+
+  from conftest import make_config
+  from maxlm import train
+  with pytest.raises(ConfigError, match="600-token vocabulary but model.vocab_size=256"):
+    train.run(make_config(**{"data.source": "prepared", "data.path": prepared, "data.seq_len": 16,
+                             "checkpoint.every_steps": 0}), str(tmp_path / "bad"), devices=jax.devices()[:1])
+  with pytest.raises(ConfigError, match="is not a prepared dataset"):
+    make_config(**{"data.source": "prepared", "data.path": str(tmp_path)})
+  records = train.run(make_config(**{"data.source": "prepared", "data.path": prepared, "data.seq_len": 16,
+                                     "model.vocab_size": 640, "train.steps": 30, "train.eval_every": 30,
+                                     "train.log_every": 10, "checkpoint.every_steps": 0,
+                                     "metrics.tensorboard": False}), str(tmp_path / "run"),
+                      devices=jax.devices()[:1])
+  assert records[-1]["loss"] < records[0]["loss"] and np.isfinite(records[-1]["eval_loss"])
