@@ -16,7 +16,7 @@ setup: $(BIN)/maxlm
 
 demo: setup
 	rm -rf $(DEMO_DIR)
-	$(BIN)/maxlm train --config=configs/tiny.py --workdir=$(DEMO_DIR)
+	$(BIN)/python tools/demo.py --workdir=$(DEMO_DIR)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
   if command not in COMMANDS:
     print(f"maxlm: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
   logging.getLogger("maxlm").setLevel(logging.INFO)
   try:
     COMMANDS[command](args)

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from maxlm import data, flops, mesh as mesh_lib, model, optim
 from maxlm.checkpoint import Checkpointer
-from maxlm.config import MESH_AXES
+from maxlm.config import MESH_AXES, ConfigError
 from maxlm.guard import Diverged, Guard
 from maxlm.metrics import MetricsWriter, Progress
 
@@ -202,6 +202,22 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
                  data_iterator=train_iter, next_batch=lambda: to_global(next(train_iter)), evaluate=evaluate,
                  tokens_per_step=tokens_per_step, flops_per_step=flops_per_step, peak_tflops=peak,
                  compile_s=compile_s)
+
+
+def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> model.Transformer:
+  """The model of the newest checkpoint in `workdir`, for sampling and evaluation."""
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
+  tx, _ = optim.make(cfg.optim, cfg.train.steps)
+  graphdef, abstract_state, _ = init_state(cfg.model, tx, mesh, cfg.train.seed)
+  ckpt = Checkpointer(workdir, cfg)
+  try:
+    if not ckpt.steps():
+      raise ConfigError(f"--workdir={workdir} has no checkpoints: train with checkpoint.every_steps > 0 first")
+    state = ckpt.restore_state(ckpt.steps()[-1], abstract_state)
+  finally:
+    ckpt.close()
+  return nnx.merge(graphdef, state.params)
 
 
 def _restore_or_init(s: Session, ckpt: Checkpointer | None, guard: Guard) -> tuple[TrainState, int]:

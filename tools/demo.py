@@ -1,0 +1,84 @@
+"""`make demo`: a language model trained end to end on this machine's CPU, offline, in a few minutes.
+
+1. corpus: the Python standard library's .py files, test folders left out (every Python install has them);
+2. a 4096-token SentencePiece tokenizer, and 3. a prepared dataset, both cached under --cache;
+4. `maxlm train` with configs/demo.py; 5. a few lines sampled from the trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import sysconfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from maxlm import config, corpus, prepare, sample, tokenizer, train  # noqa: E402
+
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+PROMPTS = ["def ", "import ", "class Config", "    return "]
+
+
+def stdlib_files(limit: int = 0) -> list[str]:
+  root = sysconfig.get_paths()["stdlib"]
+  files = []
+  for directory, subdirs, names in os.walk(root):
+    subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS)
+    files.extend(os.path.join(directory, n) for n in sorted(names) if n.endswith(".py"))
+  return files[:limit] if limit else files
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="/tmp/maxlm-demo")
+  parser.add_argument("--cache", default=os.path.join(REPO, ".cache", "demo"))
+  parser.add_argument("--max-files", type=int, default=0, help="use only the first N stdlib files (tests)")
+  parser.add_argument("--val-fraction", type=float, default=0.02)
+  args, overrides = parser.parse_known_args()  # The rest: --config.KEY=VALUE overrides of configs/demo.py.
+  if any(not o.startswith("--config.") for o in overrides):
+    parser.error(f"unknown arguments {overrides}: only --config.KEY=VALUE overrides may follow")
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+  log = logging.getLogger("maxlm")
+  log.setLevel(logging.INFO)
+
+  name = f"py{sys.version_info.major}.{sys.version_info.minor}-{args.max_files or 'all'}-val{args.val_fraction}"
+  cache = os.path.join(args.cache, name)
+  os.makedirs(cache, exist_ok=True)
+  files = stdlib_files(args.max_files)
+  tok_path = os.path.join(cache, "tokenizer.model")
+  if not os.path.exists(tok_path):
+    log.info("training a tokenizer on %d standard-library files", len(files))
+    tokenizer.train(corpus.documents(files, corpus.collections.Counter()), vocab_size=4096, output=tok_path)
+  dataset = os.path.join(cache, "stdlib")
+  manifest = prepare.prepare(files, tok_path, dataset, val_fraction=args.val_fraction)
+  log.info("corpus: %s", ", ".join(f"{k} {v['documents']} files / {v['tokens']:,} tokens"
+                                   for k, v in manifest["splits"].items()))
+
+  import jax
+
+  cfg = config.load([f"--config={REPO}/configs/demo.py", f"--config.data.path={dataset}", *overrides])
+  cfg = config.validate(cfg, num_devices=jax.device_count(), platform=jax.devices()[0].platform)
+  records = train.run(cfg, args.workdir)
+  evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+  print(f"\nfinal train loss {records[-1]['loss']:.3f}, eval loss {evals[-1]:.3f}, "
+        f"MFU {100 * records[-1]['mfu']:.1f}% ({records[-1]['tokens_per_sec']:,.0f} tokens/s)")
+
+  tok = tokenizer.Tokenizer(tok_path)
+  model = train.restore_model(cfg, args.workdir)
+  prompts = [tok.encode(p) for p in PROMPTS]
+  outputs = sample.generate(model, prompts, max_new_tokens=40, temperature=0.8, top_k=20, seed=0,
+                            eos_id=tok.sp.eos_id())
+  print("samples (temperature 0.8, top-k 20):")
+  for prompt, new in zip(PROMPTS, outputs):
+    print("  " + repr(prompt + tok.decode(new))[1:-1][:160])
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except config.ConfigError as e:
+    print(f"demo: error: {e}", file=sys.stderr)
+    sys.exit(2)
