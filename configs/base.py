@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "synthetic"  # synthetic (learnable walk) | tokens (flat token file) | prepared (maxlm data prepare).
-  d.path = ""  # source=tokens: a file of little-endian ints (data.token_dtype); source=prepared: its directory.
+  d.path = ""  # source=tokens: a file of little-endian ints (data.token_dtype); prepared: dataset dir(s), comma-separated.
+  d.weights = ""  # source=prepared with several datasets: mixing weights, comma-separated (empty = equal).
   d.token_dtype = "uint16"  # Element type of the token file: uint16 | uint32.
   d.eval_fraction = 0.01  # source=tokens: last fraction of the file held out for eval.
   d.seq_len = 64  # Tokens per training row T.

@@ -173,9 +173,22 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
       raise ConfigError("data.source='tokens' needs data.path: pass --config.data.path=FILE")
     if not os.path.isfile(d.path):
       raise ConfigError(f"data.path={d.path!r}: no such file")
-  if d.source == "prepared" and not os.path.isfile(os.path.join(d.path, "manifest.json")):
-    raise ConfigError(f"data.path={d.path!r} is not a prepared dataset (no manifest.json): make one with "
-                      "maxlm data prepare, or pass its directory")
+  if d.source == "prepared":
+    paths = [p for p in d.path.split(",") if p]
+    if not paths:
+      raise ConfigError("data.source='prepared' needs data.path: pass --config.data.path=DIR[,DIR...]")
+    for path in paths:
+      if not os.path.isfile(os.path.join(path, "manifest.json")):
+        raise ConfigError(f"data.path: {path!r} is not a prepared dataset (no manifest.json): make one with "
+                          "maxlm data prepare, or pass its directory")
+    if d.weights:
+      try:
+        weights = [float(w) for w in d.weights.split(",")]
+      except ValueError:
+        raise ConfigError(f"data.weights={d.weights!r}: use comma-separated numbers, e.g. 0.7,0.3") from None
+      if len(weights) != len(paths) or min(weights) <= 0:
+        raise ConfigError(f"data.weights={d.weights!r}: give one positive weight per dataset in data.path "
+                          f"({len(paths)})")
   return resolved
 
 

@@ -24,6 +24,7 @@ from maxlm import prepare
 from maxlm.config import ConfigError
 
 TRAIN, EVAL = 0, 1
+ENDLESS = 2**40  # Length of every source: indices never wrap, so no epoch replays an earlier one's order.
 
 
 class SyntheticSource:
@@ -39,7 +40,7 @@ class SyntheticSource:
     self.cycle = np.random.default_rng([seed, 7919]).permutation(vocab_size).astype(np.int32)
 
   def __len__(self) -> int:
-    return 2**40
+    return ENDLESS
 
   def __getitem__(self, index: int) -> np.ndarray:
     rng = np.random.default_rng([self.seed, self.split, index])
@@ -61,8 +62,8 @@ class SyntheticSource:
 class TokenFileSource:
   """Windows of seq_len+1 tokens at random offsets of a flat token file (memory-mapped, opened lazily).
 
-  The file is split by position: the last `eval_fraction` of its tokens are the eval split. One epoch
-  has as many windows as fit end to end in the split; window i's offset depends only on (seed, i).
+  The file is split by position: the last `eval_fraction` of its tokens are the eval split. Window i's
+  offset depends only on (seed, i); the index space is endless (no epoch replays the same windows).
   """
 
   def __init__(self, path: str, dtype: str, seq_len: int, seed: int, split: int, eval_fraction: float):
@@ -76,7 +77,7 @@ class TokenFileSource:
     self._tokens = None
 
   def __len__(self) -> int:
-    return max((self.stop - self.start) // self.seq_len, 1)
+    return ENDLESS
 
   def __getitem__(self, index: int) -> np.ndarray:
     if self._tokens is None:
@@ -100,6 +101,7 @@ class PackedSource:
 
   The loss mask drops targets that start a new document (the token after an EOS is not predictable from
   the previous document, which is all the masked attention lets the model see).
+  Indices run on through later epochs (`rows_per_epoch` rows each, each epoch in a new order).
   """
 
   def __init__(self, directory: str, split: str, seq_len: int, seed: int):
@@ -114,7 +116,7 @@ class PackedSource:
     self._epoch, self._order, self._starts = None, None, None
 
   def __len__(self) -> int:
-    return self.rows_per_epoch
+    return ENDLESS
 
   def _layout(self, epoch: int):
     if epoch != self._epoch:
@@ -165,38 +167,49 @@ def window_to_example(window_T1: np.ndarray) -> dict[str, np.ndarray]:
   }
 
 
-def make_source(cfg: ml_collections.ConfigDict, split: int):
+def examples(cfg: ml_collections.ConfigDict, split: int) -> grain.MapDataset:
+  """Random-access examples of one split. For `prepared` data, `data.path` may name several datasets,
+  comma-separated, mixed in the proportions of `data.weights` (default: equal)."""
   d = cfg.data
   if d.source == "synthetic":
-    return SyntheticSource(cfg.model.vocab_size, d.seq_len, d.seed, split)
-  if d.source == "prepared":
-    return PackedSource(d.path, "train" if split == TRAIN else "val", d.seq_len, d.seed)
-  return TokenFileSource(d.path, d.token_dtype, d.seq_len, d.seed, split, d.eval_fraction)
+    return grain.MapDataset.source(SyntheticSource(cfg.model.vocab_size, d.seq_len, d.seed, split)).map(
+        window_to_example)
+  if d.source == "tokens":
+    source = TokenFileSource(d.path, d.token_dtype, d.seq_len, d.seed, split, d.eval_fraction)
+    _check_token_ids(source, cfg.model.vocab_size)
+    return grain.MapDataset.source(source).map(window_to_example)
+  paths = [p for p in d.path.split(",") if p]
+  sources = [PackedSource(p, "train" if split == TRAIN else "val", d.seq_len, d.seed + i) for i, p in enumerate(paths)]
+  _check_prepared(sources, cfg.model.vocab_size)
+  if len(sources) == 1:
+    return grain.MapDataset.source(sources[0])
+  weights = [float(w) for w in d.weights.split(",")] if d.weights else [1.0] * len(sources)
+  return grain.MapDataset.mix([grain.MapDataset.source(s) for s in sources], weights)
 
 
-def check_vocab(source, vocab_size: int) -> None:
-  """Fails fast when the data holds ids the model cannot embed."""
-  if isinstance(source, PackedSource):
-    data_vocab = source.manifest["tokenizer"]["vocab_size"]
-    if data_vocab > vocab_size:
-      raise ConfigError(f"data.path={source.directory!r} was tokenized with a {data_vocab}-token vocabulary but "
-                        f"model.vocab_size={vocab_size}: set model.vocab_size >= {data_vocab}")
-  if isinstance(source, TokenFileSource):
-    sample = np.concatenate([source[i] for i in range(min(len(source), 64))])
-    if sample.max() >= vocab_size:
-      raise ConfigError(f"data.path={source.path!r} holds token id {int(sample.max())} >= model.vocab_size="
-                       f"{vocab_size}: set model.vocab_size to the tokenizer's vocabulary size")
+def _check_prepared(sources: list[PackedSource], vocab_size: int) -> None:
+  tokenizers = {s.manifest["tokenizer"]["sha256"] for s in sources}
+  if len(tokenizers) > 1:
+    raise ConfigError(f"data.path: the datasets {[s.directory for s in sources]} were made with different "
+                      "tokenizers: prepare them with the same one")
+  data_vocab = sources[0].manifest["tokenizer"]["vocab_size"]
+  if data_vocab > vocab_size:
+    raise ConfigError(f"data.path={sources[0].directory!r} was tokenized with a {data_vocab}-token vocabulary but "
+                      f"model.vocab_size={vocab_size}: set model.vocab_size >= {data_vocab}")
 
 
-def batches(source, global_batch: int, process_index: int, process_count: int,
-            num_workers: int = 0, repeat: bool = True) -> grain.IterDataset:
-  """This process's share of each global batch, as a resumable Grain iterator dataset."""
-  ds = grain.MapDataset.source(source)
-  if not isinstance(source, PackedSource):
-    ds = ds.map(window_to_example)
+def _check_token_ids(source: TokenFileSource, vocab_size: int) -> None:
+  """Fails fast when the token file holds ids the model cannot embed (checks a sample of windows)."""
+  sample = np.concatenate([source[i] for i in range(64)])
+  if sample.max() >= vocab_size:
+    raise ConfigError(f"data.path={source.path!r} holds token id {int(sample.max())} >= model.vocab_size="
+                      f"{vocab_size}: set model.vocab_size to the tokenizer's vocabulary size")
+
+
+def batches(ds: grain.MapDataset, global_batch: int, process_index: int, process_count: int,
+            num_workers: int = 0) -> grain.IterDataset:
+  """This process's share of each global batch of `ds`, as a resumable Grain iterator dataset."""
   ds = ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
-  if repeat:
-    ds = ds.repeat(None)
   it = ds.to_iter_dataset()
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():
@@ -208,12 +221,11 @@ def batches(source, global_batch: int, process_index: int, process_count: int,
 def train_and_eval(cfg: ml_collections.ConfigDict, process_index: int = 0,
                    process_count: int = 1) -> tuple[Iterator, Callable[[], Iterator]]:
   """The training iterator and a factory of fresh eval iterators (the same eval batches every time)."""
-  train_source = make_source(cfg, TRAIN)
-  check_vocab(train_source, cfg.model.vocab_size)
-  train = iter(batches(train_source, cfg.train.global_batch, process_index, process_count, cfg.data.num_workers))
-  eval_source = make_source(cfg, EVAL)
+  train = iter(batches(examples(cfg, TRAIN), cfg.train.global_batch, process_index, process_count,
+                       cfg.data.num_workers))
+  eval_examples = examples(cfg, EVAL)
 
   def eval_batches() -> Iterator:
-    return iter(batches(eval_source, cfg.train.global_batch, process_index, process_count, repeat=True))
+    return iter(batches(eval_examples, cfg.train.global_batch, process_index, process_count))
 
   return train, eval_batches

@@ -1,11 +1,16 @@
 """Input pipelines: determinism, the same global batch for any process count, exact resume, token files."""
 
+import grain
 import numpy as np
 import pytest
 
 from conftest import make_config
 from maxlm import data
 from maxlm.config import ConfigError
+
+
+def windows(src):
+  return grain.MapDataset.source(src).map(data.window_to_example)
 
 
 def take(it, n):
@@ -43,8 +48,8 @@ def test_examples_shift_targets():
 @pytest.mark.parametrize("processes", [2, 4])
 def test_global_batch_is_the_same_for_any_process_count(processes):
   src = data.SyntheticSource(256, 16, seed=0, split=data.TRAIN)
-  one = take(iter(data.batches(src, 8, 0, 1)), 5)
-  shards = [take(iter(data.batches(src, 8, p, processes)), 5) for p in range(processes)]
+  one = take(iter(data.batches(windows(src), 8, 0, 1)), 5)
+  shards = [take(iter(data.batches(windows(src), 8, p, processes)), 5) for p in range(processes)]
   joined = [{k: np.concatenate([s[step][k] for s in shards]) for k in one[0]} for step in range(5)]
   assert_batches_equal(joined, one)
   assert one[0]["inputs"].shape == (8, 16)
@@ -52,19 +57,19 @@ def test_global_batch_is_the_same_for_any_process_count(processes):
 
 def test_resume_from_iterator_state_gives_the_same_next_batches():
   src = data.SyntheticSource(256, 16, seed=0, split=data.TRAIN)
-  it = iter(data.batches(src, 4, 0, 1))
+  it = iter(data.batches(windows(src), 4, 0, 1))
   take(it, 3)
   state = it.get_state()
   expected = take(it, 4)
-  resumed = iter(data.batches(src, 4, 0, 1))
+  resumed = iter(data.batches(windows(src), 4, 0, 1))
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 4), expected)
 
 
 def test_worker_processes_give_the_same_batches():
   src = data.SyntheticSource(256, 16, seed=0, split=data.TRAIN)
-  assert_batches_equal(take(iter(data.batches(src, 4, 0, 1, num_workers=1)), 3),
-                       take(iter(data.batches(src, 4, 0, 1)), 3))
+  assert_batches_equal(take(iter(data.batches(windows(src), 4, 0, 1, num_workers=1)), 3),
+                       take(iter(data.batches(windows(src), 4, 0, 1)), 3))
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
@@ -74,7 +79,7 @@ def test_token_file_windows(tmp_path, dtype):
   tokens.tofile(path)
   cfg = make_config(**{"data.source": "tokens", "data.path": str(path), "data.token_dtype": dtype,
                        "data.seq_len": 32, "data.eval_fraction": 0.1, "model.vocab_size": 10_000})
-  train_src, eval_src = data.make_source(cfg, data.TRAIN), data.make_source(cfg, data.EVAL)
+  train_src, eval_src = (data.TokenFileSource(str(path), dtype, 32, 0, split, 0.1) for split in (data.TRAIN, data.EVAL))
   for src, lo, hi in [(train_src, 0, 9000), (eval_src, 9000, 10_000)]:
     for i in range(50):
       w = src[i]
@@ -82,7 +87,6 @@ def test_token_file_windows(tmp_path, dtype):
       start = int(w[0])
       np.testing.assert_array_equal(w, tokens[start:start + 33])  # contiguous window
       assert lo <= start and start + 33 <= hi  # inside its split
-  assert len(train_src) == 9000 // 32
   train, _ = data.train_and_eval(cfg)
   assert next(train)["inputs"].shape == (cfg.train.global_batch, 32)
 
@@ -92,7 +96,7 @@ def test_token_file_errors(tmp_path):
   np.arange(40, dtype=np.uint16).tofile(path)
   cfg = make_config(**{"data.source": "tokens", "data.path": str(path), "data.seq_len": 32})
   with pytest.raises(ConfigError, match="eval split has 1 tokens, fewer than data.seq_len"):
-    data.make_source(cfg, data.EVAL)
+    data.examples(cfg, data.EVAL)
   big = tmp_path / "big.bin"
   (np.arange(5000, dtype=np.uint16) % 300).tofile(big)
   cfg = make_config(**{"data.source": "tokens", "data.path": str(big), "data.seq_len": 32})

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import sysconfig
 
+import grain
 import numpy as np
 import pytest
 
@@ -137,7 +138,7 @@ def test_packed_rows_cover_every_token_once_with_correct_segments(prepared):
   stream = np.concatenate([tokens[offsets[d]:offsets[d + 1]] for d in order])
   docs_at = np.repeat(np.arange(len(order)), np.diff(offsets)[order])  # stream position -> document rank
   starts = np.concatenate([[0], np.cumsum(np.diff(offsets)[order])])
-  for i in range(len(src)):
+  for i in range(src.rows_per_epoch):
     row = src[i]
     span = slice(16 * i, 16 * i + 16)
     np.testing.assert_array_equal(row["inputs"], stream[span])
@@ -146,13 +147,13 @@ def test_packed_rows_cover_every_token_once_with_correct_segments(prepared):
     np.testing.assert_array_equal(row["segment_ids"], ranks - ranks[0] + 1)
     np.testing.assert_array_equal(row["positions"], np.arange(16 * i, 16 * i + 16) - starts[ranks])
     np.testing.assert_array_equal(row["loss_mask"], docs_at[16 * i + 1:16 * i + 17] == ranks)
-  assert len(src) == (len(stream) - 1) // 16
-  assert not np.array_equal(src[len(src)]["inputs"], src[0]["inputs"])  # epoch 2 is reshuffled
+  assert src.rows_per_epoch == (len(stream) - 1) // 16
+  assert not np.array_equal(src[src.rows_per_epoch]["inputs"], src[0]["inputs"])  # epoch 2 is reshuffled
 
 
 def test_packed_batches_same_for_any_process_count(prepared):
   from maxlm import data
-  src = data.PackedSource(prepared, "train", seq_len=16, seed=0)
+  src = grain.MapDataset.source(data.PackedSource(prepared, "train", seq_len=16, seed=0))
   one = [next(it) for it in [iter(data.batches(src, 4, 0, 1))] for _ in range(3)]
   parts = [iter(data.batches(src, 4, p, 2)) for p in range(2)]
   for step in range(3):
@@ -177,3 +178,36 @@ def test_training_on_a_prepared_dataset(prepared, tok, tmp_path):
                                      "metrics.tensorboard": False}), str(tmp_path / "run"),
                       devices=jax.devices()[:1])
   assert records[-1]["loss"] < records[0]["loss"] and np.isfinite(records[-1]["eval_loss"])
+
+
+def test_epochs_continue_without_replaying_order(prepared):
+  from maxlm import data
+  src = data.PackedSource(prepared, "train", seq_len=16, seed=0)
+  it = iter(data.batches(grain.MapDataset.source(src), 1, 0, 1))
+  rows = [next(it)["inputs"][0] for _ in range(2 * src.rows_per_epoch)]
+  first, second = rows[:src.rows_per_epoch], rows[src.rows_per_epoch:]
+  assert any(not np.array_equal(a, b) for a, b in zip(first, second))  # epoch 2 comes in a new order
+  assert np.concatenate(first).size == np.concatenate(second).size
+
+
+def test_mixture_proportions_and_checks(tok, tmp_path):
+  from conftest import make_config
+  from maxlm import data
+  for name, word in (("a", "zzz"), ("b", "kkk")):
+    (tmp_path / name).mkdir()
+    for i in range(40):
+      (tmp_path / name / f"{i}.txt").write_text(f"{word} " * (20 + i))
+    prepare.prepare([str(tmp_path / name)], tok.path, str(tmp_path / f"ds_{name}"), val_fraction=0.1)
+  paths = f"{tmp_path}/ds_a,{tmp_path}/ds_b"
+  cfg = make_config(**{"data.source": "prepared", "data.path": paths, "data.weights": "3,1", "data.seq_len": 16,
+                       "model.vocab_size": 600, "train.global_batch": 8})
+  train, _ = data.train_and_eval(cfg)
+  only_a = set(tok.encode("zzz zzz")) - set(tok.encode("kkk kkk"))
+  only_b = set(tok.encode("kkk kkk")) - set(tok.encode("zzz zzz"))
+  rows = np.concatenate([next(train)["inputs"] for _ in range(100)])
+  from_a = np.mean([bool(only_a & set(r.tolist())) for r in rows])
+  from_b = np.mean([bool(only_b & set(r.tolist())) for r in rows])
+  assert abs(from_a - 0.75) < 0.03 and abs(from_b - 0.25) < 0.03 and from_a + from_b == pytest.approx(1.0)
+  for weights, message in (("1", "one positive weight per dataset"), ("1,x", "comma-separated numbers")):
+    with pytest.raises(ConfigError, match=message):
+      make_config(**{"data.source": "prepared", "data.path": paths, "data.weights": weights})

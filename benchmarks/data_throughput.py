@@ -1,0 +1,85 @@
+"""Data pipeline throughput on this host: `data prepare` MB/s, loader tokens/s, and loader vs. training.
+
+Corpus: the Python standard library's source (as in `make demo`). Measures, in one process:
+  tokenizer training time; prepare throughput (input MB/s, single process); packed-row loader tokens/s
+  (PackedSource -> per-process batches, as training reads it); the demo model's training tokens/s; and the
+  ratio loader / training (target >= 20x: data loading must never be what a run waits for).
+Writes benchmarks/results/data_throughput_<platform>.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import grain  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from demo import stdlib_files  # noqa: E402
+from maxlm import config, corpus, data, prepare, tokenizer, train  # noqa: E402
+
+
+def main() -> None:
+  files = stdlib_files()
+  megabytes = sum(os.path.getsize(f) for f in files) / 1e6
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    tok = tokenizer.train(corpus.documents(files, collections.Counter()), vocab_size=4096,
+                          output=os.path.join(tmp, "tok.model"))
+    tokenizer_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    manifest = prepare.prepare(files, tok.path, os.path.join(tmp, "ds"), val_fraction=0.02)
+    prepare_s = time.perf_counter() - t0
+
+    cfg = config.validate(config.load([f"--config={REPO}/configs/demo.py", f"--config.data.path={tmp}/ds",
+                                       "--config.metrics.peak_tflops=1", "--config.checkpoint.every_steps=0"]),
+                          num_devices=1)
+    source = data.PackedSource(os.path.join(tmp, "ds"), "train", cfg.data.seq_len, seed=0)
+    it = iter(data.batches(grain.MapDataset.source(source), cfg.train.global_batch, 0, 1))
+    next(it)
+    n, t0 = 200, time.perf_counter()
+    for _ in range(n):
+      next(it)
+    loader_tokens_per_s = n * cfg.train.global_batch * cfg.data.seq_len / (time.perf_counter() - t0)
+
+    session = train.setup(cfg, jax.devices()[:1])
+    state = session.init()
+    controls = {"loss_scale": np.float32(1), "lr_scale": np.float32(1), "max_loss": np.float32(np.inf)}
+    times = []
+    for i in range(8):
+      batch = session.next_batch()
+      t0 = time.perf_counter()
+      state, metrics = session.step(state, batch, controls)
+      jax.block_until_ready((state, metrics))
+      if i >= 2:
+        times.append(time.perf_counter() - t0)
+    train_tokens_per_s = session.tokens_per_step / statistics.median(times)
+
+  device = jax.devices()[0]
+  result = {
+      "benchmark": "data_throughput", "date": datetime.date.today().isoformat(), "device": device.device_kind,
+      "host_cores": os.cpu_count(), "corpus": f"Python {sys.version.split()[0]} standard library, {len(files)} files",
+      "corpus_mb": megabytes, "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
+      "tokenizer_train_s": tokenizer_s, "prepare_s": prepare_s, "prepare_mb_per_s": megabytes / prepare_s,
+      "loader_tokens_per_s": loader_tokens_per_s, "train_tokens_per_s (configs/demo.py)": train_tokens_per_s,
+      "loader_over_train": loader_tokens_per_s / train_tokens_per_s,
+  }
+  os.makedirs(f"{REPO}/benchmarks/results", exist_ok=True)
+  path = f"{REPO}/benchmarks/results/data_throughput_{device.platform}.json"
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  main()
