@@ -96,12 +96,14 @@ class TokenFileSource:
 class PackedSource:
   """Rows of a prepared dataset (`maxlm data prepare`): documents shuffled per epoch, concatenated, cut into
   rows of seq_len+1 tokens, with `segment_ids` numbering the documents in a row (from 1) and `positions`
-  counting tokens within each document. Row i depends only on (seed, i): random access, so resuming and
-  per-process slicing work as for the other sources. Rows do not cross epochs.
+  counting from 0 in each document's piece of the row (RoPE scores depend only on position differences,
+  so a piece cut from the middle of a document loses nothing by starting at 0). Row i depends only on
+  (seed, i): random access, so resuming and per-process slicing work as for the other sources. Indices
+  run on through later epochs (`rows_per_epoch` rows each, in a new order each epoch); rows do not cross
+  epochs.
 
   The loss mask drops targets that start a new document (the token after an EOS is not predictable from
   the previous document, which is all the masked attention lets the model see).
-  Indices run on through later epochs (`rows_per_epoch` rows each, each epoch in a new order).
   """
 
   def __init__(self, directory: str, split: str, seq_len: int, seed: int):
@@ -141,7 +143,7 @@ class PackedSource:
       piece = self.tokens()[self.offsets[doc] + pos:self.offsets[doc + 1]][:need]
       tokens.append(piece)
       segments.append(np.full(len(piece), segment, np.int32))
-      positions.append(np.arange(pos, pos + len(piece), dtype=np.int32))
+      positions.append(np.arange(len(piece), dtype=np.int32))
       need, k, pos, segment = need - len(piece), k + 1, 0, segment + 1
     tokens, segments, positions = (np.concatenate(x) for x in (tokens, segments, positions))
     return {
