@@ -24,7 +24,7 @@ USAGE = """usage: maxlm COMMAND ...
                    e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
   tokenizer train  --input PATH... --vocab-size N --output FILE.model [--model-type bpe|unigram]
                    train a SentencePiece tokenizer on .txt/.md/.py/.jsonl(.gz) files, directories or globs
-  data prepare     --input PATH... --tokenizer FILE.model --output DIR [--val-fraction 0.01]
+  data prepare     --input PATH... --tokenizer FILE.model --output DIR [--val-fraction 0.01] [--dedup exact|none]
                    tokenize documents once into DIR/{train,val}/ with a manifest (see maxlm/prepare.py)
 """
 
@@ -90,8 +90,13 @@ def _data(args: list[str]) -> None:
   parser.add_argument("--output", required=True)
   parser.add_argument("--val-fraction", type=float, default=0.01)
   parser.add_argument("--text-field", default="text")
+  parser.add_argument("--dedup", default="exact")
   a = parser.parse_args(args[1:])
-  manifest = prepare.prepare(a.input, a.tokenizer, a.output, val_fraction=a.val_fraction, text_field=a.text_field)
+  manifest = prepare.prepare(a.input, a.tokenizer, a.output, val_fraction=a.val_fraction, text_field=a.text_field,
+                             dedup=a.dedup)
+  if manifest["curation"]["exact_duplicates"]:
+    log.info("removed %d exact duplicates (see %s/curation_report.md)", manifest["curation"]["exact_duplicates"],
+             a.output)
   for reason, count in manifest["skipped"].items():
     log.warning("skipped %d input(s): %s", count, reason)
   log.info("%s: %s", a.output, ", ".join(f"{k} {v['documents']} documents / {v['tokens']} tokens"

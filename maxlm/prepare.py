@@ -1,12 +1,16 @@
 """`maxlm data prepare`: raw text -> tokenized documents in a random-access format, once.
 
 Output directory:
-  manifest.json        tokenizer (hash, ids, vocab), per-split and per-source counts, skipped inputs
+  manifest.json        tokenizer (hash, ids, vocab), per-split and per-source counts, skipped inputs, curation
+  curation_report.md   what curation removed and why, with samples
   {train,val}/tokens.bin   every document's token ids followed by EOS, concatenated (uint16 or uint32)
   {train,val}/index.npy    int64 offsets: document i is tokens[index[i]:index[i+1]]
 
 A document goes to `val` when the first 8 bytes of the SHA-256 of its text, read as a fraction of 2^64,
 fall below `val_fraction`: the split depends on the text only, not on input order or process count.
+Exact dedup (`dedup="exact"`, the default) keeps the first occurrence of each document whose normalized text
+(Unicode NFKC, lowercased, whitespace runs collapsed) hashes the same, in input order.
+
 The output is written into `<output>.partial` and renamed when complete, so an interrupted prepare never
 looks finished; a rerun deletes the partial directory and starts over. The same inputs and arguments give
 byte-identical output.
@@ -20,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,7 +36,14 @@ from maxlm.tokenizer import Tokenizer
 log = logging.getLogger("maxlm")
 
 SPLITS = ("train", "val")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: curation (exact dedup) and its report.
+DEDUP = ("exact", "none")
+REPORT_SAMPLES = 5
+
+
+def normalized_hash(text: str) -> bytes:
+  normal = " ".join(unicodedata.normalize("NFKC", text).lower().split())
+  return hashlib.sha256(normal.encode("utf-8")).digest()
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -44,14 +56,16 @@ def in_val(text: str, val_fraction: float) -> bool:
 
 
 def prepare(inputs: Sequence[str], tokenizer_path: str, output: str, *, val_fraction: float = 0.01,
-            text_field: str = "text") -> dict:
+            text_field: str = "text", dedup: str = "exact") -> dict:
   """Writes the prepared dataset to `output`; returns its manifest."""
   if not 0 <= val_fraction < 1:
     raise ConfigError(f"--val-fraction={val_fraction}: use a fraction in [0, 1)")
+  if dedup not in DEDUP:
+    raise ConfigError(f"--dedup={dedup}: choose one of {', '.join(DEDUP)}")
   tok = Tokenizer(tokenizer_path)
   files = corpus.expand(inputs)
   arguments = {"inputs": list(inputs), "files": [_fingerprint(f) for f in files], "val_fraction": val_fraction,
-               "text_field": text_field, "tokenizer_sha256": tok.info()["sha256"]}
+               "text_field": text_field, "dedup": dedup, "tokenizer_sha256": tok.info()["sha256"]}
   existing = os.path.join(output, "manifest.json")
   if os.path.exists(existing):
     with open(existing) as f:
@@ -68,10 +82,18 @@ def prepare(inputs: Sequence[str], tokenizer_path: str, output: str, *, val_frac
   shutil.rmtree(partial, ignore_errors=True)  # Left by an interrupted run.
   dtype = token_dtype(tok.vocab_size)
   writers = {split: _SplitWriter(os.path.join(partial, split), dtype) for split in SPLITS}
-  skipped, sources = collections.Counter(), {}
+  skipped, sources, seen, dropped = collections.Counter(), {}, {}, []
   for path in files:
     counts = collections.Counter()
     for text in corpus.documents([path], skipped, text_field):
+      if dedup == "exact":
+        key = normalized_hash(text)
+        if key in seen:
+          counts["exact_duplicates"] += 1
+          if len(dropped) < REPORT_SAMPLES:
+            dropped.append((path, seen[key], text))
+          continue
+        seen[key] = path
       split = "val" if in_val(text, val_fraction) else "train"
       ids = tok.encode(text) + [tok.sp.eos_id()]
       writers[split].add(ids)
@@ -83,13 +105,27 @@ def prepare(inputs: Sequence[str], tokenizer_path: str, output: str, *, val_frac
   if splits["train"]["documents"] == 0:
     shutil.rmtree(partial)
     raise ConfigError(f"--input {' '.join(inputs)}: no usable training documents (skipped: {dict(skipped)})")
+  curation = {"exact_duplicates": sum(c.get("exact_duplicates", 0) for c in sources.values())}
   manifest = {"format_version": FORMAT_VERSION, "tokenizer": {**tok.info(), "path": tokenizer_path},
               "token_dtype": dtype, "eos_appended": True, "arguments": arguments, "splits": splits,
-              "sources": sources, "skipped": dict(sorted(skipped.items()))}
+              "sources": sources, "skipped": dict(sorted(skipped.items())), "curation": curation}
   with open(os.path.join(partial, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
+  with open(os.path.join(partial, "curation_report.md"), "w") as f:
+    f.write(_report(curation, dict(skipped), dropped))
   os.replace(partial, output)
   return manifest
+
+
+def _report(curation: dict, skipped: dict, dropped: list[tuple[str, str, str]]) -> str:
+  lines = ["# Curation report", "", "| removed | documents |", "| --- | ---: |"]
+  lines += [f"| {reason} | {count} |" for reason, count in sorted({**skipped, **curation}.items())]
+  if dropped:
+    lines += ["", f"## Exact duplicates (first {len(dropped)})", ""]
+    for path, original, text in dropped:
+      excerpt = " ".join(text.split())[:200]
+      lines.append(f"- `{path}` repeats a document of `{original}`: {excerpt!r}")
+  return "\n".join(lines) + "\n"
 
 
 def _fingerprint(path: str) -> dict:

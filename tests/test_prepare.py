@@ -212,3 +212,22 @@ def test_mixture_proportions_and_checks(tok, tmp_path):
   for weights, message in (("1", "one positive weight per dataset"), ("1,x", "comma-separated numbers")):
     with pytest.raises(ConfigError, match=message):
       make_config(**{"data.source": "prepared", "data.path": paths, "data.weights": weights})
+
+
+def test_exact_duplicates_are_removed_and_reported(tok, texts, tmp_path):
+  src, docs = texts
+  extra = tmp_path / "extra"
+  extra.mkdir()
+  (extra / "copy.txt").write_text(docs[3])  # the same text
+  (extra / "variant.txt").write_text("  " + docs[5].upper().replace(" ", "   ") + "\n")  # case and spacing
+  (extra / "new.txt").write_text("a genuinely new document\n")
+  manifest = prepare.prepare([src, str(extra)], tok.path, str(tmp_path / "dedup"), val_fraction=0.3)
+  assert manifest["curation"] == {"exact_duplicates": 2}
+  assert manifest["sources"][str(extra / "copy.txt")]["exact_duplicates"] == 1
+  assert sorted(t for _, t in decoded_documents(tok, str(tmp_path / "dedup"))) == sorted(
+      docs + ["a genuinely new document\n"])  # first occurrences kept
+  report = (tmp_path / "dedup" / "curation_report.md").read_text()
+  assert "| exact_duplicates | 2 |" in report and f"repeats a document of `{src}/03.txt`" in report
+  kept = prepare.prepare([src, str(extra)], tok.path, str(tmp_path / "nodedup"), val_fraction=0.3, dedup="none")
+  assert kept["curation"] == {"exact_duplicates": 0}
+  assert sum(s["documents"] for s in kept["splits"].values()) == len(docs) + 3

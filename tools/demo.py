@@ -44,7 +44,8 @@ def main() -> None:
   log = logging.getLogger("maxlm")
   log.setLevel(logging.INFO)
 
-  name = f"py{sys.version_info.major}.{sys.version_info.minor}-{args.max_files or 'all'}-val{args.val_fraction}"
+  name = (f"py{sys.version_info.major}.{sys.version_info.minor}-{args.max_files or 'all'}-val{args.val_fraction}"
+          f"-v{prepare.FORMAT_VERSION}")
   cache = os.path.join(args.cache, name)
   os.makedirs(cache, exist_ok=True)
   files = stdlib_files(args.max_files)
