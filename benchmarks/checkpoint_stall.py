@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import jax
-import numpy as np
 
 from maxlm import config, flops, train
 from maxlm.checkpoint import Checkpointer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import timed_step  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,14 +46,8 @@ def main() -> None:
   cfg = config.validate(config.load([f"--config={REPO}/configs/{args.config}.py", "--config.metrics.peak_tflops=1"]),
                         num_devices=jax.device_count(), platform=jax.devices()[0].platform)
   session = train.setup(cfg)
-  controls = {"loss_scale": np.float32(1), "lr_scale": np.float32(1), "max_loss": np.float32(np.inf)}
   state = session.init()
-
-  def step(state):
-    t0 = time.perf_counter()
-    state, metrics = session.step(state, session.next_batch(), controls)
-    jax.block_until_ready((state, metrics))
-    return state, time.perf_counter() - t0
+  step = functools.partial(timed_step, session)
 
   with tempfile.TemporaryDirectory() as workdir:
     ckpt = Checkpointer(workdir, cfg)

@@ -20,13 +20,14 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grain  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from demo import stdlib_files  # noqa: E402
 from maxlm import config, corpus, data, prepare, tokenizer, train  # noqa: E402
+from timing import step_times  # noqa: E402
 
 
 def main() -> None:
@@ -53,16 +54,7 @@ def main() -> None:
     loader_tokens_per_s = n * cfg.train.global_batch * cfg.data.seq_len / (time.perf_counter() - t0)
 
     session = train.setup(cfg, jax.devices()[:1])
-    state = session.init()
-    controls = {"loss_scale": np.float32(1), "lr_scale": np.float32(1), "max_loss": np.float32(np.inf)}
-    times = []
-    for i in range(8):
-      batch = session.next_batch()
-      t0 = time.perf_counter()
-      state, metrics = session.step(state, batch, controls)
-      jax.block_until_ready((state, metrics))
-      if i >= 2:
-        times.append(time.perf_counter() - t0)
+    _, times = step_times(session, session.init(), steps=6, warmup=2)
     train_tokens_per_s = session.tokens_per_step / statistics.median(times)
 
   device = jax.devices()[0]

@@ -17,13 +17,14 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from maxlm import config, flops, train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import step_times  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -38,16 +39,7 @@ def bench(name: str, variant: list[str], steps: int) -> dict:
   cfg = config.validate(cfg, num_devices=1, platform=jax.devices()[0].platform)
   session = train.setup(cfg, jax.devices()[:1])
   matmul_before = flops.measure_matmul_tflops(jnp.float32)
-  state, times = session.init(), []
-  controls = {"loss_scale": np.float32(1), "lr_scale": np.float32(1), "max_loss": np.float32(np.inf)}
-  for i in range(3 + steps):
-    batch = session.next_batch()
-    jax.block_until_ready(batch)
-    t0 = time.perf_counter()
-    state, metrics = session.step(state, batch, controls)
-    jax.block_until_ready((state, metrics))
-    if i >= 3:  # The first steps include allocation and cache warm-up.
-      times.append(time.perf_counter() - t0)
+  _, times = step_times(session, session.init(), steps)
   matmul_after = flops.measure_matmul_tflops(jnp.float32)
   step_time = statistics.median(times)
   train_tflops = session.flops_per_step / step_time / 1e12

@@ -156,9 +156,8 @@ class Session:
 def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   """Mesh, state shardings, data iterators and the AOT-compiled train step for a validated, resolved config."""
   devices = list(jax.devices() if devices is None else devices)
-  mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
   t = cfg.train
-  tx, lr_schedule = optim.make(cfg.optim, t.steps)
+  mesh, tx, lr_schedule, graphdef, abstract_state, init = _state_layout(cfg, devices)
   tokens_per_step = t.global_batch * cfg.data.seq_len
   flops_per_step = flops.training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
   peak, peak_source = peak_tflops_per_device(cfg, devices)
@@ -170,8 +169,6 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   batch_sharding = mesh_lib.batch_sharding(mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct((t.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
                     for k in BATCH_KEYS}
-  # Outside the mesh context: NNX would read the logical names on parameters as mesh axes.
-  graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, t.seed)
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   with jax.set_mesh(mesh):
@@ -204,12 +201,19 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
                  compile_s=compile_s)
 
 
+def _state_layout(cfg: ml_collections.ConfigDict, devices):
+  """(mesh, optimizer, lr schedule, graphdef, abstract state, init) for a resolved config."""
+  mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
+  tx, lr_schedule = optim.make(cfg.optim, cfg.train.steps)
+  # Outside a mesh context: NNX would read the logical names on parameters as mesh axes.
+  graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, cfg.train.seed)
+  return mesh, tx, lr_schedule, graphdef, abstract_state, init
+
+
 def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> model.Transformer:
   """The model of the newest checkpoint in `workdir`, for sampling and evaluation."""
   devices = list(jax.devices() if devices is None else devices)
-  mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
-  tx, _ = optim.make(cfg.optim, cfg.train.steps)
-  graphdef, abstract_state, _ = init_state(cfg.model, tx, mesh, cfg.train.seed)
+  _, _, _, graphdef, abstract_state, _ = _state_layout(cfg, devices)
   ckpt = Checkpointer(workdir, cfg)
   try:
     if not ckpt.steps():
@@ -232,10 +236,14 @@ def _restore_or_init(s: Session, ckpt: Checkpointer | None, guard: Guard) -> tup
   return state, step
 
 
+def controls(loss_scale: float = 1.0, lr_scale: float = 1.0, max_loss: float = np.inf) -> dict[str, np.float32]:
+  """The per-step scalars of `train_step` (defaults: a plain step, nothing injected or guarded)."""
+  return {"loss_scale": np.float32(loss_scale), "lr_scale": np.float32(lr_scale), "max_loss": np.float32(max_loss)}
+
+
 def _controls(cfg: ml_collections.ConfigDict, guard: Guard, step: int) -> dict[str, np.float32]:
   loss_scale = {cfg.train.inject_nan_at_step: np.nan, cfg.train.inject_spike_at_step: 100.0}.get(step, 1.0)
-  return {"loss_scale": np.float32(loss_scale), "lr_scale": np.float32(guard.lr_scale(step)),
-          "max_loss": np.float32(guard.max_loss())}
+  return controls(loss_scale, guard.lr_scale(step), guard.max_loss())
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict]:
