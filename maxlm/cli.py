@@ -24,8 +24,10 @@ USAGE = """usage: maxlm COMMAND ...
                    e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
   tokenizer train  --input PATH... --vocab-size N --output FILE.model [--model-type bpe|unigram]
                    train a SentencePiece tokenizer on .txt/.md/.py/.jsonl(.gz) files, directories or globs
-  data prepare     --input PATH... --tokenizer FILE.model --output DIR [--val-fraction 0.01] [--dedup exact|none]
-                   tokenize documents once into DIR/{train,val}/ with a manifest (see maxlm/prepare.py)
+  data prepare     --input PATH... --tokenizer FILE.model --output DIR [--val-fraction 0.01] [--workers N]
+                   [--dedup exact|near|none] [--near-threshold 0.8] [--filters default|prose|code|none]
+                   curate and tokenize documents once into DIR/{train,val}/ with a manifest and a curation
+                   report (see maxlm/prepare.py, docs/data.md)
 """
 
 
@@ -91,12 +93,17 @@ def _data(args: list[str]) -> None:
   parser.add_argument("--val-fraction", type=float, default=0.01)
   parser.add_argument("--text-field", default="text")
   parser.add_argument("--dedup", default="exact")
+  parser.add_argument("--near-threshold", type=float, default=0.8)
+  parser.add_argument("--shingle-words", type=int, default=5)
+  parser.add_argument("--filters", default="default")
+  parser.add_argument("--workers", type=int, default=prepare.default_workers())
   a = parser.parse_args(args[1:])
   manifest = prepare.prepare(a.input, a.tokenizer, a.output, val_fraction=a.val_fraction, text_field=a.text_field,
-                             dedup=a.dedup)
-  if manifest["curation"]["exact_duplicates"]:
-    log.info("removed %d exact duplicates (see %s/curation_report.md)", manifest["curation"]["exact_duplicates"],
-             a.output)
+                             dedup=a.dedup, near_threshold=a.near_threshold, shingle_words=a.shingle_words,
+                             filters=a.filters, workers=a.workers, progress=True)
+  removed = {k: manifest["curation"][k] for k in ("exact_duplicates", "near_duplicates", "filtered")}
+  log.info("removed %s (see %s/curation_report.md)", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in
+                                                               removed.items()), a.output)
   for reason, count in manifest["skipped"].items():
     log.warning("skipped %d input(s): %s", count, reason)
   log.info("%s: %s", a.output, ", ".join(f"{k} {v['documents']} documents / {v['tokens']} tokens"

@@ -1,7 +1,10 @@
-"""Reading raw text: files, directories and globs of .txt/.md/.py and .jsonl(.gz), as documents.
+"""Reading raw text: files, directories and globs of .txt/.md/.py, .jsonl(.gz) and .parquet, as documents.
 
 Bad input is skipped and counted, never fatal: empty files, binary files (a NUL byte), invalid UTF-8,
-JSONL lines that are not JSON or lack the text field. A path that matches nothing is an error.
+JSONL lines that are not JSON or lack the text field, Parquet files without a string text column (the
+whole file counts once) and Parquet rows whose text is null. A path that matches nothing is an error.
+Parquet is read one batch of rows at a time (at most a row group), and only the text column, so memory
+stays bounded whatever the file size.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from maxlm.config import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+PARQUET_SUFFIXES = (".parquet",)
+SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+PARQUET_BATCH_ROWS = 1024
 
 
 def expand(paths: Sequence[str]) -> list[str]:
@@ -24,17 +30,15 @@ def expand(paths: Sequence[str]) -> list[str]:
   files = []
   for path in paths:
     if os.path.isdir(path):
-      found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(TEXT_SUFFIXES +
-                                                                                                  JSONL_SUFFIXES))
+      found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(SUFFIXES))
     elif os.path.isfile(path):
-      if not path.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
-        raise ConfigError(f"--input {path}: unsupported file type; use {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}")
+      if not path.endswith(SUFFIXES):
+        raise ConfigError(f"--input {path}: unsupported file type; use {', '.join(SUFFIXES)}")
       found = [path]
     else:
-      found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p) and p.endswith(
-          TEXT_SUFFIXES + JSONL_SUFFIXES))
+      found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p) and p.endswith(SUFFIXES))
     if not found:
-      raise ConfigError(f"--input {path}: matches no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} file")
+      raise ConfigError(f"--input {path}: matches no {'/'.join(SUFFIXES)} file")
     files.extend(found)
   return list(dict.fromkeys(files))  # A file named twice is read once.
 
@@ -42,6 +46,9 @@ def expand(paths: Sequence[str]) -> list[str]:
 def documents(files: Sequence[str], skipped: collections.Counter, text_field: str = "text") -> Iterator[str]:
   """The documents of `files`; each skip is counted in `skipped` under its reason."""
   for path in files:
+    if path.endswith(PARQUET_SUFFIXES):
+      yield from _parquet(path, skipped, text_field)
+      continue
     if path.endswith(JSONL_SUFFIXES):
       opener = gzip.open if path.endswith(".gz") else open
       with opener(path, "rb") as f:
@@ -72,3 +79,28 @@ def documents(files: Sequence[str], skipped: collections.Counter, text_field: st
         yield raw.decode("utf-8")
       except UnicodeDecodeError:
         skipped["invalid UTF-8"] += 1
+
+
+def _parquet(path: str, skipped: collections.Counter, text_field: str) -> Iterator[str]:
+  try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise ConfigError(f"--input {path}: reading Parquet needs pyarrow; pip install 'pyarrow>=16'") from None
+  try:
+    parquet = pq.ParquetFile(path)
+  except (pa.ArrowException, OSError):
+    skipped["unreadable parquet file"] += 1
+    return
+  field = parquet.schema_arrow.field(text_field) if text_field in parquet.schema_arrow.names else None
+  if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+    skipped[f"parquet file without a string '{text_field}' column"] += 1
+    return
+  for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+    for text in batch.column(0).to_pylist():
+      if text is None:
+        skipped[f"parquet row with a null '{text_field}'"] += 1
+      elif text.strip():
+        yield text
+      else:
+        skipped["empty document"] += 1

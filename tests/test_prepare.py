@@ -1,4 +1,8 @@
-"""maxlm data prepare: lossless, deterministic, split by content, atomic, and safe with existing outputs."""
+"""maxlm data prepare: lossless, deterministic, split by content, atomic, and safe with existing outputs.
+
+These tests are about the data path, so most turn the quality filters off (`filters="none"`): the synthetic
+documents here are short and repetitive on purpose. Curation is tested in tests/test_curation.py.
+"""
 
 import collections
 import os
@@ -48,7 +52,7 @@ def decoded_documents(tok, directory):
 
 def test_no_document_is_lost_or_changed(tok, texts, tmp_path):
   src, docs = texts
-  manifest = prepare.prepare([src], tok.path, str(tmp_path / "out"), val_fraction=0.3)
+  manifest = prepare.prepare([src], tok.path, str(tmp_path / "out"), val_fraction=0.3, filters="none")
   got = decoded_documents(tok, str(tmp_path / "out"))
   assert sorted(t for _, t in got) == sorted(docs)
   assert 5 < manifest["splits"]["val"]["documents"] < 35  # ~30% of 60
@@ -59,7 +63,7 @@ def test_no_document_is_lost_or_changed(tok, texts, tmp_path):
 def test_prepare_is_deterministic(tok, texts, tmp_path):
   src, _ = texts
   for name in ("a", "b"):
-    prepare.prepare([src], tok.path, str(tmp_path / name), val_fraction=0.3)
+    prepare.prepare([src], tok.path, str(tmp_path / name), val_fraction=0.3, filters="none")
   for split in ("", "train", "val"):
     for f in os.listdir(tmp_path / "a" / split):
       if os.path.isfile(tmp_path / "a" / split / f):
@@ -68,9 +72,10 @@ def test_prepare_is_deterministic(tok, texts, tmp_path):
 
 def test_split_depends_on_the_document_only(tok, texts, tmp_path):
   src, docs = texts
-  prepare.prepare([src], tok.path, str(tmp_path / "all"), val_fraction=0.3)
+  prepare.prepare([src], tok.path, str(tmp_path / "all"), val_fraction=0.3, filters="none")
   subset = sorted(os.listdir(src))[::3]
-  prepare.prepare([os.path.join(src, f) for f in subset], tok.path, str(tmp_path / "some"), val_fraction=0.3)
+  prepare.prepare([os.path.join(src, f) for f in subset], tok.path, str(tmp_path / "some"), val_fraction=0.3,
+                  filters="none")
   split_of = {t: s for s, t in decoded_documents(tok, str(tmp_path / "all"))}
   for split, text in decoded_documents(tok, str(tmp_path / "some")):
     assert split_of[text] == split
@@ -79,15 +84,15 @@ def test_split_depends_on_the_document_only(tok, texts, tmp_path):
 def test_existing_outputs(tok, texts, tmp_path):
   src, _ = texts
   out = str(tmp_path / "out")
-  prepare.prepare([src], tok.path, out)
+  prepare.prepare([src], tok.path, out, filters="none")
   before = os.stat(os.path.join(out, "train", "tokens.bin")).st_mtime_ns
-  prepare.prepare([src], tok.path, out)  # Same inputs and settings: nothing to do.
+  prepare.prepare([src], tok.path, out, filters="none")  # Same inputs and settings: nothing to do.
   assert os.stat(os.path.join(out, "train", "tokens.bin")).st_mtime_ns == before
   with pytest.raises(ConfigError, match="holds a different dataset"):
-    prepare.prepare([src], tok.path, out, val_fraction=0.5)
+    prepare.prepare([src], tok.path, out, val_fraction=0.5, filters="none")
   os.makedirs(tmp_path / "other")
   with pytest.raises(ConfigError, match="is not a prepared dataset"):
-    prepare.prepare([src], tok.path, str(tmp_path / "other"))
+    prepare.prepare([src], tok.path, str(tmp_path / "other"), filters="none")
 
 
 def test_an_interrupted_prepare_is_never_taken_for_a_dataset(tok, texts, tmp_path):
@@ -97,7 +102,7 @@ def test_an_interrupted_prepare_is_never_taken_for_a_dataset(tok, texts, tmp_pat
   (tmp_path / "out.partial" / "train" / "tokens.bin").write_bytes(b"\x01\x02")
   with pytest.raises(ConfigError, match="a prepare was interrupted: rerun it"):
     prepare.load_split(out, "train")
-  prepare.prepare([src], tok.path, out)
+  prepare.prepare([src], tok.path, out, filters="none")
   assert not os.path.exists(out + ".partial")
   assert sorted(t for _, t in decoded_documents(tok, out)) == sorted(docs)
 
@@ -106,14 +111,15 @@ def test_nothing_usable_is_an_error_and_leaves_nothing(tok, tmp_path):
   (tmp_path / "in").mkdir()
   (tmp_path / "in" / "bin.txt").write_bytes(b"\x00\x00")
   with pytest.raises(ConfigError, match="no usable training documents"):
-    prepare.prepare([str(tmp_path / "in")], tok.path, str(tmp_path / "out"))
+    prepare.prepare([str(tmp_path / "in")], tok.path, str(tmp_path / "out"), filters="none")
   assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
 
 
 def test_cli(tok, texts, tmp_path):
   src, _ = texts
   proc = subprocess.run([sys.executable, "-m", "maxlm", "data", "prepare", "--input", src, "--tokenizer", tok.path,
-                         "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+                         "--output", str(tmp_path / "out"), "--filters", "none"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "train" in proc.stderr and os.path.exists(tmp_path / "out" / "manifest.json")
   bad = subprocess.run([sys.executable, "-m", "maxlm", "data", "prepare", "--input", src, "--tokenizer",
@@ -126,7 +132,7 @@ def test_cli(tok, texts, tmp_path):
 @pytest.fixture
 def prepared(tok, texts, tmp_path):
   src, _ = texts
-  prepare.prepare([src], tok.path, str(tmp_path / "ds"), val_fraction=0.2)
+  prepare.prepare([src], tok.path, str(tmp_path / "ds"), val_fraction=0.2, filters="none")
   return str(tmp_path / "ds")
 
 
@@ -198,7 +204,8 @@ def test_mixture_proportions_and_checks(tok, tmp_path):
     (tmp_path / name).mkdir()
     for i in range(40):
       (tmp_path / name / f"{i}.txt").write_text(f"{word} " * (20 + i))
-    prepare.prepare([str(tmp_path / name)], tok.path, str(tmp_path / f"ds_{name}"), val_fraction=0.1)
+    prepare.prepare([str(tmp_path / name)], tok.path, str(tmp_path / f"ds_{name}"), val_fraction=0.1,
+                    filters="none")
   paths = f"{tmp_path}/ds_a,{tmp_path}/ds_b"
   cfg = make_config(**{"data.source": "prepared", "data.path": paths, "data.weights": "3,1", "data.seq_len": 16,
                        "model.vocab_size": 600, "train.global_batch": 8})
@@ -221,13 +228,15 @@ def test_exact_duplicates_are_removed_and_reported(tok, texts, tmp_path):
   (extra / "copy.txt").write_text(docs[3])  # the same text
   (extra / "variant.txt").write_text("  " + docs[5].upper().replace(" ", "   ") + "\n")  # case and spacing
   (extra / "new.txt").write_text("a genuinely new document\n")
-  manifest = prepare.prepare([src, str(extra)], tok.path, str(tmp_path / "dedup"), val_fraction=0.3)
-  assert manifest["curation"] == {"exact_duplicates": 2}
+  manifest = prepare.prepare([src, str(extra)], tok.path, str(tmp_path / "dedup"), val_fraction=0.3,
+                             filters="none")
+  assert manifest["curation"]["exact_duplicates"] == 2
   assert manifest["sources"][str(extra / "copy.txt")]["exact_duplicates"] == 1
   assert sorted(t for _, t in decoded_documents(tok, str(tmp_path / "dedup"))) == sorted(
       docs + ["a genuinely new document\n"])  # first occurrences kept
   report = (tmp_path / "dedup" / "curation_report.md").read_text()
   assert "| exact_duplicates | 2 |" in report and f"repeats a document of `{src}/03.txt`" in report
-  kept = prepare.prepare([src, str(extra)], tok.path, str(tmp_path / "nodedup"), val_fraction=0.3, dedup="none")
-  assert kept["curation"] == {"exact_duplicates": 0}
+  kept = prepare.prepare([src, str(extra)], tok.path, str(tmp_path / "nodedup"), val_fraction=0.3, dedup="none",
+                         filters="none")
+  assert kept["curation"]["exact_duplicates"] == 0
   assert sum(s["documents"] for s in kept["splits"].values()) == len(docs) + 3
