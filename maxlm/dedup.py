@@ -12,9 +12,12 @@ the Jaccard similarity of their shingle sets.
 
 LSH (Leskovec et al., Mining of Massive Datasets, ch. 3): the signature is cut into b bands of r rows; two
 documents become candidates when a band matches exactly, with probability 1 - (1 - s^r)^b at Jaccard s.
-`choose_bands` picks b x r <= num_perm minimizing the area of false positives below the threshold plus false
-negatives above it (the rule datasketch uses); 128 permutations and threshold 0.8 give 9 bands x 13 rows.
-A candidate is a near duplicate when its estimated Jaccard similarity is >= the threshold.
+A candidate is a near duplicate when its estimated Jaccard similarity is >= the threshold, so a false
+positive of the banding costs one signature comparison while a false negative keeps a duplicate.
+`choose_bands` therefore picks b x r <= num_perm minimizing 0.1 x the area of false positives below the
+threshold plus 0.9 x the area of false negatives above it (datasketch's rule, with weights for verified
+candidates). 128 permutations and threshold 0.8 give 14 bands x 9 rows: a pair at Jaccard 0.8 becomes a
+candidate with probability 0.87, at 0.85 with 0.975, at 0.5 with 0.03.
 """
 
 from __future__ import annotations
@@ -70,14 +73,14 @@ def candidate_probability(s: np.ndarray | float, bands: int, rows: int) -> np.nd
 
 @functools.lru_cache
 def choose_bands(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
-  """(bands, rows) with bands x rows <= num_perm minimizing false-positive + false-negative area."""
+  """(bands, rows) with bands x rows <= num_perm minimizing weighted false-positive + false-negative area."""
   s = np.linspace(0, 1, 1001)
   below, above = s <= threshold, s >= threshold
   best, best_error = (1, num_perm), np.inf
   for bands in range(1, num_perm + 1):
     for rows in range(1, num_perm // bands + 1):
       p = candidate_probability(s, bands, rows)
-      error = np.trapezoid(p[below], s[below]) + np.trapezoid(1 - p[above], s[above])
+      error = 0.1 * np.trapezoid(p[below], s[below]) + 0.9 * np.trapezoid(1 - p[above], s[above])
       if error < best_error:
         best, best_error = (bands, rows), error
   return best
