@@ -50,7 +50,7 @@ def signature(normal_words: list[str], shingle_words: int = SHINGLE_WORDS) -> np
   """The uint32 MinHash signature (NUM_PERM values) of a document's word shingles."""
   if not 1 <= shingle_words <= len(_MIX):
     raise ValueError(f"shingle_words={shingle_words}: use 1..{len(_MIX)}")
-  hashes = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in normal_words), np.uint64, len(normal_words))
+  hashes = np.fromiter(map(zlib.crc32, map(str.encode, normal_words)), np.uint64, len(normal_words))
   k = max(min(shingle_words, len(hashes)), 1)  # A document shorter than a shingle is one shingle.
   count = max(len(hashes) - k + 1, 1)
   mixed = np.zeros(count, np.uint64)

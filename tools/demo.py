@@ -1,7 +1,8 @@
 """`make demo`: a language model trained end to end on this machine's CPU, offline, in a few minutes.
 
 1. corpus: the Python standard library's .py files, test folders left out (every Python install has them);
-2. a 4096-token SentencePiece tokenizer, and 3. a prepared dataset, both cached under --cache;
+2. a 4096-token SentencePiece tokenizer, and 3. a prepared dataset (exact and near dedup, code quality
+   rules, one worker process per core), both cached under --cache;
 4. `maxlm train` with configs/demo.py; 5. a few lines sampled from the trained model.
 """
 
@@ -54,9 +55,12 @@ def main() -> None:
     log.info("training a tokenizer on %d standard-library files", len(files))
     tokenizer.train(corpus.documents(files, corpus.collections.Counter()), vocab_size=4096, output=tok_path)
   dataset = os.path.join(cache, "stdlib")
-  manifest = prepare.prepare(files, tok_path, dataset, val_fraction=args.val_fraction)
-  log.info("corpus: %s", ", ".join(f"{k} {v['documents']} files / {v['tokens']:,} tokens"
-                                   for k, v in manifest["splits"].items()))
+  manifest = prepare.prepare(files, tok_path, dataset, val_fraction=args.val_fraction, dedup="near",
+                             workers=prepare.default_workers(), progress=True)
+  log.info("corpus: %s; removed %s (see %s/curation_report.md)",
+           ", ".join(f"{k} {v['documents']} files / {v['tokens']:,} tokens" for k, v in manifest["splits"].items()),
+           ", ".join(f"{manifest['curation'][k]} {k.replace('_', ' ')}"
+                     for k in ("exact_duplicates", "near_duplicates", "filtered")), dataset)
 
   import jax
 
