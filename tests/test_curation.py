@@ -1,5 +1,6 @@
 """Curation in `maxlm data prepare`: near dedup, quality rules, Parquet input, worker processes, progress output."""
 
+import ast
 import collections
 import fcntl
 import json
@@ -237,6 +238,8 @@ def test_filters_drop_count_and_report(tok, tmp_path):
   assert "| bullet_lines_max | bullet_lines > 0.9 | 1 |" in report
   assert f"## prose/word_count_min (first 1)\n\n- `{src}/short.txt` #0 word_count = 11: 'Too short" in report
   assert f"## code/word_count_min (first 1)\n\n- `{src}/tiny.py` #0 word_count = 2: 'import os'" in report
+  listy = next(line for line in report.splitlines() if line.startswith(f"- `{src}/listy.md` #0 bullet_lines = 1:"))
+  assert ast.literal_eval(listy.split(": ", 1)[1]) == " ".join("- " + w for w in words(60))[:200]  # truncated
   everything = prepare.prepare([str(src)], tok.path, str(tmp_path / "all"), filters="none")
   assert everything["curation"]["filtered"] == 0 and everything["curation"]["filters"] == {}
   assert len(decoded(tok, str(tmp_path / "all"))) == 5
