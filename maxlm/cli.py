@@ -23,7 +23,7 @@ USAGE = """usage: maxlm COMMAND ...
                    Rerunning on a DIR with checkpoints resumes; SIGTERM/SIGINT stop after a checkpoint.
                    e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
   tokenizer train  --input PATH... --vocab-size N --output FILE.model [--model-type bpe|unigram]
-                   train a SentencePiece tokenizer on .txt/.md/.py/.jsonl(.gz) files, directories or globs
+                   train a SentencePiece tokenizer on .txt/.md/.py/.jsonl(.gz)/.parquet files, directories or globs
   data prepare     --input PATH... --tokenizer FILE.model --output DIR [--val-fraction 0.01] [--workers N]
                    [--dedup exact|near|none] [--near-threshold 0.8] [--filters default|prose|code|none]
                    curate and tokenize documents once into DIR/{train,val}/ with a manifest and a curation
