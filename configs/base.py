@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.microbatches = 1  # Gradient accumulation: the step runs global_batch/microbatches rows at a time.
   t.seed = 0  # Parameter init seed.
   t.z_loss = 0.0  # Weight of the z-loss term mean(logsumexp(logits)^2) (PaLM uses 1e-4).
+  t.loss_chunk = 0  # Positions per cross-entropy chunk (divides data.seq_len); 0 = the full [B, T, V] logits at once.
   t.log_every = 10  # Steps between metrics.jsonl / progress updates.
   t.eval_every = 100  # Steps between evals on the held-out split (0 disables).
   t.eval_batches = 4  # Global batches per eval.

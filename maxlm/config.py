@@ -37,7 +37,7 @@ MINIMA = {
     "model.init_std": 0.0, "data.seq_len": 1, "data.num_workers": 0, "optim.lr": 0.0,
     "optim.warmup_steps": 0, "optim.decay_fraction": 0.0, "optim.min_lr_ratio": 0.0,
     "optim.weight_decay": 0.0, "optim.clip_norm": 0.0, "optim.eps": 0.0, "train.steps": 1,
-    "train.global_batch": 1, "train.microbatches": 1, "train.z_loss": 0.0, "train.log_every": 1,
+    "train.global_batch": 1, "train.microbatches": 1, "train.z_loss": 0.0, "train.loss_chunk": 0, "train.log_every": 1,
     "train.eval_every": 0, "train.eval_batches": 1, "metrics.peak_tflops": 0.0, "checkpoint.every_steps": 0,
     "checkpoint.every_minutes": 0.0, "checkpoint.keep": 1, "checkpoint.keep_every": 0,
     "train.inject_nan_at_step": 0, "train.inject_spike_at_step": 0, "train.guard.spike_z": 0.0,
@@ -161,6 +161,9 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
   if micro % dp:
     raise ConfigError(f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
                       f"mesh.data*mesh.fsdp={dp}: make global_batch a multiple of {dp * t.microbatches}")
+  if t.loss_chunk and resolved.data.seq_len % t.loss_chunk:
+    raise ConfigError(f"train.loss_chunk={t.loss_chunk} does not divide data.seq_len={resolved.data.seq_len}: "
+                      "choose a divisor of seq_len, or 0 for no chunking")
   if t.global_batch % process_count:
     raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
 

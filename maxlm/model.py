@@ -170,6 +170,10 @@ class Transformer(nnx.Module):
     self.dtype = jnp.dtype(cfg.compute_dtype)
 
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    return self.logits(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
+
+  def hidden(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    """The final-normed residual stream x_BxTxD, before the output projection."""
     B, T = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -191,7 +195,10 @@ class Transformer(nnx.Module):
       for i in range(self.num_layers):
         x_BxTxD, _ = block(x_BxTxD, jax.tree.map(lambda a: a[i], stacked))
 
-    x_BxTxD = self.final_norm(x_BxTxD)
+    return self.final_norm(x_BxTxD)
+
+  def logits(self, x_BxTxD):
+    """x_BxTxD -> logits_BxTxV in the compute dtype."""
     if self.lm_head is None:
       logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.embed[...].astype(self.dtype))
     else:

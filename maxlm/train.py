@@ -60,16 +60,38 @@ def init_state(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransform
   return graphdef, abstract, jax.jit(init, out_shardings=shardings)
 
 
-def loss_terms(params, graphdef, batch, z_loss: float):
-  """Summed masked cross-entropy (+ z-loss) and the sums needed to normalise it."""
-  logits_BxTxV = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
-  logits_BxTxV = logits_BxTxV.astype(jnp.float32)  # Softmax statistics in f32 whatever the compute dtype.
-  lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-  target_logit_BxT = jnp.take_along_axis(logits_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
-  mask_BxT = batch["loss_mask"].astype(jnp.float32)
-  nll_sum = jnp.sum((lse_BxT - target_logit_BxT) * mask_BxT)
-  # z-loss (PaLM): pushes log Z towards 0, which keeps logits from drifting in low precision.
-  z_sum = jnp.sum(jnp.square(lse_BxT) * mask_BxT)
+def loss_terms(params, graphdef, batch, z_loss: float, chunk: int = 0):
+  """Summed masked cross-entropy (+ z-loss) and the sums needed to normalise it.
+
+  With `chunk` (positions per chunk, dividing T) the output projection and softmax run one [B, chunk]
+  slice of the sequence at a time under `jax.checkpoint`, so neither pass holds the full f32
+  logits_BxTxV: the backward pass recomputes each chunk's logits. Same sums up to float rounding.
+  """
+  net = nnx.merge(graphdef, params)
+  x_BxTxD = net.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+  B, T, D = x_BxTxD.shape
+  targets_BxT, mask_BxT = batch["targets"], batch["loss_mask"].astype(jnp.float32)
+
+  def sums(x_BxCxD, targets_BxC, mask_BxC):
+    logits_BxCxV = net.logits(x_BxCxD).astype(jnp.float32)  # Softmax statistics in f32 whatever the compute dtype.
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    # z-loss (PaLM): pushes log Z towards 0, which keeps logits from drifting in low precision.
+    return jnp.sum((lse_BxC - target_logit_BxC) * mask_BxC), jnp.sum(jnp.square(lse_BxC) * mask_BxC)
+
+  if not chunk or chunk >= T:
+    nll_sum, z_sum = sums(x_BxTxD, targets_BxT, mask_BxT)
+  else:
+    n = T // chunk
+
+    def per_chunk(carry, xs):
+      nll, z = jax.checkpoint(sums)(*xs)
+      return (carry[0] + nll, carry[1] + z), None
+
+    # [B, T, ...] -> [n, B, chunk, ...]: the batch axis keeps its data-parallel sharding in every chunk.
+    split = lambda a: a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+    (nll_sum, z_sum), _ = jax.lax.scan(per_chunk, (jnp.float32(0), jnp.float32(0)),
+                                       (split(x_BxTxD), split(targets_BxT), split(mask_BxT)))
   return nll_sum + z_loss * z_sum, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask_BxT)}
 
 
@@ -82,7 +104,7 @@ def _microbatches(batch, n: int):
 
 
 def train_step(state: TrainState, batch, controls, *, graphdef, tx, lr_schedule, microbatches: int,
-               z_loss: float, guard: bool):
+               z_loss: float, loss_chunk: int, guard: bool):
   """One optimizer step. `controls` are per-step scalars from the host:
 
   loss_scale: multiplies the loss and gradients (1; NaN or 100 only for fault injection),
@@ -91,11 +113,11 @@ def train_step(state: TrainState, batch, controls, *, graphdef, tx, lr_schedule,
   """
   grad_fn = jax.grad(loss_terms, has_aux=True)
   if microbatches == 1:
-    grads, sums = grad_fn(state.params, graphdef, batch, z_loss)
+    grads, sums = grad_fn(state.params, graphdef, batch, z_loss, loss_chunk)
   else:
     def accumulate(carry, mb):
       mb = {k: mesh_lib.constrain(v, ("act_batch", "act_seq")) for k, v in mb.items()}
-      g, s = grad_fn(state.params, graphdef, mb, z_loss)
+      g, s = grad_fn(state.params, graphdef, mb, z_loss, loss_chunk)
       return jax.tree.map(lambda c, x: c + x.astype(c.dtype), carry, (g, s)), None
 
     zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
@@ -118,8 +140,8 @@ def train_step(state: TrainState, batch, controls, *, graphdef, tx, lr_schedule,
   return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef):
-  _, sums = loss_terms(params, graphdef, batch, 0.0)
+def eval_step(params, batch, *, graphdef, loss_chunk: int):
+  _, sums = loss_terms(params, graphdef, batch, 0.0, loss_chunk)
   return sums["nll_sum"], sums["tokens"]
 
 
@@ -174,9 +196,10 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   with jax.set_mesh(mesh):
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
-                          microbatches=t.microbatches, z_loss=t.z_loss, guard=t.guard.policy != "none"),
+                          microbatches=t.microbatches, z_loss=t.z_loss, loss_chunk=t.loss_chunk,
+                          guard=t.guard.policy != "none"),
         in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk),
                       in_shardings=(shardings.params, batch_sharding))
     t0 = time.perf_counter()
     controls = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in CONTROLS}
