@@ -86,4 +86,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.metrics = ml_collections.ConfigDict()
   c.metrics.peak_tflops = 0.0  # Per-device peak for MFU; 0 = device table, or a measured matmul rate on CPU.
   c.metrics.tensorboard = True  # Write TensorBoard events to <workdir>/tb/.
+  c.metrics.profile_steps = ""  # JAX profiler trace of steps "FIRST-LAST" (or one step "N") into <workdir>/profile/.
   return c

@@ -22,6 +22,9 @@ USAGE = """usage: maxlm COMMAND ...
                    train a model; writes DIR/config.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpoints/.
                    Rerunning on a DIR with checkpoints resumes; SIGTERM/SIGINT stop after a checkpoint.
                    e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
+  bench            --config=FILE [--steps=10] [--warmup=3] [--results_dir=benchmarks/results] [--config.KEY=VALUE ...]
+                   time the train step: median step time, tokens/s/device, TFLOP/s/device, MFU, peak memory;
+                   writes a JSON and appends a row to RESULTS_DIR/mfu.md
   tokenizer train  --input PATH... --vocab-size N --output FILE.model [--model-type bpe|unigram]
                    train a SentencePiece tokenizer on .txt/.md/.py/.jsonl(.gz)/.parquet files, directories or globs
   data prepare     --input PATH... --tokenizer FILE.model --output DIR [--val-fraction 0.01] [--workers N]
@@ -58,6 +61,27 @@ def _train(args: list[str]) -> None:
     train.run(cfg, workdir.value)
   except guard.Diverged as e:
     raise RunFailed(str(e)) from None
+
+
+def _bench(args: list[str]) -> None:
+  flag_values = flags.FlagValues()
+  steps = flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, flag_values=flag_values)
+  warmup = flags.DEFINE_integer("warmup", 3, "Untimed steps first.", lower_bound=1, flag_values=flag_values)
+  results_dir = flags.DEFINE_string("results_dir", "benchmarks/results", "Where the JSON and mfu.md go.",
+                                    flag_values=flag_values)
+  cfg = config.load(args, flag_values)
+  import jax  # Imported here: configuration errors above are reported without loading JAX.
+
+  cfg = config.validate(cfg, num_devices=jax.device_count(), process_count=jax.process_count(),
+                        platform=jax.devices()[0].platform)
+  from maxlm import bench
+
+  name = os.path.splitext(os.path.basename(config.config_path(flag_values)))[0]
+  result = bench.measure(cfg, steps=steps.value, warmup=warmup.value, name=name)
+  path = bench.write(result, results_dir.value)
+  log.info("%s", bench.summary(result))
+  log.info("wrote %s and a row of %s", path, os.path.join(results_dir.value, "mfu.md"))
+  print(json.dumps(result))
 
 
 def _tokenizer(args: list[str]) -> None:
@@ -114,7 +138,7 @@ class RunFailed(RuntimeError):
   """The run cannot go on (e.g. the stability guard ran out of rollbacks); the message is the report."""
 
 
-COMMANDS = {"train": _train, "tokenizer": _tokenizer, "data": _data}
+COMMANDS = {"train": _train, "bench": _bench, "tokenizer": _tokenizer, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:

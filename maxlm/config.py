@@ -78,6 +78,11 @@ def load(args: Sequence[str], flag_values: flags.FlagValues | None = None) -> ml
   return cfg
 
 
+def config_path(flag_values: flags.FlagValues) -> str:
+  """The config file named by --config (after `load`), without its :ARG."""
+  return config_flags.get_config_filename(flag_values["config"])
+
+
 def _one_line(error: Exception) -> str:
   return " ".join(str(error).replace("\\n", " ").split()).strip("'\"")
 
@@ -167,6 +172,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
   if t.global_batch % process_count:
     raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
 
+  profile_steps(resolved.metrics.profile_steps)  # Raises on a malformed range.
   if t.guard.policy == "rollback" and resolved.checkpoint.every_steps == 0:
     raise ConfigError("train.guard.policy='rollback' needs checkpoints: set checkpoint.every_steps > 0, or use "
                       "train.guard.policy='skip'")
@@ -193,6 +199,20 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
         raise ConfigError(f"data.weights={d.weights!r}: give one positive weight per dataset in data.path "
                           f"({len(paths)})")
   return resolved
+
+
+def profile_steps(spec: str) -> tuple[int, int] | None:
+  """metrics.profile_steps "FIRST-LAST" or "N" -> (first, last), or None when empty."""
+  if not spec:
+    return None
+  first, dash, last = spec.partition("-")
+  try:
+    steps = int(first), int(last if dash else first)
+  except ValueError:
+    steps = (0, -1)
+  if not 1 <= steps[0] <= steps[1]:
+    raise ConfigError(f"metrics.profile_steps={spec!r}: use FIRST-LAST with 1 <= FIRST <= LAST (e.g. 10-12), or N")
+  return steps
 
 
 def _check_type(key: str, value: object, default: object) -> None:

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from maxlm import data, flops, mesh as mesh_lib, model, optim
 from maxlm.checkpoint import Checkpointer
-from maxlm.config import MESH_AXES, ConfigError
+from maxlm.config import MESH_AXES, ConfigError, profile_steps
 from maxlm.guard import Diverged, Guard
 from maxlm.metrics import MetricsWriter, Progress
 
@@ -293,6 +293,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
     return []
   writer = MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main, after_step=start)
   progress = Progress(t.steps, enabled=is_main, initial=start)
+  profiler = _Profiler(cfg.metrics.profile_steps, os.path.join(workdir, "profile"), enabled=is_main)
   stop = StopRequest()
   records, in_flight, stopping = [], None, False
   window_start, window_steps, last_save = time.perf_counter(), 0, time.monotonic()
@@ -310,7 +311,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
   try:
     for step in range(start + 1, t.steps + 1):
       controls = _controls(cfg, guard, step)
+      profiler.before(step)
       state, metrics = s.step(state, s.next_batch(), controls)
+      profiler.after(step, state)
       window_steps += 1
       # Settle the previous step while this one runs: one step in flight, never an unbounded backlog.
       if in_flight is not None and settle(*in_flight):
@@ -343,6 +346,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
     if in_flight is not None:
       settle(*in_flight)  # Log its guard events; a rejected last step stays rejected (nothing left to redo).
   finally:
+    profiler.close()
     stop.uninstall()
     progress.close()
     writer.close()
@@ -370,6 +374,30 @@ def _rollback(ckpt: Checkpointer, s: Session, guard: Guard, *, bad_step: int, st
   log.warning("rolling back to the checkpoint at step %d; skipping the data of steps %d-%d; learning rate x%g "
               "until step %d", earlier[-1], earlier[-1] + 1, step, guard.cfg.rollback_lr_scale, guard.lowered_lr_until)
   return ckpt.restore_state(earlier[-1], s.abstract_state), earlier[-1]
+
+
+class _Profiler:
+  """A JAX profiler trace (TensorBoard / Perfetto) of the steps `metrics.profile_steps`, on process 0."""
+
+  def __init__(self, spec: str, directory: str, enabled: bool):
+    self.steps = profile_steps(spec) if enabled else None
+    self.directory, self.active = directory, False
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.steps[1]:
+      jax.block_until_ready(state)  # The trace ends after the last traced step has run, not when it was queued.
+      self.close()
+      log.info("profiled steps %d-%d into %s", *self.steps, self.directory)
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 class StopRequest:

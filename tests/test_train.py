@@ -162,3 +162,18 @@ def test_chunked_cross_entropy_needs_less_memory():
   full_logits = 4 * 256 * 8192 * 4
   assert temp_bytes(0) > 2 * full_logits  # logits and their cotangent, at least
   assert temp_bytes(32) < temp_bytes(0) - full_logits
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  cfg = make_config(**{"train.steps": 4, "train.eval_every": 0, "checkpoint.every_steps": 0,
+                       "metrics.tensorboard": False, "metrics.peak_tflops": 1.0, "metrics.profile_steps": "2-3"})
+  train.run(cfg, str(tmp_path), devices=jax.devices()[:1])
+  traces = [f for d, _, fs in os.walk(tmp_path / "profile") for f in fs if f.endswith(".xplane.pb")]
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("spec", ["3-2", "x", "0", "2-"])
+def test_bad_profile_steps(spec):
+  from maxlm.config import ConfigError
+  with pytest.raises(ConfigError, match="metrics.profile_steps"):
+    make_config(**{"metrics.profile_steps": spec})
