@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # Std of the normal init of embeddings; projections use 1/sqrt(fan_in).
   m.param_dtype = "float32"  # Stored (master) parameter dtype: float32 | bfloat16.
   m.compute_dtype = "auto"  # Matmul/activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16.
-  m.attention = "xla"  # Attention implementation: xla (einsum + softmax; kernels plug in at maxlm/model.py ATTENTION).
+  m.attention = "auto"  # Attention kernel: auto (splash on TPU, cudnn on GPU with bf16, else xla) | xla | cudnn | splash.
   m.scan_layers = True  # jax.lax.scan over layers (fast compile); False unrolls. Parameter layout is the same.
   m.remat = "none"  # Rematerialisation per block: none | full | dots | dots_no_batch.
 

@@ -22,7 +22,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16"),
-    "model.attention": ("xla",),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.source": ("synthetic", "tokens", "prepared"),
     "data.token_dtype": ("uint16", "uint32"),
@@ -148,6 +148,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
                       "choose num_kv_heads dividing num_heads")
   if m.compute_dtype == "auto":
     m.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
+  _resolve_attention(m, platform, resolved.data.seq_len)
 
   sizes = resolve_mesh_sizes(resolved.mesh, num_devices)
   for axis, size in zip(MESH_AXES, sizes):
@@ -199,6 +200,25 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
         raise ConfigError(f"data.weights={d.weights!r}: give one positive weight per dataset in data.path "
                           f"({len(paths)})")
   return resolved
+
+
+def _resolve_attention(m: ml_collections.ConfigDict, platform: str, seq_len: int) -> None:
+  """Chooses the kernel for model.attention='auto' and checks an explicit choice fits the platform."""
+  if m.attention == "auto":
+    m.attention = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+    if m.attention == "cudnn" and m.compute_dtype != "bfloat16":
+      m.attention = "xla"  # cuDNN flash attention has no float32 kernel.
+    if m.attention == "splash" and seq_len % 128:
+      m.attention = "xla"  # TPU tiles are 128-aligned.
+    return
+  if m.attention == "cudnn" and (platform != "gpu" or m.compute_dtype != "bfloat16"):
+    raise ConfigError(f"model.attention='cudnn' needs a GPU and model.compute_dtype='bfloat16' (have {platform}, "
+                      f"{m.compute_dtype}): use model.attention='auto' or 'xla'")
+  if m.attention == "splash" and platform == "gpu":
+    raise ConfigError("model.attention='splash' is a TPU kernel: use model.attention='auto' or 'cudnn' on a GPU")
+  if m.attention == "splash" and platform == "tpu" and seq_len % 128:
+    raise ConfigError(f"model.attention='splash' needs data.seq_len divisible by 128 (have {seq_len}): change "
+                      "seq_len or use model.attention='xla'")
 
 
 def profile_steps(spec: str) -> tuple[int, int] | None:

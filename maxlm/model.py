@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from maxlm import kernels
 from maxlm.mesh import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -77,9 +78,9 @@ def xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT):
   return out_BxKxQxDh.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
 
 
-# `model.attention` -> implementation with the signature of `xla_attention`. Fused kernels (cuDNN flash
-# attention on GPU, Pallas splash attention on TPU) are added here.
-ATTENTION = {"xla": xla_attention}
+# `model.attention` -> implementation with the signature of `xla_attention` (fused kernels: maxlm/kernels.py).
+# "auto" is resolved by `config.validate` for the platform.
+ATTENTION = {"xla": xla_attention, "cudnn": kernels.cudnn_attention, "splash": kernels.splash_attention}
 
 
 class Attention(nnx.Module):
