@@ -10,5 +10,6 @@ def get_config():
   c.mesh.update(data=1, fsdp=-1)
   c.data.seq_len = 8192
   c.train.update(steps=100000, global_batch=512, eval_every=1000, log_every=10)
+  c.train.loss_chunk = 512  # 128K vocab: f32 logits of one 8192-token row are 4 GiB; chunk them.
   c.optim.update(lr=3e-4, warmup_steps=2000)
   return c

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import cli_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,3 +35,17 @@ def test_bench_config_error_is_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "maxlm", "bench", "--config=configs/tiny.py", "--steps=0"],
                         cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
   assert proc.returncode == 2 and proc.stderr.startswith("maxlm bench: error:") and "Traceback" not in proc.stderr
+
+
+def test_nanogpt_comparison_runs_both_sides_on_the_same_shape(tmp_path):
+  pytest.importorskip("torch")
+  proc = subprocess.run([sys.executable, "benchmarks/nanogpt_compare.py", "--config=tiny", "--batch=4", "--steps=1",
+                         "--warmup=1", "--no-compile", f"--results_dir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env())
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads((tmp_path / "nanogpt_compare_cpu_tiny.json").read_text())
+  assert result["torch"]["params"] == result["params"] == 115_008  # The script refuses differing shapes.
+  # Same initialisation scheme: both start near the uniform-prediction loss ln V.
+  assert abs(result["torch"]["first_loss"] - result["loss_at_init_ln_v"]) < 0.3
+  ratio = result["maxlm"]["tokens_per_sec_per_device"] / result["torch"]["tokens_per_sec"]
+  assert result["maxlm_over_torch"] == pytest.approx(ratio)
