@@ -198,12 +198,14 @@ class Transformer(nnx.Module):
 
     return self.final_norm(x_BxTxD)
 
+  def output_projection(self):
+    """w_DxV in the compute dtype: the embedding's transpose when tied, else lm_head."""
+    w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    return w_DxV.astype(self.dtype)
+
   def logits(self, x_BxTxD):
-    """x_BxTxD -> logits_BxTxV in the compute dtype."""
-    if self.lm_head is None:
-      logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.embed[...].astype(self.dtype))
-    else:
-      logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.lm_head[...].astype(self.dtype))
+    """x_BxTxD -> logits_BxTxV in the compute dtype (training uses maxlm.loss, which never holds them all)."""
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.output_projection())
     return constrain(logits_BxTxV, ("act_batch", "act_seq", "act_vocab"))
 
 

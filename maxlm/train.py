@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from maxlm import data, flops, mesh as mesh_lib, model, optim
+from maxlm import data, flops, loss, mesh as mesh_lib, model, optim
 from maxlm.checkpoint import Checkpointer
 from maxlm.config import MESH_AXES, ConfigError, profile_steps
 from maxlm.guard import Diverged, Guard
@@ -61,38 +61,14 @@ def init_state(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransform
 
 
 def loss_terms(params, graphdef, batch, z_loss: float, chunk: int = 0):
-  """Summed masked cross-entropy (+ z-loss) and the sums needed to normalise it.
-
-  With `chunk` (positions per chunk, dividing T) the output projection and softmax run one [B, chunk]
-  slice of the sequence at a time under `jax.checkpoint`, so neither pass holds the full f32
-  logits_BxTxV: the backward pass recomputes each chunk's logits. Same sums up to float rounding.
-  """
+  """Summed masked cross-entropy (+ z-loss) and the sums needed to normalise it. The output projection and
+  softmax run `chunk` positions at a time (0: all T at once), fused with their gradient (maxlm/loss.py)."""
   net = nnx.merge(graphdef, params)
   x_BxTxD = net.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-  B, T, D = x_BxTxD.shape
-  targets_BxT, mask_BxT = batch["targets"], batch["loss_mask"].astype(jnp.float32)
-
-  def sums(x_BxCxD, targets_BxC, mask_BxC):
-    logits_BxCxV = net.logits(x_BxCxD).astype(jnp.float32)  # Softmax statistics in f32 whatever the compute dtype.
-    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    # z-loss (PaLM): pushes log Z towards 0, which keeps logits from drifting in low precision.
-    return jnp.sum((lse_BxC - target_logit_BxC) * mask_BxC), jnp.sum(jnp.square(lse_BxC) * mask_BxC)
-
-  if not chunk or chunk >= T:
-    nll_sum, z_sum = sums(x_BxTxD, targets_BxT, mask_BxT)
-  else:
-    n = T // chunk
-
-    def per_chunk(carry, xs):
-      nll, z = jax.checkpoint(sums)(*xs)
-      return (carry[0] + nll, carry[1] + z), None
-
-    # [B, T, ...] -> [n, B, chunk, ...]: the batch axis keeps its data-parallel sharding in every chunk.
-    split = lambda a: a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
-    (nll_sum, z_sum), _ = jax.lax.scan(per_chunk, (jnp.float32(0), jnp.float32(0)),
-                                       (split(x_BxTxD), split(targets_BxT), split(mask_BxT)))
-  return nll_sum + z_loss * z_sum, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask_BxT)}
+  mask_BxT = batch["loss_mask"].astype(jnp.float32)
+  objective, nll_sum, z_sum = loss.cross_entropy(x_BxTxD, net.output_projection(), batch["targets"], mask_BxT,
+                                                 z_loss, chunk)
+  return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask_BxT)}
 
 
 def _microbatches(batch, n: int):
