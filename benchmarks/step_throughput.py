@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "scan": ["--config.model.scan_layers=true"],
     "unrolled": ["--config.model.scan_layers=false"],
+    "unrolled_chunked_loss": ["--config.model.scan_layers=false", "--config.train.loss_chunk=64"],
 }
 
 
