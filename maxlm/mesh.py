@@ -75,7 +75,7 @@ def build_mesh(sizes: Sequence[int], devices: Sequence[jax.Device] | None = None
 
 
 def _has_slices(devices: Sequence[jax.Device]) -> bool:
-  return any(hasattr(d, "slice_index") for d in devices)
+  return devices[0].platform == "tpu"  # CPU and GPU devices have a slice_index too, always 0.
 
 
 def num_granules(devices: Sequence[jax.Device]) -> int:
