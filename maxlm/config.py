@@ -173,7 +173,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
   micro = t.global_batch // t.microbatches
   if micro % dp:
     raise ConfigError(f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
-                      f"mesh.data*mesh.fsdp*mesh.dcn_data*mesh.dcn_fsdp={dp}: make global_batch a multiple of {dp * t.microbatches}")
+                      f"{'mesh.data*mesh.fsdp' + ('*mesh.dcn_data*mesh.dcn_fsdp' if dcn > 1 else '')}={dp}: make global_batch a multiple of {dp * t.microbatches}")
   if t.global_batch % process_count:
     raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
 
