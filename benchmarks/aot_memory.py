@@ -63,7 +63,8 @@ def main() -> None:
 
 def table(result: dict) -> str:
   gib = aot.GIB
-  lines = ["| config | topology | overrides | mesh (data, fsdp, tensor) | args | temps | peak | HBM/device | fits | compile s |",
+  lines = ["| config | topology | overrides | mesh (data, fsdp, tensor) | args | temps | peak | HBM/device | fits "
+           "| compile s |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in result["rows"]:
     where = r["topology"] + (f" ×{r['num_slices']} slices" if r["num_slices"] > 1 else "")

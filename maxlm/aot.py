@@ -14,7 +14,8 @@ Per-device memory is XLA's buffer assignment (`compiled.memory_analysis()`):
          check takes the larger of the two.
 
 When the TPU compiler itself runs out of HBM (it plans against the chip's HBM less a runtime reserve, e.g.
-15.75 of 16 GiB on v5e), the compile fails with RESOURCE_EXHAUSTED and that is the "does not fit" verdict. The limit is the chip's HBM
+15.75 of 16 GiB on v5e), the compile fails with RESOURCE_EXHAUSTED and that is the "does not fit" verdict.
+The limit is the chip's HBM
 (datasheet, per chip: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB) divided among the devices that share a
 chip (v4 topologies list both TensorCores as devices), or a local device's `bytes_limit`.
 """
@@ -60,7 +61,8 @@ def hbm_per_device(devices) -> tuple[int | None, str]:
       chips = len({(getattr(x, "slice_index", 0), tuple(x.coords)) for x in devices})
       per_chip = len(devices) // chips
       note = f", shared by {per_chip} devices per chip" if per_chip > 1 else ""
-      return HBM_GIB_PER_CHIP[kind] * GIB // per_chip, f"{HBM_GIB_PER_CHIP[kind]} GiB HBM per {d.device_kind} chip{note}"
+      source = f"{HBM_GIB_PER_CHIP[kind]} GiB HBM per {d.device_kind} chip{note}"
+      return HBM_GIB_PER_CHIP[kind] * GIB // per_chip, source
   try:
     stats = d.memory_stats() or {}
   except Exception:  # noqa: BLE001  Topology devices and some backends have no allocator to ask.

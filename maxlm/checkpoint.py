@@ -88,7 +88,8 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int, error: Exception | None) -> None:
-    reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error else "unreadable on another process"
+    reason = (f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error
+              else "unreadable on another process")
     log.warning("checkpoint step %d is unreadable (%s); moved to checkpoints_corrupt/, trying an older one",
                 step, reason)
     if jax.process_index() == 0:

@@ -149,7 +149,7 @@ class DoesNotFit(RuntimeError):
 
 def _compile(args: list[str]) -> None:
   flag_values = flags.FlagValues()
-  topology = flags.DEFINE_string("topology", None, "TPU topology to compile for, e.g. v5e:4x4 (default: local devices).",
+  topology = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 (default: the local devices).",
                                  flag_values=flag_values)
   num_slices = flags.DEFINE_integer("num_slices", 1, "Slices of --topology (multi-slice over DCN).",
                                     flag_values=flag_values)

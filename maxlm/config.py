@@ -168,12 +168,13 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
 
   t = resolved.train
   dp = resolved.mesh.data * resolved.mesh.fsdp * dcn
+  dp_keys = "mesh.data*mesh.fsdp" + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn > 1 else "")
   if t.global_batch % t.microbatches:
     raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.microbatches={t.microbatches}")
   micro = t.global_batch // t.microbatches
   if micro % dp:
     raise ConfigError(f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
-                      f"{'mesh.data*mesh.fsdp' + ('*mesh.dcn_data*mesh.dcn_fsdp' if dcn > 1 else '')}={dp}: make global_batch a multiple of {dp * t.microbatches}")
+                      f"{dp_keys}={dp}: make global_batch a multiple of {dp * t.microbatches}")
   if t.global_batch % process_count:
     raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
 

@@ -10,7 +10,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def dry_run(*args):
   proc = subprocess.run([sys.executable, "tools/tpu_vm.py", "--dry-run", "--name=exp1", "--zone=us-central2-b", *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": "/nonexistent"})
+                        cwd=REPO, capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "PATH": "/nonexistent"})
   assert proc.returncode == 0, proc.stderr  # PATH without gcloud or git: a dry run must not call them.
   return [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
 

@@ -134,7 +134,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
   for name in ("create", "up"):
     p = commands.add_parser(name)
     p.add_argument("--accelerator", required=True, help="accelerator type, e.g. v5litepod-16, v4-32, v5p-16")
-    p.add_argument("--runtime", required=True, help="TPU software version, e.g. tpu-ubuntu2204-base, v2-alpha-tpuv5-lite")
+    p.add_argument("--runtime", required=True,
+                   help="TPU software version, e.g. tpu-ubuntu2204-base, v2-alpha-tpuv5-lite")
     p.add_argument("--spot", action="store_true")
     p.add_argument("--follow", action="store_true", help="up: stream the logs after starting")
   for name in ("copy", "install", "logs", "delete"):
