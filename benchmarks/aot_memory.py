@@ -50,6 +50,11 @@ def main() -> None:
     r.update(config=name, overrides=" ".join(o.replace("--config.", "") for o in overrides))
     print(aot.format_report(r), flush=True)
     rows.append(r)
+    write(rows)  # After every row: a big config's compile takes minutes on a small CPU.
+  print(table(write(rows)))
+
+
+def write(rows: list[dict]) -> dict:
   result = {"benchmark": "aot_memory", "date": datetime.date.today().isoformat(), "jax": jax.__version__,
             "host": f"{platform.machine()}, {os.cpu_count()} cores, CPU only", "python": sys.version.split()[0],
             "rows": rows}
@@ -58,7 +63,7 @@ def main() -> None:
     json.dump(result, f, indent=2)
   with open(os.path.join(out, "aot_memory.md"), "w") as f:
     f.write(table(result))
-  print(table(result))
+  return result
 
 
 def table(result: dict) -> str:
