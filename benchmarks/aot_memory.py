@@ -68,18 +68,18 @@ def write(rows: list[dict]) -> dict:
 
 def table(result: dict) -> str:
   gib = aot.GIB
-  lines = ["| config | topology | overrides | mesh (data, fsdp, tensor) | args | temps | peak | HBM/device | fits "
-           "| compile s |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| config | topology | overrides | mesh (data, fsdp, tensor) | args | temps | XLA peak | peak (checked) "
+           "| HBM/device | fits | compile s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in result["rows"]:
     where = r["topology"] + (f" ×{r['num_slices']} slices" if r["num_slices"] > 1 else "")
     mesh = ", ".join(str(v) for v in r["mesh"].values())
     if "memory_per_device" in r:
       m = r["memory_per_device"]
-      figures = f"{m['argument'] / gib:.2f} | {m['temp'] / gib:.2f} | {m['peak'] / gib:.2f}"
-    else:
-      needed = r["compiler_error"].split("RESOURCE_EXHAUSTED: ")[-1].split(" exceeds")[0]
-      figures = f"— | — | compiler: {needed}"
+      figures = " | ".join(f"{m[k] / gib:.2f}" for k in ("argument", "temp", "xla_peak", "peak"))
+    else:  # "... HLO temporaries (27.29G) exceeds available HBM (15.75G)."
+      need, have = (part.split("(")[-1].split(")")[0] for part in r["compiler_error"].split(" exceeds ")[:2])
+      figures = f"— | {need} | — | compiler: > {have} available"
     lines.append(f"| {r['config']} | {where} | {r['overrides'] or 'as shipped'} | {mesh} | {figures} | "
                  f"{r['hbm_bytes'] / gib:.0f} | {'yes' if r['fits'] else '**no**'} | {r['compile_s']:.0f} |")
   return "\n".join(lines) + (f"\n\nGiB per device; {result['date']}, jax {result['jax']}, compiled on "
