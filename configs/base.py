@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Pure data-parallel axis (replicated params); -1 fills the remaining devices.
   c.mesh.fsdp = 1  # Data parallel with parameters and optimizer state sharded (ZeRO-3); -1 fills.
   c.mesh.tensor = 1  # Tensor (Megatron) parallel over heads, MLP width and vocab; -1 fills.
+  c.mesh.dcn_data = 1  # Slices the data axis spans over DCN (multi-slice TPU; processes off TPU); mesh.data is per slice.
+  c.mesh.dcn_fsdp = 1  # Slices the fsdp axis spans over DCN; dcn_data*dcn_fsdp = number of slices (or 1).
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "synthetic"  # synthetic (learnable walk) | tokens (flat token file) | prepared (maxlm data prepare).

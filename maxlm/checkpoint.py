@@ -29,7 +29,9 @@ import shutil
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from maxlm.config import ConfigError
 
@@ -97,28 +99,37 @@ class Checkpointer:
     """(state, step, saved meta) of the newest readable checkpoint, or None if there is none."""
     for step in reversed(self.steps()):
       try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta, error = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"], None
       except Exception as e:  # noqa: BLE001  Any read failure means this checkpoint is unusable.
-        self._set_aside(step, e)
+        meta, error = None, e
+      if not _everywhere(error is None):
+        self._set_aside(step, error)
         continue
       _check_model_matches(meta, model_cfg, step)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        restored, error = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator))), None
       except Exception as e:  # noqa: BLE001
-        self._set_aside(step, e)
+        error = e
+      # Each process reads its own shards and data state: one process's failure makes the step unusable for all.
+      if not _everywhere(error is None):
+        self._set_aside(step, error)
         continue
       return restored["state"], step, meta
     return None
 
-  def _set_aside(self, step: int, error: Exception) -> None:
-    reason = " ".join(str(error).split())[:300]
-    log.warning("checkpoint step %d is unreadable (%s: %s); moved to checkpoints_corrupt/, trying an older one",
-                step, type(error).__name__, reason)
+  def _set_aside(self, step: int, error: Exception | None) -> None:
+    reason = (f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error
+              else "unreadable on another process")
+    log.warning("checkpoint step %d is unreadable (%s); moved to checkpoints_corrupt/, trying an older one",
+                step, reason)
     if jax.process_index() == 0:
       corrupt = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
       os.makedirs(corrupt, exist_ok=True)
       shutil.move(os.path.join(self.directory, str(step)), os.path.join(corrupt, str(step)))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"maxlm_set_aside_{step}")  # Nobody reloads before the move is done.
     self.manager.reload()
 
   def close(self) -> None:
@@ -144,6 +155,13 @@ def _host_sharding(x: jax.Array) -> jax.sharding.Sharding:
   """The array's sharding in host memory where the backend has one (GPU, TPU, CPU), else as it is."""
   kinds = {m.kind for m in next(iter(x.devices())).addressable_memories()}
   return x.sharding.with_memory_kind("pinned_host") if "pinned_host" in kinds else x.sharding
+
+
+def _everywhere(ok: bool) -> bool:
+  """True only if `ok` holds on every process (all processes must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.array([ok], np.int32)).min())
 
 
 def _check_model_matches(meta: dict, model_cfg: ml_collections.ConfigDict, step: int) -> None:

@@ -22,9 +22,14 @@ USAGE = """usage: maxlm COMMAND ...
                    train a model; writes DIR/config.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpoints/.
                    Rerunning on a DIR with checkpoints resumes; SIGTERM/SIGINT stop after a checkpoint.
                    e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
+                   Several processes (multi-host): --coordinator=HOST:PORT --num_processes=N --process_id=I
+                   on each, or nothing under SLURM, Open MPI and on Cloud TPU VMs (docs/multihost.md).
   bench            --config=FILE [--steps=10] [--warmup=3] [--results_dir=benchmarks/results] [--config.KEY=VALUE ...]
                    time the train step: median step time, tokens/s/device, TFLOP/s/device, MFU, peak memory;
                    writes a JSON and appends a row to RESULTS_DIR/mfu.md
+  compile          --config=FILE [--topology=v5e:4x4 [--num_slices=2]] [--json] [--config.KEY=VALUE ...]
+                   compile the train step ahead of time (for a TPU topology from any host, or for the local
+                   devices) and report per-device memory against the chip's HBM; exit 1 when it does not fit.
   tokenizer train  --input PATH... --vocab-size N --output FILE.model [--model-type bpe|unigram]
                    train a SentencePiece tokenizer on .txt/.md/.py/.jsonl(.gz)/.parquet files, directories or globs
   data prepare     --input PATH... --tokenizer FILE.model --output DIR [--val-fraction 0.01] [--workers N]
@@ -41,9 +46,26 @@ class _ArgumentParser(argparse.ArgumentParser):
     raise ConfigError(f"{message} (see maxlm --help)")
 
 
+def _distributed_flags(flag_values: flags.FlagValues) -> dict:
+  """The `jax.distributed` flags of `maxlm train` (see maxlm/distributed.py); values are read after parsing."""
+  return {
+      "coordinator": flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0's coordination service.",
+                                         flag_values=flag_values),
+      "num_processes": flags.DEFINE_integer("num_processes", None, "Processes in the run.", flag_values=flag_values),
+      "process_id": flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.",
+                                         flag_values=flag_values),
+      "heartbeat_timeout_s": flags.DEFINE_integer(
+          "heartbeat_timeout_s", 60, "A process silent this long is declared dead and the run ends.",
+          flag_values=flag_values),
+      "init_timeout_s": flags.DEFINE_integer("init_timeout_s", 300, "How long processes wait for each other at start.",
+                                             flag_values=flag_values),
+  }
+
+
 def _train(args: list[str]) -> None:
   flag_values = flags.FlagValues()
   workdir = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=flag_values)
+  dist_flags = _distributed_flags(flag_values)
   cfg = config.load(args, flag_values)
   if not workdir.value:
     raise ConfigError("missing --workdir: pass a directory for the run's outputs, e.g. --workdir=/tmp/run")
@@ -51,10 +73,17 @@ def _train(args: list[str]) -> None:
   if has_run and not os.path.isdir(os.path.join(workdir.value, "checkpoints")):
     raise ConfigError(f"--workdir={workdir.value} holds a run without checkpoints to resume from: pass a new "
                       "directory, or delete that one")
-  import jax  # Imported here: configuration errors above are reported without loading JAX.
+  from maxlm import distributed  # No JAX backend before jax.distributed starts.
 
+  distributed.skip_unusable_tpu()
+  distributed.initialize(**{k: f.value for k, f in dist_flags.items()})
+  import jax
+  from maxlm import mesh as mesh_lib
+
+  if jax.process_index() > 0:
+    logging.getLogger("maxlm").setLevel(logging.WARNING)  # Process 0 reports progress; the others only problems.
   cfg = config.validate(cfg, num_devices=jax.device_count(), process_count=jax.process_count(),
-                        platform=jax.devices()[0].platform)
+                        platform=jax.devices()[0].platform, num_slices=mesh_lib.num_granules(jax.devices()))
   from maxlm import guard, train
 
   try:
@@ -70,10 +99,12 @@ def _bench(args: list[str]) -> None:
   results_dir = flags.DEFINE_string("results_dir", "benchmarks/results", "Where the JSON and mfu.md go.",
                                     flag_values=flag_values)
   cfg = config.load(args, flag_values)
-  import jax  # Imported here: configuration errors above are reported without loading JAX.
+  from maxlm import distributed  # Configuration errors above are reported without loading JAX.
 
-  cfg = config.validate(cfg, num_devices=jax.device_count(), process_count=jax.process_count(),
-                        platform=jax.devices()[0].platform)
+  distributed.skip_unusable_tpu()
+  import jax
+
+  cfg = config.validate(cfg, num_devices=jax.device_count(), platform=jax.devices()[0].platform)
   from maxlm import bench
 
   name = os.path.splitext(os.path.basename(config.config_path(flag_values)))[0]
@@ -138,7 +169,35 @@ class RunFailed(RuntimeError):
   """The run cannot go on (e.g. the stability guard ran out of rollbacks); the message is the report."""
 
 
-COMMANDS = {"train": _train, "bench": _bench, "tokenizer": _tokenizer, "data": _data}
+class DoesNotFit(RuntimeError):
+  """`maxlm compile`: the step needs more memory than a device has; the message says how much and what to change."""
+
+
+def _compile(args: list[str]) -> None:
+  flag_values = flags.FlagValues()
+  topology = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 (default: the local devices).",
+                                 flag_values=flag_values)
+  num_slices = flags.DEFINE_integer("num_slices", 1, "Slices of --topology (multi-slice over DCN).",
+                                    flag_values=flag_values)
+  as_json = flags.DEFINE_boolean("json", False, "Print the report as one JSON object.", flag_values=flag_values)
+  cfg = config.load(args, flag_values)
+  if num_slices.value < 1:
+    raise ConfigError(f"--num_slices={num_slices.value}: use 1 or more")
+  if num_slices.value > 1 and not topology.value:
+    raise ConfigError("--num_slices needs --topology (local devices are one slice)")
+  from maxlm import aot, distributed
+
+  if topology.value:
+    distributed.use_platforms(os.environ.get("JAX_PLATFORMS") or "cpu")  # libtpu's compiler, never a TPU backend.
+  else:
+    distributed.skip_unusable_tpu()
+  report = aot.compile_report(cfg, topology.value, num_slices.value)
+  print(json.dumps(report, indent=2) if as_json.value else aot.format_report(report))
+  if not report["fits"]:
+    raise DoesNotFit(aot.does_not_fit_message(report))
+
+
+COMMANDS = {"train": _train, "bench": _bench, "compile": _compile, "tokenizer": _tokenizer, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except RunFailed as e:
     print(f"maxlm {command}: stopped: {e}", file=sys.stderr)
+    return 1
+  except DoesNotFit as e:
+    print(f"maxlm {command}: does not fit: {e}", file=sys.stderr)
     return 1
   return 0
 

@@ -12,12 +12,14 @@ import os
 from collections.abc import Sequence
 
 import ml_collections
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from configs import base
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DCN_AXES = ("data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
 
 CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
@@ -42,7 +44,7 @@ MINIMA = {
     "checkpoint.every_minutes": 0.0, "checkpoint.keep": 1, "checkpoint.keep_every": 0,
     "train.inject_nan_at_step": 0, "train.inject_spike_at_step": 0, "train.guard.spike_z": 0.0,
     "train.guard.window": 2, "train.guard.max_rollbacks": 0, "train.guard.rollback_lr_scale": 0.0,
-    "train.guard.rollback_lr_steps": 0,
+    "train.guard.rollback_lr_steps": 0, "mesh.dcn_data": 1, "mesh.dcn_fsdp": 1,
 }
 MAXIMA = {"optim.decay_fraction": 1.0, "optim.min_lr_ratio": 1.0, "optim.b1": 1.0, "optim.b2": 1.0,
           "data.eval_fraction": 0.5}
@@ -114,8 +116,12 @@ def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, ob
 
 
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
-             platform: str = "cpu") -> ml_collections.ConfigDict:
-  """Checks `cfg` against the schema and itself; returns a resolved copy (mesh sizes filled, dtype chosen)."""
+             platform: str = "cpu", num_slices: int = 1) -> ml_collections.ConfigDict:
+  """Checks `cfg` against the schema and itself; returns a resolved copy (mesh sizes filled, dtype chosen).
+
+  `num_slices`: how many groups the DCN axes split the devices into (`maxlm.mesh.num_granules`): TPU
+  slices, or processes elsewhere.
+  """
   schema = _flat_keys(base.get_config())
   values = _flat_keys(cfg)
   for key in values:
@@ -150,7 +156,14 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
     m.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
   _resolve_attention(m, platform, resolved.data.seq_len)
 
-  sizes = resolve_mesh_sizes(resolved.mesh, num_devices)
+  dcn = int(np.prod([resolved.mesh[f"dcn_{a}"] for a in DCN_AXES]))
+  if dcn > 1 and dcn != num_slices:
+    raise ConfigError(f"mesh.dcn_data*mesh.dcn_fsdp={dcn} but the devices form {num_slices} slice(s) (TPU slices, "
+                      "or processes elsewhere): make the product match, or set both to 1")
+  if dcn == 1 and platform == "tpu" and num_slices > 1:
+    raise ConfigError(f"the devices span {num_slices} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
+                      f"mesh.dcn_data*mesh.dcn_fsdp={num_slices}")
+  sizes = resolve_mesh_sizes(resolved.mesh, num_devices // dcn)
   for axis, size in zip(MESH_AXES, sizes):
     resolved.mesh[axis] = size
   tensor = resolved.mesh.tensor
@@ -160,13 +173,14 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
                         f"choose mesh.tensor dividing {key}")
 
   t = resolved.train
-  dp = resolved.mesh.data * resolved.mesh.fsdp
+  dp = resolved.mesh.data * resolved.mesh.fsdp * dcn
+  dp_keys = "mesh.data*mesh.fsdp" + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn > 1 else "")
   if t.global_batch % t.microbatches:
     raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.microbatches={t.microbatches}")
   micro = t.global_batch // t.microbatches
   if micro % dp:
     raise ConfigError(f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
-                      f"mesh.data*mesh.fsdp={dp}: make global_batch a multiple of {dp * t.microbatches}")
+                      f"{dp_keys}={dp}: make global_batch a multiple of {dp * t.microbatches}")
   if t.loss_chunk and resolved.data.seq_len % t.loss_chunk:
     raise ConfigError(f"train.loss_chunk={t.loss_chunk} does not divide data.seq_len={resolved.data.seq_len}: "
                       "choose a divisor of seq_len, or 0 for no chunking")

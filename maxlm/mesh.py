@@ -8,6 +8,11 @@ maps each name to mesh axes, so DP, FSDP and TP (and mixes) differ only in the m
            XLA all-gathers each weight before use and reduce-scatters its gradient.
   tensor : Megatron tensor parallelism: heads, MLP width and vocab split; one all-reduce per block half.
 
+Across TPU slices (or hosts, off TPU) the data-parallel axes may also span the slower data-centre network
+(DCN): `mesh.dcn_data` / `mesh.dcn_fsdp` multiply the in-slice (ICI) sizes, and the devices are laid out
+with `create_hybrid_device_mesh` so that only those axes cross slices; with both at 1 the mesh is the
+plain single-slice one.
+
 Axis types are `Auto` on purpose: we give shardings at `jit` boundaries and constrain a few activations,
 and XLA's sharding propagation decides the rest (as MaxText does). `jax.make_mesh` defaults to `Explicit`,
 which would make every op's sharding part of its type and rejects gathers such as the embedding lookup.
@@ -23,6 +28,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from maxlm.config import MESH_AXES
@@ -50,12 +56,33 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def build_mesh(sizes: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes `MESH_AXES` of the given (already resolved) sizes over `devices` (default: all)."""
+def build_mesh(sizes: Sequence[int], devices: Sequence[jax.Device] | None = None,
+               dcn_sizes: Sequence[int] | None = None) -> Mesh:
+  """A mesh with axes `MESH_AXES` over `devices` (default: all): axis i has size sizes[i] · dcn_sizes[i],
+  where `sizes` are within a slice (ICI) and `dcn_sizes` across slices (default: all 1)."""
   devices = list(jax.devices() if devices is None else devices)
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh sizes {tuple(sizes)} do not multiply to the {len(devices)} devices")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  dcn_sizes = tuple(dcn_sizes or (1,) * len(sizes))
+  total = tuple(int(i * d) for i, d in zip(sizes, dcn_sizes))
+  if int(np.prod(total)) != len(devices):
+    raise ValueError(f"mesh sizes {total} do not multiply to the {len(devices)} devices")
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if int(np.prod(dcn_sizes)) == 1:
+    return jax.make_mesh(total, MESH_AXES, axis_types=axis_types, devices=devices)
+  # Granules are TPU slices; elsewhere (GPU nodes, CPU test processes) each process is one.
+  grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn_sizes, devices, process_is_granule=not _has_slices(devices),
+                                              allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _has_slices(devices: Sequence[jax.Device]) -> bool:
+  return devices[0].platform == "tpu"  # CPU and GPU devices have a slice_index too, always 0.
+
+
+def num_granules(devices: Sequence[jax.Device]) -> int:
+  """How many groups the DCN mesh axes must split `devices` into: TPU slices, or else processes."""
+  if _has_slices(devices):
+    return len({getattr(d, "slice_index", 0) for d in devices})
+  return len({d.process_index for d in devices})
 
 
 def logical_to_spec(names: Sequence[str | None]) -> P:

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from maxlm import data, flops, loss, mesh as mesh_lib, model, optim
 from maxlm.checkpoint import Checkpointer
-from maxlm.config import MESH_AXES, ConfigError, profile_steps
+from maxlm.config import DCN_AXES, MESH_AXES, ConfigError, profile_steps
 from maxlm.guard import Diverged, Guard
 from maxlm.metrics import MetricsWriter, Progress
 
@@ -135,6 +135,46 @@ def peak_tflops_per_device(cfg: ml_collections.ConfigDict, devices) -> tuple[flo
 
 
 @dataclasses.dataclass
+class StepProgram:
+  """The jitted train and eval steps of a config on a mesh, with the abstract inputs to lower them for; no data,
+  nothing run. `setup` compiles it for training; `maxlm compile` (maxlm/aot.py) for memory figures."""
+  mesh: jax.sharding.Mesh
+  abstract_state: TrainState  # shapes, dtypes and shardings of the state
+  init: Callable[[], TrainState]  # a fresh state, created sharded
+  batch_sharding: jax.sharding.NamedSharding
+  step: Callable  # jitted (state, global batch, controls) -> (state, metrics); donates `state`
+  eval: Callable  # jitted (params, global batch) -> (nll sum, token count)
+  abstract_batch: dict  # a global batch as ShapeDtypeStructs
+  abstract_controls: dict
+
+  def lower(self):
+    with jax.set_mesh(self.mesh):
+      return self.step.lower(self.abstract_state, self.abstract_batch, self.abstract_controls)
+
+
+def build_step(cfg: ml_collections.ConfigDict, devices) -> StepProgram:
+  """The train step of a validated, resolved config over `devices` (local ones, or a TPU topology's)."""
+  t = cfg.train
+  mesh, tx, lr_schedule, graphdef, abstract_state, init = _state_layout(cfg, list(devices))
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct((t.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
+                    for k in BATCH_KEYS}
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  with jax.set_mesh(mesh):
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
+                          microbatches=t.microbatches, z_loss=t.z_loss, loss_chunk=t.loss_chunk,
+                          guard=t.guard.policy != "none"),
+        in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk),
+                      in_shardings=(shardings.params, batch_sharding))
+  controls = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in CONTROLS}
+  return StepProgram(mesh=mesh, abstract_state=abstract_state, init=init, batch_sharding=batch_sharding,
+                     step=step_fn, eval=eval_fn, abstract_batch=abstract_batch, abstract_controls=controls)
+
+
+@dataclasses.dataclass
 class Session:
   """A compiled training setup: what a loop (train, benchmark) needs, built the same way for both."""
   cfg: ml_collections.ConfigDict
@@ -155,7 +195,8 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   """Mesh, state shardings, data iterators and the AOT-compiled train step for a validated, resolved config."""
   devices = list(jax.devices() if devices is None else devices)
   t = cfg.train
-  mesh, tx, lr_schedule, graphdef, abstract_state, init = _state_layout(cfg, devices)
+  program = build_step(cfg, devices)
+  mesh, batch_sharding = program.mesh, program.batch_sharding
   tokens_per_step = t.global_batch * cfg.data.seq_len
   flops_per_step = flops.training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
   peak, peak_source = peak_tflops_per_device(cfg, devices)
@@ -164,23 +205,9 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
            flops.param_count(cfg.model) / 1e6, flops_per_step / tokens_per_step, peak, peak_source)
 
   train_iter, eval_iter = data.train_and_eval(cfg, jax.process_index(), jax.process_count())
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  abstract_batch = {k: jax.ShapeDtypeStruct((t.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
-                    for k in BATCH_KEYS}
-  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  with jax.set_mesh(mesh):
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
-                          microbatches=t.microbatches, z_loss=t.z_loss, loss_chunk=t.loss_chunk,
-                          guard=t.guard.policy != "none"),
-        in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk),
-                      in_shardings=(shardings.params, batch_sharding))
-    t0 = time.perf_counter()
-    controls = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in CONTROLS}
-    compiled_step = step_fn.lower(abstract_state, abstract_batch, controls).compile()
-    compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled_step = program.lower().compile()
+  compile_s = time.perf_counter() - t0
   log.info("train step compiled in %.1f s", compile_s)
 
   def to_global(local_batch):
@@ -190,11 +217,11 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
     it, loss_sum, count = eval_iter(), 0.0, 0.0
     with jax.set_mesh(mesh):
       for _ in range(t.eval_batches):
-        s, n = jax.device_get(eval_fn(params, to_global(next(it))))  # Blocking: one program in flight.
+        s, n = jax.device_get(program.eval(params, to_global(next(it))))  # Blocking: one program in flight.
         loss_sum, count = loss_sum + float(s), count + float(n)
     return loss_sum / max(count, 1.0)
 
-  return Session(cfg=cfg, mesh=mesh, abstract_state=abstract_state, init=init, step=compiled_step,
+  return Session(cfg=cfg, mesh=mesh, abstract_state=program.abstract_state, init=program.init, step=compiled_step,
                  data_iterator=train_iter, next_batch=lambda: to_global(next(train_iter)), evaluate=evaluate,
                  tokens_per_step=tokens_per_step, flops_per_step=flops_per_step, peak_tflops=peak,
                  compile_s=compile_s)
@@ -202,11 +229,23 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
 
 def _state_layout(cfg: ml_collections.ConfigDict, devices):
   """(mesh, optimizer, lr schedule, graphdef, abstract state, init) for a resolved config."""
-  mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
+  mesh = mesh_lib.build_mesh(mesh_sizes(cfg.mesh), devices, mesh_sizes(cfg.mesh, dcn=True))
   tx, lr_schedule = optim.make(cfg.optim, cfg.train.steps)
   # Outside a mesh context: NNX would read the logical names on parameters as mesh axes.
   graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, cfg.train.seed)
   return mesh, tx, lr_schedule, graphdef, abstract_state, init
+
+
+def mesh_sizes(mesh_cfg, dcn: bool = False) -> list[int]:
+  """Per-slice (ICI) sizes of the mesh axes, or with `dcn` their sizes across slices (1 for `tensor`)."""
+  if dcn:
+    return [mesh_cfg.get(f"dcn_{a}", 1) if a in DCN_AXES else 1 for a in MESH_AXES]
+  return [mesh_cfg[a] for a in MESH_AXES]
+
+
+def _axis_sizes(mesh_cfg) -> dict[str, int]:
+  """Whole-mesh axis sizes (in-slice size times slices) of a config's `mesh` group, for the resume log."""
+  return {a: ici * dcn for a, ici, dcn in zip(MESH_AXES, mesh_sizes(mesh_cfg), mesh_sizes(mesh_cfg, dcn=True))}
 
 
 def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> model.Transformer:
@@ -229,7 +268,7 @@ def _restore_or_init(s: Session, ckpt: Checkpointer | None, guard: Guard) -> tup
     return s.init(), 0
   state, step, meta = restored
   guard.load(meta.get("guard"))
-  saved_mesh, mesh = meta["config"]["mesh"], {a: s.cfg.mesh[a] for a in MESH_AXES}
+  saved_mesh, mesh = _axis_sizes(meta["config"]["mesh"]), _axis_sizes(s.cfg.mesh)
   resharded = f"; resharded from mesh {saved_mesh} to {mesh}" if saved_mesh != mesh else ""
   log.info("resumed from the checkpoint at step %d%s", step, resharded)
   return state, step

@@ -57,6 +57,8 @@ def test_missing_config_file():
     ({"train.global_batch": 12}, "not divisible by the data-parallel size mesh.data*mesh.fsdp=8"),
     ({"train.global_batch": 16, "train.microbatches": 3}, "not divisible by train.microbatches=3"),
     ({"mesh.data": 3}, "multiply to 3 but there are 8 devices"),
+    ({"mesh.dcn_data": 2}, "mesh.dcn_data*mesh.dcn_fsdp=2 but the devices form 1 slice(s)"),
+    ({"mesh.dcn_fsdp": 0}, "mesh.dcn_fsdp=0 must be >= 1"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one mesh axis may fill"),
     ({"mesh.data": -1, "mesh.fsdp": 3}, "cannot fill 8 devices"),
     ({"mesh.data": 2, "mesh.tensor": 4, "model.num_kv_heads": 2}, "model.num_kv_heads=2 is not divisible by mesh.tensor=4"),

@@ -17,7 +17,7 @@ import sysconfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from maxlm import config, corpus, prepare, sample, tokenizer, train  # noqa: E402
+from maxlm import config, corpus, distributed, prepare, sample, tokenizer, train  # noqa: E402
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 PROMPTS = ["def ", "import ", "class Config", "    return "]
@@ -62,6 +62,7 @@ def main() -> None:
            ", ".join(f"{manifest['curation'][k]} {k.replace('_', ' ')}"
                      for k in ("exact_duplicates", "near_duplicates", "filtered")), dataset)
 
+  distributed.skip_unusable_tpu()  # `make test` installs libtpu into the same venv; on a CPU host it is no use here.
   import jax
 
   cfg = config.load([f"--config={REPO}/configs/demo.py", f"--config.data.path={dataset}", *overrides])

@@ -1,0 +1,90 @@
+"""Per-device memory of the shipped configs' train steps on TPU topologies, compiled ahead of time on this host.
+
+Each row is `maxlm compile --config=configs/<config>.py --topology=<topology> <overrides>` (maxlm/aot.py), run in
+this process; needs libtpu (`pip install -e '.[tpu]'`), no TPU. Writes benchmarks/results/aot_memory.json and
+benchmarks/results/aot_memory.md (the README's table). Slow on a small CPU: run it once, not in tests.
+
+  JAX_PLATFORMS=cpu python benchmarks/aot_memory.py [--only gpt2_124m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu's compiler only; never a TPU backend.
+
+import jax  # noqa: E402
+
+from maxlm import aot, config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (config, topology, num_slices, overrides): the config as shipped, then what makes it fit where it does not.
+ROWS = [
+    ("gpt2_124m", "v5e:2x2", 1, []),
+    ("gpt2_124m", "v5e:2x2", 1, ["--config.train.microbatches=32"]),
+    ("llama_1b", "v5e:2x2", 1, []),
+    ("llama_1b", "v5e:2x2", 1, ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.train.microbatches=32"]),
+    ("llama_1b", "v5e:4x4", 1, ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.train.microbatches=8"]),
+    ("llama_1b", "v5e:2x2", 2, ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.dcn_data=2",
+                                "--config.train.microbatches=16"]),
+    ("llama3_8b", "v5p:2x2x2", 1, []),
+    ("llama3_8b", "v5p:2x2x2", 1, ["--config.train.microbatches=64"]),
+]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default="", help="comma-separated config names")
+  args = parser.parse_args()
+  rows = []
+  for name, topology, slices, overrides in ROWS:
+    if args.only and name not in args.only.split(","):
+      continue
+    cfg = config.load([f"--config={REPO}/configs/{name}.py", *overrides])
+    r = aot.compile_report(cfg, topology, slices)
+    r.update(config=name, overrides=" ".join(o.replace("--config.", "") for o in overrides))
+    print(aot.format_report(r), flush=True)
+    rows.append(r)
+    write(rows)  # After every row: a big config's compile takes minutes on a small CPU.
+  print(table(write(rows)))
+
+
+def write(rows: list[dict]) -> dict:
+  result = {"benchmark": "aot_memory", "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+            "host": f"{platform.machine()}, {os.cpu_count()} cores, CPU only", "python": sys.version.split()[0],
+            "rows": rows}
+  out = os.path.join(REPO, "benchmarks", "results")
+  with open(os.path.join(out, "aot_memory.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(out, "aot_memory.md"), "w") as f:
+    f.write(table(result))
+  return result
+
+
+def table(result: dict) -> str:
+  gib = aot.GIB
+  lines = ["| config | topology | overrides | mesh (data, fsdp, tensor) | args | temps | XLA peak | peak (checked) "
+           "| HBM/device | fits | compile s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in result["rows"]:
+    where = r["topology"] + (f" ×{r['num_slices']} slices" if r["num_slices"] > 1 else "")
+    mesh = ", ".join(str(v) for v in r["mesh"].values())
+    if "memory_per_device" in r:
+      m = r["memory_per_device"]
+      figures = " | ".join(f"{m[k] / gib:.2f}" for k in ("argument", "temp", "xla_peak", "peak"))
+    else:  # "... HLO temporaries (27.29G) exceeds available HBM (15.75G)."
+      need, have = (part.split("(")[-1].split(")")[0] for part in r["compiler_error"].split(" exceeds ")[:2])
+      figures = f"— | {need} | — | compiler: > {have} available"
+    lines.append(f"| {r['config']} | {where} | {r['overrides'] or 'as shipped'} | {mesh} | {figures} | "
+                 f"{r['hbm_bytes'] / gib:.0f} | {'yes' if r['fits'] else '**no**'} | {r['compile_s']:.0f} |")
+  return "\n".join(lines) + (f"\n\nGiB per device; {result['date']}, jax {result['jax']}, compiled on "
+                             f"{result['host']} with libtpu.\n")
+
+
+if __name__ == "__main__":
+  main()

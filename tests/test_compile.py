@@ -1,0 +1,72 @@
+"""`maxlm compile`: the real train step compiled ahead of time, for a TPU topology on this CPU host (needs libtpu,
+which `make test` installs) and for the local devices; an oversized config exits 1 with "does not fit"."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import cli_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed: pip install -e '.[dev,tpu]' (make test does)")
+GIB = 2**30
+# 1.3B parameters, one layer, replicated over 4 devices: ~16 bytes/parameter of f32 state alone exceeds 16 GiB.
+OVERSIZED = ["--config.model.d_model=4096", "--config.model.num_heads=32", "--config.model.num_kv_heads=8",
+             "--config.model.mlp_dim=16384", "--config.model.vocab_size=262144", "--config.model.num_layers=1"]
+
+
+def compile_cli(*args, num_devices=1):
+  return subprocess.run([sys.executable, "-m", "maxlm", "compile", "--config=configs/tiny.py", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, env=cli_env(num_devices))
+
+
+@needs_libtpu
+def test_compiles_for_a_v5e_2x2_from_a_cpu_host():
+  proc = compile_cli("--topology=v5e:2x2", "--json", "--config.mesh.fsdp=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(proc.stdout)
+  assert (r["device_kind"], r["num_devices"], r["mesh"]) == ("TPU v5 lite", 4, {"data": 2, "fsdp": 2, "tensor": 1})
+  assert r["compute_dtype"] == "bfloat16" and r["hbm_bytes"] == 16 * GIB and r["fits"]
+  m = r["memory_per_device"]
+  # The f32 state (params + 2 Adam moments, ~0.12M parameters) is split over fsdp=2 and donated: outputs alias it.
+  assert 0 < m["argument"] < 2 * 3 * 4 * 0.13e6 and m["alias"] > 0.9 * m["argument"]
+  assert m["live"] == m["argument"] + m["output"] - m["alias"] + m["temp"] and m["peak"] >= m["live"]
+
+
+@needs_libtpu
+def test_two_slices_use_the_dcn_axis():
+  proc = compile_cli("--topology=v5e:2x2", "--num_slices=2", "--config.mesh.dcn_data=2", "--json")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(proc.stdout)
+  assert r["num_devices"] == 8 and r["mesh"]["data"] == 8 and r["fits"]
+  proc = compile_cli("--topology=v5e:2x2", "--num_slices=2")
+  assert proc.returncode == 2 and "set mesh.dcn_data" in proc.stderr.strip().splitlines()[-1]
+
+
+@needs_libtpu
+def test_an_oversized_config_does_not_fit():
+  proc = compile_cli("--topology=v5e:2x2", *OVERSIZED)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("maxlm compile: does not fit: ") and "v5e:2x2" in last and "mesh.fsdp" in last
+  assert "Traceback" not in proc.stderr
+
+
+@needs_libtpu
+def test_an_unknown_topology_is_a_config_error():
+  proc = compile_cli("--topology=v5litepod-4")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      "maxlm compile: error: --topology=v5litepod-4: libtpu does not know it")
+
+
+def test_compiles_for_the_local_devices():
+  proc = compile_cli("--json", "--config.mesh.fsdp=2", num_devices=2)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(proc.stdout)
+  assert r["topology"] == "local" and r["num_devices"] == 2 and r["device_kind"] == "cpu" and r["fits"]
+  assert r["memory_per_device"]["temp"] > 0 and r["hbm_bytes"] > GIB
