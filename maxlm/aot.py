@@ -93,6 +93,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
                                                                  train.mesh_sizes(cfg.mesh, dcn=True))))),
       "params_m": flops.param_count(cfg.model) / 1e6, "global_batch": cfg.train.global_batch,
       "seq_len": cfg.data.seq_len, "microbatches": cfg.train.microbatches, "remat": cfg.model.remat,
+      "attention": cfg.model.attention,
       "compute_dtype": cfg.model.compute_dtype, "param_dtype": cfg.model.param_dtype,
       "hbm_bytes": limit, "hbm_source": limit_source, "jax": jax.__version__,
   }
@@ -119,7 +120,8 @@ def format_report(r: dict) -> str:
   where = r["topology"] + (f" x {r['num_slices']} slices" if r["num_slices"] > 1 else "")
   lines = [f"{where}: {r['num_devices']} x {r['device_kind']} ({r['processes']} host process(es)), mesh {r['mesh']}",
            f"model {r['params_m']:.1f}M parameters, batch {r['global_batch']} x {r['seq_len']} "
-           f"({r['microbatches']} microbatch(es)), remat {r['remat']}, compute {r['compute_dtype']}; "
+           f"({r['microbatches']} microbatch(es)), remat {r['remat']}, compute {r['compute_dtype']}, "
+           f"attention {r['attention']}; "
            f"compiled in {r['compile_s']:.1f} s"]
   if "memory_per_device" in r:
     m = r["memory_per_device"]

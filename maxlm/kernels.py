@@ -40,8 +40,9 @@ def splash_block(seq_len: int, on_tpu: bool) -> int:
   return seq_len
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(seq_len: int, group: int, interpret: bool):
+  """Built inside each trace: its block tables become constants of the program being traced (the NumPy mask
+  analysis is cached by Pallas), so nothing is placed on a device while compiling for another backend."""
   # Imported lazily: Pallas TPU support is not needed by the other implementations.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -50,8 +51,7 @@ def _splash_kernel(seq_len: int, group: int, interpret: bool):
   sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                             block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
   mask = masks.MultiHeadMask([masks.CausalMask((seq_len, seq_len)) for _ in range(group)])
-  with jax.ensure_compile_time_eval():  # The block-sparsity tables are constants, cached across traces.
-    return splash.make_splash_mqa(mask=mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  return splash.make_splash_mqa(mask=mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT):

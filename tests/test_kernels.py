@@ -6,6 +6,7 @@ xla on a GPU by the benchmarks). Splash runs in Pallas interpret mode on CPU, th
 """
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +97,20 @@ def test_attention_choice_errors(platform, overrides, message):
     cfg[group][name] = value
   with pytest.raises(ConfigError, match=message):
     config.validate(cfg, num_devices=1, platform=platform)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed: pip install -e '.[dev,tpu]' (make test does)")
+def test_splash_lowers_to_the_mosaic_kernel_for_a_tpu_from_this_host():
+  """`auto` picks splash for a TPU; lowering for a TPU topology takes the compiled kernel's branch."""
+  from configs import base
+  from maxlm import aot, config, train
+  devices = aot.topology_devices("v5e:2x2")
+  cfg = base.get_config()
+  cfg.data.seq_len, cfg.mesh.fsdp, cfg.mesh.tensor = 256, 2, 2
+  cfg = config.validate(cfg, num_devices=4, platform="tpu")
+  assert cfg.model.attention == "splash"
+  program = train.build_step(cfg, devices)
+  hlo = program.lower().as_text()
+  assert "tpu_custom_call" in hlo  # The Mosaic kernel (forward and backward), not the interpreter's HLO.
+  program.lower().compile()  # The TPU compiler accepts it.
