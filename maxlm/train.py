@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from maxlm import data, flops, mesh as mesh_lib, model, optim
+from maxlm import checkpoint, data, flops, mesh as mesh_lib, model, optim
 from maxlm.checkpoint import Checkpointer
 from maxlm.config import MESH_AXES, ConfigError
 from maxlm.guard import Diverged, Guard
@@ -147,6 +147,7 @@ class Session:
   data_iterator: Any  # this process's Grain training iterator (checkpointable)
   next_batch: Callable[[], dict]  # the next global training batch, on device
   evaluate: Callable[[nnx.State], float]  # mean eval loss over train.eval_batches held-out batches
+  start_from: Callable[[nnx.State], TrainState]  # a step-0 state from given (sharded) params, fresh optimizer
   tokens_per_step: int
   flops_per_step: float
   peak_tflops: float  # per device, for MFU
@@ -195,8 +196,11 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
         loss_sum, count = loss_sum + float(s), count + float(n)
     return loss_sum / max(count, 1.0)
 
+  start_from = jax.jit(lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                                 opt_state=tx.init(params)), out_shardings=shardings)
   return Session(cfg=cfg, mesh=mesh, abstract_state=abstract_state, init=init, step=compiled_step,
                  data_iterator=train_iter, next_batch=lambda: to_global(next(train_iter)), evaluate=evaluate,
+                 start_from=start_from,
                  tokens_per_step=tokens_per_step, flops_per_step=flops_per_step, peak_tflops=peak,
                  compile_s=compile_s)
 
@@ -210,30 +214,55 @@ def _state_layout(cfg: ml_collections.ConfigDict, devices):
   return mesh, tx, lr_schedule, graphdef, abstract_state, init
 
 
-def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> model.Transformer:
-  """The model of the newest checkpoint in `workdir`, for sampling and evaluation."""
+def abstract_params(model_cfg: ml_collections.ConfigDict, mesh) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, parameters as `jax.ShapeDtypeStruct`s with their shardings on `mesh`); nothing is allocated."""
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: model.create(model_cfg, 0)))
+  shardings = mesh_lib.tree_shardings(params, mesh)
+  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+
+
+def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None, step: int | None = None
+                  ) -> model.Transformer:
+  """The model of a workdir for sampling and evaluation: the parameters only (no optimizer state) of its
+  newest checkpoint (or of `step`), or its imported parameters; placed on `cfg.mesh` over `devices`."""
   devices = list(jax.devices() if devices is None else devices)
-  _, _, _, graphdef, abstract_state, _ = _state_layout(cfg, devices)
-  ckpt = Checkpointer(workdir, cfg)
-  try:
-    if not ckpt.steps():
-      raise ConfigError(f"--workdir={workdir} has no checkpoints: train with checkpoint.every_steps > 0 first")
-    state = ckpt.restore_state(ckpt.steps()[-1], abstract_state)
-  finally:
-    ckpt.close()
-  return nnx.merge(graphdef, state.params)
+  mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
+  directory, _ = checkpoint.params_location(workdir, step)
+  diffs = checkpoint.model_differences(checkpoint.saved_model_config(workdir), cfg.model)
+  if diffs:
+    raise ConfigError(f"--workdir={workdir} holds a different model ({'; '.join(diffs)})")
+  graphdef, abstract = abstract_params(cfg.model, mesh)
+  return nnx.merge(graphdef, checkpoint.restore_params(directory, abstract))
 
 
 def _restore_or_init(s: Session, ckpt: Checkpointer | None, guard: Guard) -> tuple[TrainState, int]:
   restored = ckpt.restore_latest(s.abstract_state, s.data_iterator, s.cfg.model) if ckpt else None
   if restored is None:
-    return s.init(), 0
+    return _init(s), 0
   state, step, meta = restored
   guard.load(meta.get("guard"))
   saved_mesh, mesh = meta["config"]["mesh"], {a: s.cfg.mesh[a] for a in MESH_AXES}
   resharded = f"; resharded from mesh {saved_mesh} to {mesh}" if saved_mesh != mesh else ""
   log.info("resumed from the checkpoint at step %d%s", step, resharded)
+  if s.cfg.train.init_from:
+    log.info("train.init_from is ignored: the run resumes from its own checkpoint")
   return state, step
+
+
+def _init(s: Session) -> TrainState:
+  """A fresh state: random parameters, or those of `train.init_from` (with a fresh optimizer state)."""
+  source = s.cfg.train.init_from
+  if not source:
+    return s.init()
+  diffs = checkpoint.model_differences(checkpoint.saved_model_config(source), s.cfg.model)
+  if diffs:
+    raise ConfigError(f"train.init_from={source!r} holds a different model ({'; '.join(diffs)}): use its model "
+                      "config (e.g. the config.py that maxlm convert from-hf wrote)")
+  directory, step = checkpoint.params_location(source)
+  params = checkpoint.restore_params(directory, s.abstract_state.params)
+  log.info("initialised the parameters from %s%s; fresh optimizer state", directory,
+           "" if step is None else f" (step {step})")
+  return s.start_from(params)
 
 
 def controls(loss_scale: float = 1.0, lr_scale: float = 1.0, max_loss: float = np.inf) -> dict[str, np.float32]:
