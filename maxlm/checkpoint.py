@@ -30,8 +30,10 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from configs import base
+from maxlm import mesh as mesh_lib, model
 from maxlm.config import ConfigError
 
 log = logging.getLogger("maxlm")
@@ -157,6 +159,13 @@ def _nested(paths: Sequence[tuple[str, ...]], leaves: Sequence) -> dict:
       node = node.setdefault(key, {})
     node[path[-1]] = leaf
   return root
+
+
+def abstract_params(model_cfg: ml_collections.ConfigDict, mesh) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, parameters as `jax.ShapeDtypeStruct`s with their shardings on `mesh`); nothing is allocated."""
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: model.create(model_cfg, 0)))
+  shardings = mesh_lib.tree_shardings(params, mesh)
+  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
 
 
 def save_params(directory: str, params) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterable, Iterator
 
@@ -45,6 +46,19 @@ class Tokenizer:
     return {"path": self.path, "sha256": hashlib.sha256(self.model_bytes).hexdigest(), "vocab_size": self.vocab_size,
             "bos_id": self.sp.bos_id(), "eos_id": self.sp.eos_id(), "pad_id": self.sp.pad_id(),
             "unk_id": self.sp.unk_id()}
+
+
+def from_manifest(dataset: str) -> Tokenizer | None:
+  """The tokenizer a prepared dataset was made with, if its recorded file still exists with the recorded hash."""
+  try:
+    with open(os.path.join(dataset, "manifest.json")) as f:
+      info = json.load(f)["tokenizer"]
+    with open(info["path"], "rb") as f:
+      if hashlib.sha256(f.read()).hexdigest() != info["sha256"]:
+        return None
+  except (OSError, KeyError, ValueError):
+    return None
+  return Tokenizer(info["path"])
 
 
 def train(texts: Iterator[str], *, vocab_size: int, output: str, model_type: str = "bpe",

@@ -214,13 +214,6 @@ def _state_layout(cfg: ml_collections.ConfigDict, devices):
   return mesh, tx, lr_schedule, graphdef, abstract_state, init
 
 
-def abstract_params(model_cfg: ml_collections.ConfigDict, mesh) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, parameters as `jax.ShapeDtypeStruct`s with their shardings on `mesh`); nothing is allocated."""
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: model.create(model_cfg, 0)))
-  shardings = mesh_lib.tree_shardings(params, mesh)
-  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
-
-
 def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None, step: int | None = None
                   ) -> model.Transformer:
   """The model of a workdir for sampling and evaluation: the parameters only (no optimizer state) of its
@@ -231,7 +224,7 @@ def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None, st
   diffs = checkpoint.model_differences(checkpoint.saved_model_config(workdir), cfg.model)
   if diffs:
     raise ConfigError(f"--workdir={workdir} holds a different model ({'; '.join(diffs)})")
-  graphdef, abstract = abstract_params(cfg.model, mesh)
+  graphdef, abstract = checkpoint.abstract_params(cfg.model, mesh)
   return nnx.merge(graphdef, checkpoint.restore_params(directory, abstract))
 
 
