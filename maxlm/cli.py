@@ -204,17 +204,10 @@ def _sample(args: list[str]) -> None:
                       "nor the tokenizer of the run's prepared data)")
   if tok.vocab_size > cfg.model.vocab_size:
     raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.model.vocab_size}")
-  prompts = [([tok.sp.bos_id()] if add_bos else []) + tok.encode(p) for p in a.prompt]
-  if min(map(len, prompts)) == 0:
-    raise ConfigError("--prompt: an empty prompt gives the model nothing to continue")
   model = train.restore_model(cfg, a.workdir, jax.devices()[:1], a.step)  # One device: sampling is small.
-  eos = tok.sp.eos_id()
-  outputs = sample.generate(model, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                            top_k=a.top_k, top_p=a.top_p, seed=a.seed, eos_id=eos)
-  for prompt, new in zip(a.prompt, outputs):
-    ended = bool(new) and new[-1] == eos
-    print(json.dumps({"prompt": prompt, "completion": tok.decode(new[:-1] if ended else new), "tokens": new,
-                      "eos": ended}))
+  for result in sample.complete(model, tok, a.prompt, add_bos=add_bos, max_new_tokens=a.max_new_tokens,
+                                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed):
+    print(json.dumps(result))
 
 
 class RunFailed(RuntimeError):

@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maxlm.config import ConfigError
+from maxlm.tokenizer import Tokenizer
+
 PROMPT_BUCKET = 32  # Prompt buffers are padded to a multiple of this: fewer compilations, same tokens.
 
 
@@ -100,3 +103,21 @@ def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int
                           jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
                           graphdef=graphdef, max_new_tokens=max_new_tokens)
   return [row[:n] for row, n in zip(out.tolist(), counts.tolist())]
+
+
+def complete(model: nnx.Module, tok: Tokenizer, prompts: list[str], *, add_bos: bool = False, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+  """Text in, text out (`maxlm sample` and the demo): per prompt {prompt, completion, tokens, eos}, where
+  `tokens` are the new ids (EOS included when it ended the row) and `completion` their text without EOS."""
+  ids = [([tok.sp.bos_id()] if add_bos else []) + tok.encode(p) for p in prompts]
+  if min(map(len, ids)) == 0:
+    raise ConfigError("--prompt: an empty prompt gives the model nothing to continue")
+  eos = tok.sp.eos_id()
+  outputs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     seed=seed, eos_id=eos)
+  results = []
+  for prompt, new in zip(prompts, outputs):
+    ended = bool(new) and new[-1] == eos
+    results.append({"prompt": prompt, "completion": tok.decode(new[:-1] if ended else new), "tokens": new,
+                    "eos": ended})
+  return results
