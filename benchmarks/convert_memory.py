@@ -98,8 +98,10 @@ def write_checkpoint(directory: str, L: int, D: int, F: int, V: int, H: int, K: 
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf_cfg, f)
   params = sum(int(np.prod(s)) for s in shapes.values())
-  return {"params_m": params / 1e6, "largest_tensor_params_m": max(int(np.prod(s)) for s in shapes.values()) / 1e6,
-          "largest_stacked_params_m": L * F * D / 1e6, "bf16_mb": 2 * params / 2**20}
+  # maxlm arrays: the embedding and head as they are, every per-layer tensor stacked over the L layers.
+  largest_maxlm = max(V * D, L * max(F * D, H * Dh * D))
+  return {"params_m": params / 1e6, "largest_hf_tensor_params_m": max(int(np.prod(s)) for s in shapes.values()) / 1e6,
+          "largest_maxlm_array_params_m": largest_maxlm / 1e6, "bf16_mb": 2 * params / 2**20}
 
 
 def main() -> None:
@@ -129,7 +131,7 @@ def main() -> None:
       "f32_mb": 2 * model["bf16_mb"],
       "import_bf16_to_f32_s": imported.seconds, "import_peak_anon_above_baseline_mb": imported.above_mb,
       "export_f32_to_bf16_s": exported.seconds, "export_peak_anon_above_baseline_mb": exported.above_mb,
-      "largest_stacked_f32_mb": 4 * model["largest_stacked_params_m"] * 1e6 / 2**20,
+      "largest_maxlm_array_f32_mb": 4 * model["largest_maxlm_array_params_m"] * 1e6 / 2**20,
   }
   os.makedirs(f"{REPO}/benchmarks/results", exist_ok=True)
   with open(f"{REPO}/benchmarks/results/convert_memory_{device.platform}.json", "w") as f:

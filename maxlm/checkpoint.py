@@ -161,9 +161,12 @@ def _nested(paths: Sequence[tuple[str, ...]], leaves: Sequence) -> dict:
   return root
 
 
-def abstract_params(model_cfg: ml_collections.ConfigDict, mesh) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, parameters as `jax.ShapeDtypeStruct`s with their shardings on `mesh`); nothing is allocated."""
+def abstract_params(model_cfg: ml_collections.ConfigDict, mesh=None) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, parameters as `jax.ShapeDtypeStruct`s with their shardings on `mesh`); nothing is allocated.
+  Without a mesh the structs carry no sharding, and `restore_params` reads them as host NumPy arrays."""
   graphdef, params = nnx.split(nnx.eval_shape(lambda: model.create(model_cfg, 0)))
+  if mesh is None:
+    return graphdef, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
   shardings = mesh_lib.tree_shardings(params, mesh)
   return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
 
@@ -201,7 +204,7 @@ def params_location(workdir: str, step: int | None = None) -> tuple[str, int | N
 
 def restore_params(directory: str, abstract_params, names: Sequence[str] | None = None):
   """The parameters at `directory` (see `params_location`), restored into the shardings of `abstract_params`
-  (a tree of `jax.ShapeDtypeStruct`s). With `names`, only those arrays are read and a dict name -> array is
+  (a tree of `jax.ShapeDtypeStruct`s; NumPy arrays where they have none). With `names`, only those arrays are read and a dict name -> array is
   returned: export reads one array at a time this way."""
   paths, leaves, treedef = _paths(abstract_params)
   chosen = range(len(paths))

@@ -44,11 +44,10 @@ import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
-from flax import nnx
 from safetensors import safe_open  # framework="numpy" below: the conversion never imports torch
 
 from configs import base
-from maxlm import checkpoint, config, mesh as mesh_lib, model, tokenizer
+from maxlm import checkpoint, config, tokenizer
 from maxlm.config import ConfigError
 
 log = logging.getLogger("maxlm")
@@ -287,7 +286,7 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   shutil.rmtree(partial, ignore_errors=True)  # Left by an interrupted import.
   scratch = os.path.join(partial, "scratch")
   os.makedirs(scratch)
-  _, abstract = nnx.split(nnx.eval_shape(lambda: model.create(resolved.model, 0)))
+  _, abstract = checkpoint.abstract_params(resolved.model)
   names = checkpoint.param_names(abstract)
   dtype = np.dtype(ml_dtypes.bfloat16 if param_dtype == "bfloat16" else param_dtype)
   arrays = {}
@@ -467,9 +466,9 @@ def _split(nbytes: list[int], limit: int) -> list[list[int]]:
 
 def _write_tensors(partial, files, shards, plan, directory, cfg, np_dtype, st_dtype) -> None:
   """Writes the safetensors files: each header from the plan first, then the tensors in plan order, each
-  stacked maxlm array restored once (on the host CPU) and written layer by layer."""
-  cpu = jax.devices("cpu")[:1]
-  _, abstract = checkpoint.abstract_params(cfg.model, mesh_lib.build_mesh((1, 1, 1), cpu))
+  stacked maxlm array restored once (as a host NumPy array: a JAX array would cost another copy) and
+  written layer by layer."""
+  _, abstract = checkpoint.abstract_params(cfg.model)
   current, array = None, None
   for file, shard in zip(files, shards):
     with open(os.path.join(partial, file), "wb") as f:
@@ -486,7 +485,7 @@ def _write_tensors(partial, files, shards, plan, directory, cfg, np_dtype, st_dt
         t, i, _ = plan[j]
         if t.name != current:
           current, array = t.name, None
-          array = np.asarray(checkpoint.restore_params(directory, abstract, names=[t.name])[t.name])
+          array = checkpoint.restore_params(directory, abstract, names=[t.name])[t.name]
         value = t.to_hf(array if i is None else array[i]).astype(np_dtype)
         f.write(np.ascontiguousarray(value).tobytes())
 
