@@ -177,7 +177,7 @@ def _eval(args: list[str]) -> None:
   for dataset, seed in datasets:
     result = evaluate.evaluate(cfg, a.workdir, dataset, step=a.step, batches=batches, batch_size=a.batch_size,
                                seq_len=a.seq_len, seed=seed)
-    print(json.dumps({"workdir": a.workdir, "step": a.step, **result}))
+    print(json.dumps({"workdir": a.workdir, **result}))
 
 
 def _sample(args: list[str]) -> None:

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from maxlm import data, mesh as mesh_lib, tokenizer, train
+from maxlm import checkpoint, data, mesh as mesh_lib, tokenizer, train
 from maxlm.config import MESH_AXES, ConfigError
 
 log = logging.getLogger("maxlm")
@@ -56,7 +56,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step
              batches: int | None = None, batch_size: int | None = None, seq_len: int | None = None,
              seed: int | None = None, devices=None) -> dict:
   """The metrics of the module docstring for `workdir`'s model (newest checkpoint, `step`, or imported
-  parameters) on `dataset`'s val split, as a JSON-ready dict."""
+  parameters: step None) on `dataset`'s val split, as a JSON-ready dict."""
   devices = list(jax.devices() if devices is None else devices)
   if jax.process_count() > 1:
     raise ConfigError("maxlm eval runs in a single process")
@@ -80,6 +80,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step
   padded = -(-batch_size // dp) * dp  # Rows per batch, a multiple of the devices; extra rows are masked.
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.mesh.update(data=dp, fsdp=1, tensor=1)
+  _, step = checkpoint.params_location(workdir, step)
   m = train.restore_model(cfg, workdir, devices, step)
   mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
   graphdef, params = nnx.split(m)
@@ -94,7 +95,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step
       s, n = jax.device_get(sums(params, device_batch))  # Blocking: one program in flight.
       nats, targets = nats + float(s), targets + int(n)
   loss = nats / max(targets, 1)
-  return {"data": dataset, "split": "val", "rows": rows, "full_pass": rows == source.rows_per_epoch,
+  return {"step": step, "data": dataset, "split": "val", "rows": rows, "full_pass": rows == source.rows_per_epoch,
           "seq_len": seq_len, "targets": targets, "bytes": total_bytes, "nats": nats, "loss": loss,
           "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / max(total_bytes, 1)}
 

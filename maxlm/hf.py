@@ -53,6 +53,7 @@ from maxlm.config import ConfigError
 log = logging.getLogger("maxlm")
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # when `architectures` is absent
 REFUSED = {
     "Qwen2ForCausalLM": "Qwen2 has q/k/v projection biases, which the maxlm model does not have",
     "Qwen3ForCausalLM": "Qwen3 sets head_dim apart from hidden_size / num_attention_heads",
@@ -114,9 +115,13 @@ def _layers(t: Tensor, num_layers: int) -> list[tuple[int | None, str]]:
 # Config mapping -------------------------------------------------------------------------------------------
 
 
+def architecture(hf: dict) -> str:
+  return (hf.get("architectures") or [MODEL_TYPES.get(hf.get("model_type"), f"model_type {hf.get('model_type')!r}")])[0]
+
+
 def model_config_from_hf(hf: dict) -> dict:
   """maxlm `model.*` values for a Hugging Face config.json; anything maxlm cannot reproduce is a ConfigError."""
-  arch = (hf.get("architectures") or ["?"])[0]
+  arch = architecture(hf)
   if arch not in ARCHITECTURES:
     why = REFUSED.get(arch, "only Llama-family decoders with the Llama layout are")
     raise ConfigError(f"config.json: architecture {arch} is not supported ({why}); maxlm converts "
@@ -317,9 +322,9 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   with open(os.path.join(partial, "config.json"), "w") as f:
     f.write(cfg.to_json(indent=2))
   with open(os.path.join(partial, "config.py"), "w") as f:
-    f.write(_config_file(cfg, hf_dir, hf["architectures"][0]))
+    f.write(_config_file(cfg, hf_dir, architecture(hf)))
   os.replace(partial, workdir)
-  summary = {"workdir": workdir, "architecture": hf["architectures"][0], "parameters": int(sum(
+  summary = {"workdir": workdir, "architecture": architecture(hf), "parameters": int(sum(
       math.prod(a.shape) for a in leaves)), "param_dtype": param_dtype,
       "tokenizer": "tokenizer.model" if tok is not None else None}
   log.info("imported %s (%s, %.1fM parameters) into %s", hf_dir, summary["architecture"], summary["parameters"] / 1e6,

@@ -51,18 +51,24 @@ def _choose(logits_BxV, key, temperature, top_k, top_p):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate(params, prompt_BxP, prompt_len_B, key, temperature, top_k, top_p, eos_id, *, graphdef,
+def _generate(params, prompt_BxP, prompt_len_B, key, temperature, top_k, top_p, eos_id, vocab, *, graphdef,
               max_new_tokens: int):
   """[B, max_new_tokens] new tokens (eos_id after a row's EOS; -1 there when eos_id is -1) and the count
-  of tokens each row produced."""
+  of tokens each row produced. Only ids below `vocab` are ever chosen."""
   model = nnx.merge(graphdef, params)
+
+  def choose(logits_BxV, key):
+    # Rows of the embedding past the tokenizer's vocabulary (padding) never become tokens.
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab, logits_BxV, -jnp.inf)
+    return _choose(logits_BxV, key, temperature, top_k, top_p)
+
   B, P = prompt_BxP.shape
   cache = model.init_cache(B, P + max_new_tokens)
   positions_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
   logits_BxPxV, cache = model.decode(prompt_BxP, positions_BxP, cache)
   last_BxV = jnp.take_along_axis(logits_BxPxV, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
   key, sub = jax.random.split(key)
-  token_B = _choose(last_BxV, sub, temperature, top_k, top_p)
+  token_B = choose(last_BxV, sub)
   out_BxN = jnp.full((B, max_new_tokens), eos_id).at[:, 0].set(token_B)
   done_B = token_B == eos_id
   count_B = jnp.ones(B, jnp.int32)
@@ -76,7 +82,7 @@ def _generate(params, prompt_BxP, prompt_len_B, key, temperature, top_k, top_p, 
     # Feed the previous new token at its row's position; rows that are done keep computing, unused.
     logits_Bx1xV, cache = model.decode(token_B[:, None], (prompt_len_B + i - 1)[:, None], cache)
     key, sub = jax.random.split(key)
-    next_B = _choose(logits_Bx1xV[:, 0], sub, temperature, top_k, top_p)
+    next_B = choose(logits_Bx1xV[:, 0], sub)
     next_B = jnp.where(done_B, eos_id, next_B)
     out_BxN = out_BxN.at[:, i].set(next_B)
     count_B = count_B + ~done_B
@@ -88,9 +94,11 @@ def _generate(params, prompt_BxP, prompt_len_B, key, temperature, top_k, top_p, 
 
 
 def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1, pad_id: int = 0) -> list[list[int]]:
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1, pad_id: int = 0,
+             vocab: int | None = None) -> list[list[int]]:
   """Continues each prompt by up to `max_new_tokens` tokens, stopping after `eos_id` (included); returns the
-  new tokens. The model's parameters may live on any device or mesh; the arrays are used where they are."""
+  new tokens, all below `vocab` (default: the model's vocabulary). The model's parameters may live on any
+  device or mesh; the arrays are used where they are."""
   lengths = [len(p) for p in prompts]
   if not prompts or min(lengths) < 1:
     raise ValueError("every prompt needs at least one token")
@@ -101,7 +109,8 @@ def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int
   buffer = jnp.array([p + [pad_id] * (P - len(p)) for p in prompts], jnp.int32)
   out, counts = _generate(params, buffer, jnp.array(lengths, jnp.int32), jax.random.key(seed),
                           jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
-                          graphdef=graphdef, max_new_tokens=max_new_tokens)
+                          jnp.int32(2**31 - 1 if vocab is None else vocab), graphdef=graphdef,
+                          max_new_tokens=max_new_tokens)
   return [row[:n] for row, n in zip(out.tolist(), counts.tolist())]
 
 
@@ -114,7 +123,7 @@ def complete(model: nnx.Module, tok: Tokenizer, prompts: list[str], *, add_bos: 
     raise ConfigError("--prompt: an empty prompt gives the model nothing to continue")
   eos = tok.sp.eos_id()
   outputs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     seed=seed, eos_id=eos)
+                     seed=seed, eos_id=eos, vocab=tok.vocab_size)
   results = []
   for prompt, new in zip(prompts, outputs):
     ended = bool(new) and new[-1] == eos

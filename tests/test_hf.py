@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from conftest import cli_env, make_config
-from maxlm import checkpoint, cli, config, data, hf, train
+from maxlm import checkpoint, cli, config, data, hf, sample, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # f32 logits, |logit| ~ 1: the issue's bound
@@ -234,3 +234,30 @@ sys.exit(cli.main(["convert", "from-hf", "--hf_dir={tmp_path}/qwen", "--workdir=
     assert sorted(a.keys()) == sorted(b.keys())
     for name in a.keys():
       np.testing.assert_array_equal(a.get_tensor(name), b.get_tensor(name))
+
+
+def test_sentencepiece_tokenizer_is_carried_both_ways(tmp_path, capsys):
+  import sentencepiece as spm
+
+  text = "the cat sat on the mat and the dog sat on the log\n" * 20
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=str(tmp_path / "sp"),
+                                 vocab_size=40, model_type="bpe", minloglevel=2)
+  build_hf(tmp_path / "hf")  # vocab 96 >= the tokenizer's 40
+  os.replace(tmp_path / "sp.model", tmp_path / "hf" / "tokenizer.model")
+  (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "legacy": True}))
+  hf.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  tok, add_bos = hf.run_tokenizer(str(tmp_path / "run"))
+  assert add_bos and tok.model_bytes == (tmp_path / "hf" / "tokenizer.model").read_bytes()
+
+  assert cli.main(["sample", f"--workdir={tmp_path}/run", "--prompt", "the cat", "--max_new_tokens=4",
+                   "--temperature=0"]) == 0
+  line = json.loads(capsys.readouterr().out)
+  _, m = maxlm_model(tmp_path / "run")
+  prompt = [tok.sp.bos_id()] + tok.encode("the cat")  # Llama tokenizers start prompts with BOS
+  assert line["tokens"] == sample.generate(m, [prompt], max_new_tokens=4, eos_id=tok.sp.eos_id(), vocab=40)[0]
+
+  hf.to_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+  for name in ("tokenizer.model", "tokenizer_config.json"):
+    assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+  exported = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert (exported["bos_token_id"], exported["eos_token_id"]) == (tok.sp.bos_id(), tok.sp.eos_id())

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from conftest import make_config
-from maxlm import model, sample
+from maxlm import mesh as mesh_lib, model, sample
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +136,17 @@ def test_eos_stops_each_row(m):
   out = sample.generate(m, prompts, max_new_tokens=N, eos_id=eos)
   for row, new in zip(first, out):
     assert new == (row[:row.index(eos) + 1] if eos in row else row)  # up to and including the first EOS
+
+
+def test_a_model_sharded_over_a_mesh_samples_as_on_one_device(spread, devices):
+  graphdef, params = nnx.split(spread)
+  mesh = mesh_lib.build_mesh((2, 2, 2), devices)
+  sharded = nnx.merge(graphdef, jax.device_put(params, mesh_lib.tree_shardings(params, mesh)))
+  prompts = [[5, 9, 13], [7], [200, 3, 3, 3, 3, 3, 3]]
+  assert sample.generate(sharded, prompts, max_new_tokens=N) == sample.generate(spread, prompts, max_new_tokens=N)
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(spread):
+  for temperature in (0.0, 2.0):
+    out = sample.generate(spread, [[5, 9, 13], [7], [1]], max_new_tokens=N, temperature=temperature, vocab=10)
+    assert all(t < 10 for row in out for t in row)
