@@ -195,10 +195,10 @@ def _sample(args: list[str]) -> None:
     raise ConfigError("use --max_new_tokens >= 1, --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
   import jax
 
-  from maxlm import hf, sample, train
+  from maxlm import sample, tokenizer, train
 
   cfg = config.load_workdir(a.workdir, platform=jax.devices()[0].platform)
-  tok, add_bos = hf.run_tokenizer(a.workdir)
+  tok, add_bos = tokenizer.for_run(a.workdir)
   if tok is None:
     raise ConfigError(f"--workdir={a.workdir}: no SentencePiece tokenizer found (neither an imported tokenizer.model "
                       "nor the tokenizer of the run's prepared data)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 from absl import flags
@@ -232,6 +232,17 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
     return validate(cfg, num_devices=1, platform=platform, check_paths=False)
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
+
+
+def lineage(workdir: str) -> Iterator[tuple[str, dict]]:
+  """(workdir, its saved config) for the workdir and the chain of `train.init_from` it started from."""
+  seen = set()
+  while workdir and os.path.abspath(workdir) not in seen and os.path.isfile(os.path.join(workdir, "config.json")):
+    seen.add(os.path.abspath(workdir))
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+    yield workdir, saved
+    workdir = saved.get("train", {}).get("init_from", "")
 
 
 def _check_type(key: str, value: object, default: object) -> None:

@@ -73,6 +73,10 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step
   if tok is None:
     raise ConfigError(f"--data={dataset}: the tokenizer its manifest names ({source.manifest['tokenizer']['path']}) "
                       "is missing or changed; bits per byte needs it")
+  model_tok, _ = tokenizer.for_run(workdir)
+  if model_tok is not None and tok.info()["sha256"] != model_tok.info()["sha256"]:
+    raise ConfigError(f"--data={dataset} was tokenized with {tok.path}, not with the model's tokenizer "
+                      f"{model_tok.path}: prepare the data with the model's tokenizer")
   nbytes_V = token_bytes(tok, cfg.model.vocab_size)
 
   rows = source.rows_per_epoch if batches is None else min(batches * batch_size, source.rows_per_epoch)

@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -364,44 +363,8 @@ def parse_size(text: str) -> int:
   return int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
 
 
-def _lineage(workdir: str) -> Iterator[tuple[str, dict]]:
-  """(workdir, its saved config) for the workdir and the chain of `train.init_from` it started from."""
-  seen = set()
-  while workdir and os.path.abspath(workdir) not in seen and os.path.isfile(os.path.join(workdir, "config.json")):
-    seen.add(os.path.abspath(workdir))
-    with open(os.path.join(workdir, "config.json")) as f:
-      saved = json.load(f)
-    yield workdir, saved
-    workdir = saved.get("train", {}).get("init_from", "")
-
-
-def run_tokenizer(workdir: str) -> tuple[tokenizer.Tokenizer | None, bool]:
-  """(the SentencePiece tokenizer of a run, whether prompts start with BOS), or (None, False).
-
-  Looked up along the run and the runs it was initialised from: an imported `tokenizer.model` (BOS as its HF
-  tokenizer_config.json says, default on as for Llama), else the tokenizer of the run's prepared data (no
-  BOS: `maxlm data prepare` adds none), found by the path and SHA-256 its manifest records.
-  """
-  for directory, saved in _lineage(workdir):
-    path = os.path.join(directory, "tokenizer.model")
-    if os.path.isfile(path):
-      side = os.path.join(directory, "hf", "tokenizer_config.json")
-      add_bos = True
-      if os.path.isfile(side):
-        with open(side) as f:
-          add_bos = bool(json.load(f).get("add_bos_token", True))
-      return tokenizer.Tokenizer(path), add_bos
-    data = saved.get("data", {})
-    if data.get("source") == "prepared":
-      for dataset in filter(None, data.get("path", "").split(",")):
-        tok = tokenizer.from_manifest(dataset)
-        if tok is not None:
-          return tok, False
-  return None, False
-
-
 def _side_file(workdir: str, name: str) -> str | None:
-  for directory, _ in _lineage(workdir):
+  for directory, _ in config.lineage(workdir):
     path = os.path.join(directory, "hf", name)
     if os.path.isfile(path):
       return path
@@ -418,7 +381,7 @@ def to_hf(workdir: str, out: str, *, step: int | None = None, dtype: str = "floa
     raise ConfigError("--max_shard_size must be positive")
   cfg = config.load_workdir(workdir)
   directory, found_step = checkpoint.params_location(workdir, step)
-  tok, _ = run_tokenizer(workdir)
+  tok, _ = tokenizer.for_run(workdir)
   token_ids = {}
   if tok is not None:
     token_ids = {k + "_token_id": getattr(tok.sp, k + "_id")() for k in ("bos", "eos", "pad")}

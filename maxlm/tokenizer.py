@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
+from maxlm import config
 from maxlm.config import ConfigError
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -59,6 +60,31 @@ def from_manifest(dataset: str) -> Tokenizer | None:
   except (OSError, KeyError, ValueError):
     return None
   return Tokenizer(info["path"])
+
+
+def for_run(workdir: str) -> tuple[Tokenizer | None, bool]:
+  """(the SentencePiece tokenizer of a run, whether prompts start with BOS), or (None, False).
+
+  Looked up along the run and the runs it was initialised from: an imported `tokenizer.model` (BOS as its HF
+  tokenizer_config.json says, default on as for Llama), else the tokenizer of the run's prepared data (no
+  BOS: `maxlm data prepare` adds none), found by the path and SHA-256 its manifest records.
+  """
+  for directory, saved in config.lineage(workdir):
+    path = os.path.join(directory, "tokenizer.model")
+    if os.path.isfile(path):
+      side = os.path.join(directory, "hf", "tokenizer_config.json")
+      add_bos = True
+      if os.path.isfile(side):
+        with open(side) as f:
+          add_bos = bool(json.load(f).get("add_bos_token", True))
+      return Tokenizer(path), add_bos
+    data = saved.get("data", {})
+    if data.get("source") == "prepared":
+      for dataset in filter(None, data.get("path", "").split(",")):
+        tok = from_manifest(dataset)
+        if tok is not None:
+          return tok, False
+  return None, False
 
 
 def train(texts: Iterator[str], *, vocab_size: int, output: str, model_type: str = "bpe",

@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from conftest import cli_env, make_config
-from maxlm import checkpoint, cli, config, data, hf, sample, train
+from maxlm import checkpoint, cli, config, data, hf, sample, tokenizer, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # f32 logits, |logit| ~ 1: the bound
@@ -246,7 +246,7 @@ def test_sentencepiece_tokenizer_is_carried_both_ways(tmp_path, capsys):
   os.replace(tmp_path / "sp.model", tmp_path / "hf" / "tokenizer.model")
   (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "legacy": True}))
   hf.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
-  tok, add_bos = hf.run_tokenizer(str(tmp_path / "run"))
+  tok, add_bos = tokenizer.for_run(str(tmp_path / "run"))
   assert add_bos and tok.model_bytes == (tmp_path / "hf" / "tokenizer.model").read_bytes()
 
   assert cli.main(["sample", f"--workdir={tmp_path}/run", "--prompt", "the cat", "--max_new_tokens=4",
