@@ -179,7 +179,8 @@ def save_params(directory: str, params) -> None:
   float weights), so memory-mapped inputs stream to disk without being held in memory.
   """
   registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))  # Unused here; its absence is logged as a warning.
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
   checkpointer.save(os.path.abspath(directory), args=ocp.args.PyTreeSave({"params": params}))
 

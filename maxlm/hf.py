@@ -271,9 +271,10 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and os.listdir(workdir):
     raise ConfigError(f"--workdir={workdir} exists and is not empty: choose a new directory")
+  mapped = model_config_from_hf(hf)
   cfg = base.get_config()
-  cfg.model.update({k: v for k, v in model_config_from_hf(hf).items() if k != "rope_scaling"})
-  cfg.model.rope_scaling.update(model_config_from_hf(hf)["rope_scaling"])
+  cfg.model.update({k: v for k, v in mapped.items() if k != "rope_scaling"})
+  cfg.model.rope_scaling.update(mapped["rope_scaling"])
   cfg.model.param_dtype = param_dtype
   cfg.data.seq_len = min(cfg.model.max_position_embeddings, 2048)
   cfg.train.init_from = workdir
@@ -321,7 +322,7 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   with open(os.path.join(partial, "config.json"), "w") as f:
     f.write(cfg.to_json(indent=2))
   with open(os.path.join(partial, "config.py"), "w") as f:
-    f.write(_config_file(cfg, hf_dir, architecture(hf)))
+    f.write(_config_file(cfg, os.path.abspath(hf_dir), architecture(hf)))
   os.replace(partial, workdir)
   summary = {"workdir": workdir, "architecture": architecture(hf), "parameters": int(sum(
       math.prod(a.shape) for a in leaves)), "param_dtype": param_dtype,
@@ -333,15 +334,13 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
 
 def _config_file(cfg: ml_collections.ConfigDict, hf_dir: str, arch: str) -> str:
   m = cfg.model
-  model = {k: v for k, v in m.items() if k != "rope_scaling" and v != base.get_config().model[k]}
-  scaling = m.rope_scaling.to_dict() if m.rope_scaling.type != "none" else None
+  model = {k: v for k, v in m.items() if k != "rope_scaling"}  # All of them: the file must not drift with base.
   lines = [f'"""{arch} imported from {hf_dir} by `maxlm convert from-hf`.', "",
            "Continue training from it (fresh optimizer state), here or in a new workdir:",
-           f"  maxlm train --config={cfg.train.init_from}/config.py --workdir=RUN --config.data.path=DATA ...",
+           f"  maxlm train --config={cfg.train.init_from}/config.py --workdir=RUN --config.data.source=prepared \\",
+           "      --config.data.path=DATA ...",
            '"""', "", "from configs import base", "", "", "def get_config():", "  c = base.get_config()",
-           f"  c.model.update({_kwargs(model)})"]
-  if scaling:
-    lines.append(f"  c.model.rope_scaling.update({_kwargs(scaling)})")
+           f"  c.model.update({_kwargs(model)})", f"  c.model.rope_scaling.update({_kwargs(m.rope_scaling.to_dict())})"]
   lines += [f"  c.data.seq_len = {cfg.data.seq_len}", f"  c.train.init_from = {cfg.train.init_from!r}",
             "  return c", ""]
   return "\n".join(lines)
