@@ -28,7 +28,6 @@ import logging
 import math
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx

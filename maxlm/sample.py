@@ -6,8 +6,8 @@ after a short prompt is overwritten by that row's generated tokens before any qu
 (`maxlm.model.cached_attention`). Row b's first new token comes from the prefill logits at position
 len_b - 1; each later one from a one-token decode step at position len_b + i. Everything runs in one jitted
 function with static shapes: it compiles once per (batch size, P rounded up to a multiple of 32,
-max_new_tokens); temperature, top-k, top-p, EOS and the seed are traced values and never recompile. The loop stops early once every row has emitted
-EOS.
+max_new_tokens); temperature, top-k, top-p, EOS and the seed are traced values and never recompile. The
+loop stops early once every row has emitted EOS.
 
 Token choice, as in Hugging Face's `generate`: temperature 0 is greedy (argmax of the raw logits); otherwise
 the logits are divided by the temperature, then cut to the `top_k` largest (0 = all), then to the smallest

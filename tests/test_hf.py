@@ -18,7 +18,7 @@ import transformers
 from flax import nnx
 from safetensors import safe_open
 
-from conftest import cli_env, make_config
+from conftest import cli_env
 from maxlm import checkpoint, cli, config, data, hf, sample, tokenizer, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
