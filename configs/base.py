@@ -18,6 +18,13 @@ def get_config() -> ml_collections.ConfigDict:
   m.num_kv_heads = 2  # Key/value heads K for grouped-query attention; num_heads % num_kv_heads == 0.
   m.mlp_dim = 192  # SwiGLU hidden width F.
   m.rope_theta = 10_000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5).
+  m.rope_scaling = r = ml_collections.ConfigDict()  # RoPE frequency scaling for long context (HF rope_scaling).
+  r.type = "none"  # none | llama3 (Llama 3.1/3.2: long wavelengths stretched by `factor`, smooth band between).
+  r.factor = 8.0  # llama3: frequencies with wavelength > original_max_len / low_freq_factor are divided by this.
+  r.low_freq_factor = 1.0  # llama3: bounds the stretched band (see above).
+  r.high_freq_factor = 4.0  # llama3: wavelengths < original_max_len / high_freq_factor are kept; > low_freq_factor.
+  r.original_max_len = 8192  # llama3: the context length the model was pre-trained at.
+  m.max_position_embeddings = 0  # Context length the model is meant for (HF max_position_embeddings); 0 = data.seq_len.
   m.tie_embeddings = True  # Output projection reuses the token embedding matrix.
   m.qk_norm = False  # RMSNorm on queries and keys (per head) before RoPE.
   m.norm_eps = 1e-5  # RMSNorm epsilon.
@@ -63,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.global_batch = 16  # Rows per step over all devices; divisible by microbatches × (mesh.data × mesh.fsdp).
   t.microbatches = 1  # Gradient accumulation: the step runs global_batch/microbatches rows at a time.
   t.seed = 0  # Parameter init seed.
+  t.init_from = ""  # A maxlm workdir (imported or trained) whose parameters start a run without checkpoints; fresh optimizer.
   t.z_loss = 0.0  # Weight of the z-loss term mean(logsumexp(logits)^2) (PaLM uses 1e-4).
   t.loss_chunk = 0  # Positions per cross-entropy chunk (divides data.seq_len); 0 = the full [B, T, V] logits at once.
   t.log_every = 10  # Steps between metrics.jsonl / progress updates.

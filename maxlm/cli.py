@@ -36,6 +36,16 @@ USAGE = """usage: maxlm COMMAND ...
                    [--dedup exact|near|none] [--near-threshold 0.8] [--filters default|prose|code|none]
                    curate and tokenize documents once into DIR/{train,val}/ with a manifest and a curation
                    report (see maxlm/prepare.py, docs/data.md)
+  convert from-hf  --hf_dir=DIR --workdir=OUT [--param_dtype=float32|bfloat16]
+                   import a Hugging Face Llama/Mistral safetensors model into a new workdir (params, config.py,
+                   tokenizer); continue training with maxlm train --config=OUT/config.py
+  convert to-hf    --workdir=RUN --out=DIR [--step=N] [--dtype=float32|bfloat16] [--max_shard_size=5GB]
+                   export a run's newest (or step N) parameters as a LlamaForCausalLM directory (docs/interop.md)
+  eval             --workdir=RUN [--data=DIR] [--step=N] [--batches=N|all] [--batch_size=B] [--seq_len=T]
+                   held-out loss, perplexity and bits per byte on a prepared dataset's val split; JSON to stdout
+  sample           --workdir=RUN --prompt TEXT [--prompt TEXT ...] [--max_new_tokens=64] [--temperature=1.0]
+                   [--top_k=0] [--top_p=1.0] [--seed=0] [--step=N]
+                   KV-cache sampling, batched prompts, stops at EOS; one JSON line per prompt
 """
 
 
@@ -165,6 +175,96 @@ def _data(args: list[str]) -> None:
                                          for k, v in manifest["splits"].items()))
 
 
+def _convert(args: list[str]) -> None:
+  usage = ("usage: maxlm convert from-hf --hf_dir=DIR --workdir=OUT | maxlm convert to-hf --workdir=RUN --out=DIR "
+           "[--step=N]")
+  if not args or args[0] not in ("from-hf", "to-hf"):
+    raise ConfigError(usage)
+  parser = _ArgumentParser(prog=f"maxlm convert {args[0]}", add_help=False)
+  parser.add_argument("--workdir", required=True)
+  if args[0] == "from-hf":
+    parser.add_argument("--hf_dir", required=True)
+    parser.add_argument("--param_dtype", default="float32")
+  else:
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--step", type=int)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max_shard_size", default="5GB")
+  a = parser.parse_args(args[1:])
+  from maxlm import hf  # JAX and Orbax; never torch.
+
+  if args[0] == "from-hf":
+    summary = hf.from_hf(a.hf_dir, a.workdir, param_dtype=a.param_dtype)
+  else:
+    summary = hf.to_hf(a.workdir, a.out, step=a.step, dtype=a.dtype, max_shard_bytes=hf.parse_size(a.max_shard_size))
+  print(json.dumps(summary))
+
+
+def _eval(args: list[str]) -> None:
+  parser = _ArgumentParser(prog="maxlm eval", add_help=False)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--data")
+  parser.add_argument("--step", type=int)
+  parser.add_argument("--batches")
+  parser.add_argument("--batch_size", type=int)
+  parser.add_argument("--seq_len", type=int)
+  a = parser.parse_args(args)
+  import jax
+
+  from maxlm import evaluate
+
+  cfg = config.load_workdir(a.workdir, platform=jax.devices()[0].platform)
+  if a.data:
+    datasets = [(a.data, cfg.data.seed)]
+  elif cfg.data.source == "prepared":
+    datasets = [(p, cfg.data.seed + i) for i, p in enumerate(filter(None, cfg.data.path.split(",")))]
+  else:
+    raise ConfigError(f"the run trained on data.source={cfg.data.source!r}: pass a prepared dataset with --data=DIR")
+  if a.batches in (None, ""):
+    batches = cfg.train.eval_batches
+  elif a.batches == "all":
+    batches = None
+  else:
+    try:
+      batches = int(a.batches)
+    except ValueError:
+      raise ConfigError(f"--batches={a.batches}: use a number of batches or 'all'") from None
+  for dataset, seed in datasets:
+    result = evaluate.evaluate(cfg, a.workdir, dataset, step=a.step, batches=batches, batch_size=a.batch_size,
+                               seq_len=a.seq_len, seed=seed)
+    print(json.dumps({"workdir": a.workdir, **result}))
+
+
+def _sample(args: list[str]) -> None:
+  parser = _ArgumentParser(prog="maxlm sample", add_help=False)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--prompt", action="append", required=True)
+  parser.add_argument("--max_new_tokens", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--top_k", type=int, default=0)
+  parser.add_argument("--top_p", type=float, default=1.0)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--step", type=int)
+  a = parser.parse_args(args)
+  if a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
+    raise ConfigError("use --max_new_tokens >= 1, --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
+  import jax
+
+  from maxlm import sample, tokenizer, train
+
+  cfg = config.load_workdir(a.workdir, platform=jax.devices()[0].platform)
+  tok, add_bos = tokenizer.for_run(a.workdir)
+  if tok is None:
+    raise ConfigError(f"--workdir={a.workdir}: no SentencePiece tokenizer found (neither an imported tokenizer.model "
+                      "nor the tokenizer of the run's prepared data)")
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.model.vocab_size}")
+  model = train.restore_model(cfg, a.workdir, jax.devices()[:1], a.step)  # One device: sampling is small.
+  for result in sample.complete(model, tok, a.prompt, add_bos=add_bos, max_new_tokens=a.max_new_tokens,
+                                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed):
+    print(json.dumps(result))
+
+
 class RunFailed(RuntimeError):
   """The run cannot go on (e.g. the stability guard ran out of rollbacks); the message is the report."""
 
@@ -197,7 +297,8 @@ def _compile(args: list[str]) -> None:
     raise DoesNotFit(aot.does_not_fit_message(report))
 
 
-COMMANDS = {"train": _train, "bench": _bench, "compile": _compile, "tokenizer": _tokenizer, "data": _data}
+COMMANDS = {"train": _train, "bench": _bench, "compile": _compile, "tokenizer": _tokenizer, "data": _data,
+            "convert": _convert, "eval": _eval, "sample": _sample}
 
 
 def main(argv: list[str] | None = None) -> int:

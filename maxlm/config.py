@@ -8,8 +8,9 @@ the type of the base default.
 from __future__ import annotations
 
 import difflib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -25,6 +26,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
+    "model.rope_scaling.type": ("none", "llama3"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "data.source": ("synthetic", "tokens", "prepared"),
     "data.token_dtype": ("uint16", "uint32"),
@@ -36,7 +38,8 @@ CHOICES = {
 MINIMA = {
     "model.vocab_size": 1, "model.d_model": 1, "model.num_layers": 1, "model.num_heads": 1,
     "model.num_kv_heads": 1, "model.mlp_dim": 1, "model.rope_theta": 1e-9, "model.norm_eps": 0.0,
-    "model.init_std": 0.0, "data.seq_len": 1, "data.num_workers": 0, "optim.lr": 0.0,
+    "model.init_std": 0.0, "model.rope_scaling.factor": 1.0, "model.rope_scaling.low_freq_factor": 1e-9,
+    "model.rope_scaling.original_max_len": 1, "model.max_position_embeddings": 0, "data.seq_len": 1, "data.num_workers": 0, "optim.lr": 0.0,
     "optim.warmup_steps": 0, "optim.decay_fraction": 0.0, "optim.min_lr_ratio": 0.0,
     "optim.weight_decay": 0.0, "optim.clip_norm": 0.0, "optim.eps": 0.0, "train.steps": 1,
     "train.global_batch": 1, "train.microbatches": 1, "train.z_loss": 0.0, "train.loss_chunk": 0, "train.log_every": 1,
@@ -116,11 +119,12 @@ def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, ob
 
 
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
-             platform: str = "cpu", num_slices: int = 1) -> ml_collections.ConfigDict:
+             platform: str = "cpu", num_slices: int = 1, check_paths: bool = True) -> ml_collections.ConfigDict:
   """Checks `cfg` against the schema and itself; returns a resolved copy (mesh sizes filled, dtype chosen).
 
   `num_slices`: how many groups the DCN axes split the devices into (`maxlm.mesh.num_granules`): TPU
-  slices, or processes elsewhere.
+  slices, or processes elsewhere. `check_paths=False` skips the checks of files the config names
+  (data.path, train.init_from).
   """
   schema = _flat_keys(base.get_config())
   values = _flat_keys(cfg)
@@ -152,6 +156,10 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
                       "choose num_kv_heads dividing num_heads")
+  r = m.rope_scaling
+  if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+    raise ConfigError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must be > low_freq_factor="
+                      f"{r.low_freq_factor}")
   if m.compute_dtype == "auto":
     m.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
   _resolve_attention(m, platform, resolved.data.seq_len)
@@ -191,6 +199,11 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
   if t.guard.policy == "rollback" and resolved.checkpoint.every_steps == 0:
     raise ConfigError("train.guard.policy='rollback' needs checkpoints: set checkpoint.every_steps > 0, or use "
                       "train.guard.policy='skip'")
+  if not check_paths:
+    return resolved
+  if t.init_from and not os.path.isdir(t.init_from):
+    raise ConfigError(f"train.init_from={t.init_from!r}: no such directory; pass a maxlm workdir (a trained run, or "
+                      "a model imported with maxlm convert from-hf)")
   d = resolved.data
   if d.source == "tokens":
     if not d.path:
@@ -247,6 +260,45 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
   if not 1 <= steps[0] <= steps[1]:
     raise ConfigError(f"metrics.profile_steps={spec!r}: use FIRST-LAST with 1 <= FIRST <= LAST (e.g. 10-12), or N")
   return steps
+
+
+def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.ConfigDict:
+  """The config of a trained run or an imported model (`<workdir>/config.json`), validated for one device.
+
+  Inference commands choose their own devices, so the saved mesh is reset to `data=-1`; the files the
+  config names are not checked (eval checks its data itself). Keys added to the schema after the run was
+  written take their defaults.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--workdir={workdir} has no config.json: pass a maxlm run or a model imported with "
+                      "maxlm convert from-hf")
+  with open(path) as f:
+    saved = json.load(f)
+
+  def merged(defaults: dict, values: dict) -> dict:
+    return {k: merged(v, values.get(k, {})) if isinstance(v, dict) else values.get(k, v) for k, v in defaults.items()}
+
+  unknown = sorted(set(_flat_keys(ml_collections.ConfigDict(saved))) - set(_flat_keys(base.get_config())))
+  if unknown:
+    raise ConfigError(f"{path}: unknown config key '{unknown[0]}' (written by another maxlm version?)")
+  cfg = ml_collections.ConfigDict(merged(base.get_config().to_dict(), saved))
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1)
+  try:
+    return validate(cfg, num_devices=1, platform=platform, check_paths=False)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+
+
+def lineage(workdir: str) -> Iterator[tuple[str, dict]]:
+  """(workdir, its saved config) for the workdir and the chain of `train.init_from` it started from."""
+  seen = set()
+  while workdir and os.path.abspath(workdir) not in seen and os.path.isfile(os.path.join(workdir, "config.json")):
+    seen.add(os.path.abspath(workdir))
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+    yield workdir, saved
+    workdir = saved.get("train", {}).get("init_from", "")
 
 
 def _check_type(key: str, value: object, default: object) -> None:

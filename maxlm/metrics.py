@@ -12,7 +12,6 @@ import os
 import sys
 
 import tqdm
-from tensorboardX import SummaryWriter
 
 log = logging.getLogger("maxlm")
 
@@ -27,7 +26,10 @@ class MetricsWriter:
     if enabled and os.path.exists(path):
       _drop_records_after(path, after_step)
     self._jsonl = open(path, "a") if enabled else None
-    self._tb = SummaryWriter(os.path.join(workdir, "tb")) if enabled and tensorboard else None
+    self._tb = None
+    if enabled and tensorboard:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415  Here: it imports torch when installed (seconds).
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, record: dict) -> None:
     if not self.enabled:

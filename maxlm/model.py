@@ -8,11 +8,15 @@ and RoPE run in float32. Block parameters are always stacked on a leading "layer
 checkpoint layout does not depend on `model.scan_layers`, which only chooses scan vs. an unrolled loop.
 Logical axis names on parameters and activations are mapped to the mesh by `maxlm.mesh.RULES`.
 RoPE uses the half-split ("rotate_half") convention of Hugging Face Llama checkpoints.
+
+`Transformer.decode` is the inference path: the same blocks over a KV cache (prefill and one-token steps),
+used by `maxlm.sample`; training never touches it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +49,34 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding (Su et al. 2021): rotates pairs (i, i + Dh/2) by position · theta^(-2i/Dh)."""
-  half = x_BxTxNxDh.shape[-1] // 2
+class RopeScaling(NamedTuple):
+  """Llama 3.1 frequency scaling (HF `rope_type: llama3`): wavelengths longer than original_max_len /
+  low_freq_factor are stretched by `factor`, those shorter than original_max_len / high_freq_factor are kept,
+  and the band between is interpolated smoothly."""
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_len: int
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+  """The Dh/2 rotation frequencies theta^(-2i/Dh), optionally Llama-3.1 scaled (as transformers computes them)."""
+  half = head_dim // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxTx1xHalf = (positions_BxT[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
+  if scaling is None:
+    return inv_freq
+  s = scaling
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > s.original_max_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+  smooth = (s.original_max_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= s.original_max_len / s.high_freq_factor) & (wavelen <= s.original_max_len / s.low_freq_factor)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, inv_freq_Half: jax.Array) -> jax.Array:
+  """Rotary embedding (Su et al. 2021): rotates pairs (i, i + Dh/2) by position · inv_freq[i]."""
+  angle_BxTx1xHalf = (positions_BxT[..., None].astype(jnp.float32) * inv_freq_Half)[:, :, None, :]
   sin, cos = jnp.sin(angle_BxTx1xHalf), jnp.cos(angle_BxTx1xHalf)
   x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxDh.dtype)
@@ -78,6 +105,25 @@ def xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT):
   return out_BxKxQxDh.reshape(B, K, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
 
 
+def cached_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT):
+  """Attention of T new queries over a KV cache whose slot s holds the row's token at position s.
+
+  A query at position p sees slots 0..p: the row's earlier tokens (prompt or generated) and itself. Slots
+  after p may hold stale values (prompt padding) that are overwritten before any query can see them.
+  """
+  B, T, H, Dh = q_BxTxHxDh.shape
+  S, K = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
+  G = H // K
+  q_BxKxGxTxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4)
+  scores_BxKxGxTxS = jnp.einsum("bkgtd,bskd->bkgts", q_BxKxGxTxDh, k_BxSxKxDh,
+                                preferred_element_type=jnp.float32) * Dh**-0.5
+  visible_BxTxS = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
+  scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxDh.dtype)
+  out_BxKxGxTxDh = jnp.einsum("bkgts,bskd->bkgtd", probs_BxKxGxTxS, v_BxSxKxDh)
+  return out_BxKxGxTxDh.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+
+
 # `model.attention` -> implementation with the signature of `xla_attention` (fused kernels: maxlm/kernels.py).
 # "auto" is resolved by `config.validate` for the platform.
 ATTENTION = {"xla": xla_attention, "cudnn": kernels.cudnn_attention, "splash": kernels.splash_attention}
@@ -96,10 +142,14 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(Dh, cfg.norm_eps, pdt) if cfg.qk_norm else None
     self.k_norm = RMSNorm(Dh, cfg.norm_eps, pdt) if cfg.qk_norm else None
     self.rope_theta = cfg.rope_theta
+    r = cfg.rope_scaling
+    self.rope_scaling = (RopeScaling(r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_len)
+                         if r.type == "llama3" else None)
     self.attention_fn = ATTENTION[cfg.attention]
     self.dtype = jnp.dtype(cfg.compute_dtype)
 
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+  def _project(self, x_BxTxD, positions_BxT):
+    """Queries, keys and values of `x`, after the optional QK-norm and RoPE."""
     dt = self.dtype
     q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_proj[...].astype(dt))
     k_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x_BxTxD, self.k_proj[...].astype(dt))
@@ -109,10 +159,25 @@ class Attention(nnx.Module):
     v_BxSxKxDh = constrain(v_BxSxKxDh, ("act_batch", "act_seq", "act_kv_heads", None))
     if self.q_norm is not None:
       q_BxTxHxDh, k_BxSxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxSxKxDh)
-    q_BxTxHxDh = rope(q_BxTxHxDh, positions_BxT, self.rope_theta)
-    k_BxSxKxDh = rope(k_BxSxKxDh, positions_BxT, self.rope_theta)
+    inv_freq_Half = rope_inv_freq(q_BxTxHxDh.shape[-1], self.rope_theta, self.rope_scaling)
+    q_BxTxHxDh = rope(q_BxTxHxDh, positions_BxT, inv_freq_Half)
+    k_BxSxKxDh = rope(k_BxSxKxDh, positions_BxT, inv_freq_Half)
+    return q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh
+
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh = self._project(x_BxTxD, positions_BxT)
     out_BxTxHxDh = self.attention_fn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)
-    return jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_proj[...].astype(dt))
+    return jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_proj[...].astype(self.dtype))
+
+  def decode(self, x_BxTxD, positions_BxT, cache):
+    """Writes the new tokens' keys and values into `cache` (slot = position) and attends over it."""
+    q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = self._project(x_BxTxD, positions_BxT)
+    rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
+    k_BxSxKxDh = cache["k"].at[rows_Bx1, positions_BxT].set(k_BxTxKxDh.astype(cache["k"].dtype))
+    v_BxSxKxDh = cache["v"].at[rows_Bx1, positions_BxT].set(v_BxTxKxDh.astype(cache["v"].dtype))
+    out_BxTxHxDh = cached_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT)
+    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_proj[...].astype(self.dtype))
+    return out_BxTxD, {"k": k_BxSxKxDh, "v": v_BxSxKxDh}
 
 
 class MLP(nnx.Module):
@@ -148,6 +213,11 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
     return constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
 
+  def decode(self, x_BxTxD, positions_BxT, cache):
+    attn_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), positions_BxT, cache)
+    x_BxTxD = x_BxTxD + attn_BxTxD
+    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+
 
 class Transformer(nnx.Module):
   """tokens_BxT -> logits_BxTxV. `positions` restart and `segment_ids` change at packed document borders."""
@@ -166,6 +236,7 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(D, cfg.norm_eps, pdt)
     self.lm_head = None if cfg.tie_embeddings else _normal(rngs, (D, V), D**-0.5, ("embed", "vocab"), pdt)
     self.num_layers = cfg.num_layers
+    self.kv_heads, self.head_dim = cfg.num_kv_heads, D // cfg.num_heads
     self.scan_layers = cfg.scan_layers
     self.remat = cfg.remat
     self.dtype = jnp.dtype(cfg.compute_dtype)
@@ -207,6 +278,25 @@ class Transformer(nnx.Module):
     """x_BxTxD -> logits_BxTxV in the compute dtype (training uses maxlm.loss, which never holds them all)."""
     logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.output_projection())
     return constrain(logits_BxTxV, ("act_batch", "act_seq", "act_vocab"))
+
+  def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+    """An empty KV cache for `batch` rows of up to `length` positions: k, v [N, B, S, K, Dh]."""
+    shape = (self.num_layers, batch, length, self.kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+  def decode(self, tokens_BxT, positions_BxT, cache):
+    """(logits_BxTxV, cache): the forward pass of T new tokens per row at `positions`, attending over the
+    row's earlier tokens in `cache`. Prefill passes the prompts (T = prompt length, positions 0..T-1);
+    each decode step passes one token. One sequence per row (no segments); layers always scan."""
+    x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.dtype)
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def block(x_BxTxD, layer):
+      layer_params, layer_cache = layer
+      return nnx.merge(graphdef, layer_params).decode(x_BxTxD, positions_BxT, layer_cache)
+
+    x_BxTxD, cache = jax.lax.scan(block, x_BxTxD, (stacked, cache))
+    return self.logits(self.final_norm(x_BxTxD)), cache
 
 
 def create(cfg: ml_collections.ConfigDict, seed: int) -> Transformer:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
+from maxlm import config
 from maxlm.config import ConfigError
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -45,6 +47,44 @@ class Tokenizer:
     return {"path": self.path, "sha256": hashlib.sha256(self.model_bytes).hexdigest(), "vocab_size": self.vocab_size,
             "bos_id": self.sp.bos_id(), "eos_id": self.sp.eos_id(), "pad_id": self.sp.pad_id(),
             "unk_id": self.sp.unk_id()}
+
+
+def from_manifest(dataset: str) -> Tokenizer | None:
+  """The tokenizer a prepared dataset was made with, if its recorded file still exists with the recorded hash."""
+  try:
+    with open(os.path.join(dataset, "manifest.json")) as f:
+      info = json.load(f)["tokenizer"]
+    with open(info["path"], "rb") as f:
+      if hashlib.sha256(f.read()).hexdigest() != info["sha256"]:
+        return None
+  except (OSError, KeyError, ValueError):
+    return None
+  return Tokenizer(info["path"])
+
+
+def for_run(workdir: str) -> tuple[Tokenizer | None, bool]:
+  """(the SentencePiece tokenizer of a run, whether prompts start with BOS), or (None, False).
+
+  Looked up along the run and the runs it was initialised from: an imported `tokenizer.model` (BOS as its HF
+  tokenizer_config.json says, default on as for Llama), else the tokenizer of the run's prepared data (no
+  BOS: `maxlm data prepare` adds none), found by the path and SHA-256 its manifest records.
+  """
+  for directory, saved in config.lineage(workdir):
+    path = os.path.join(directory, "tokenizer.model")
+    if os.path.isfile(path):
+      side = os.path.join(directory, "hf", "tokenizer_config.json")
+      add_bos = True
+      if os.path.isfile(side):
+        with open(side) as f:
+          add_bos = bool(json.load(f).get("add_bos_token", True))
+      return Tokenizer(path), add_bos
+    data = saved.get("data", {})
+    if data.get("source") == "prepared":
+      for dataset in filter(None, data.get("path", "").split(",")):
+        tok = from_manifest(dataset)
+        if tok is not None:
+          return tok, False
+  return None, False
 
 
 def train(texts: Iterator[str], *, vocab_size: int, output: str, model_type: str = "bpe",

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from maxlm import data, flops, loss, mesh as mesh_lib, model, optim
+from maxlm import checkpoint, data, flops, loss, mesh as mesh_lib, model, optim
 from maxlm.checkpoint import Checkpointer
 from maxlm.config import DCN_AXES, MESH_AXES, ConfigError, profile_steps
 from maxlm.guard import Diverged, Guard
@@ -146,6 +146,7 @@ class StepProgram:
   eval: Callable  # jitted (params, global batch) -> (nll sum, token count)
   abstract_batch: dict  # a global batch as ShapeDtypeStructs
   abstract_controls: dict
+  start_from: Callable[[nnx.State], TrainState]  # a step-0 state from given (sharded) params, fresh optimizer
 
   def lower(self):
     with jax.set_mesh(self.mesh):
@@ -170,8 +171,11 @@ def build_step(cfg: ml_collections.ConfigDict, devices) -> StepProgram:
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk),
                       in_shardings=(shardings.params, batch_sharding))
   controls = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in CONTROLS}
+  start_from = jax.jit(lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                                 opt_state=tx.init(params)), out_shardings=shardings)
   return StepProgram(mesh=mesh, abstract_state=abstract_state, init=init, batch_sharding=batch_sharding,
-                     step=step_fn, eval=eval_fn, abstract_batch=abstract_batch, abstract_controls=controls)
+                     step=step_fn, eval=eval_fn, abstract_batch=abstract_batch, abstract_controls=controls,
+                     start_from=start_from)
 
 
 @dataclasses.dataclass
@@ -185,6 +189,7 @@ class Session:
   data_iterator: Any  # this process's Grain training iterator (checkpointable)
   next_batch: Callable[[], dict]  # the next global training batch, on device
   evaluate: Callable[[nnx.State], float]  # mean eval loss over train.eval_batches held-out batches
+  start_from: Callable[[nnx.State], TrainState]  # a step-0 state from given (sharded) params, fresh optimizer
   tokens_per_step: int
   flops_per_step: float
   peak_tflops: float  # per device, for MFU
@@ -223,6 +228,7 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
 
   return Session(cfg=cfg, mesh=mesh, abstract_state=program.abstract_state, init=program.init, step=compiled_step,
                  data_iterator=train_iter, next_batch=lambda: to_global(next(train_iter)), evaluate=evaluate,
+                 start_from=program.start_from,
                  tokens_per_step=tokens_per_step, flops_per_step=flops_per_step, peak_tflops=peak,
                  compile_s=compile_s)
 
@@ -248,30 +254,48 @@ def _axis_sizes(mesh_cfg) -> dict[str, int]:
   return {a: ici * dcn for a, ici, dcn in zip(MESH_AXES, mesh_sizes(mesh_cfg), mesh_sizes(mesh_cfg, dcn=True))}
 
 
-def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> model.Transformer:
-  """The model of the newest checkpoint in `workdir`, for sampling and evaluation."""
+def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None, step: int | None = None
+                  ) -> model.Transformer:
+  """The model of a workdir for sampling and evaluation: the parameters only (no optimizer state) of its
+  newest checkpoint (or of `step`), or its imported parameters; placed on `cfg.mesh` over `devices`."""
   devices = list(jax.devices() if devices is None else devices)
-  _, _, _, graphdef, abstract_state, _ = _state_layout(cfg, devices)
-  ckpt = Checkpointer(workdir, cfg)
-  try:
-    if not ckpt.steps():
-      raise ConfigError(f"--workdir={workdir} has no checkpoints: train with checkpoint.every_steps > 0 first")
-    state = ckpt.restore_state(ckpt.steps()[-1], abstract_state)
-  finally:
-    ckpt.close()
-  return nnx.merge(graphdef, state.params)
+  mesh = mesh_lib.build_mesh(mesh_sizes(cfg.mesh), devices, mesh_sizes(cfg.mesh, dcn=True))
+  directory, _ = checkpoint.params_location(workdir, step)
+  diffs = checkpoint.model_differences(checkpoint.saved_model_config(workdir), cfg.model)
+  if diffs:
+    raise ConfigError(f"--workdir={workdir} holds a different model ({'; '.join(diffs)})")
+  graphdef, abstract = checkpoint.abstract_params(cfg.model, mesh)
+  return nnx.merge(graphdef, checkpoint.restore_params(directory, abstract))
 
 
 def _restore_or_init(s: Session, ckpt: Checkpointer | None, guard: Guard) -> tuple[TrainState, int]:
   restored = ckpt.restore_latest(s.abstract_state, s.data_iterator, s.cfg.model) if ckpt else None
   if restored is None:
-    return s.init(), 0
+    return _init(s), 0
   state, step, meta = restored
   guard.load(meta.get("guard"))
   saved_mesh, mesh = _axis_sizes(meta["config"]["mesh"]), _axis_sizes(s.cfg.mesh)
   resharded = f"; resharded from mesh {saved_mesh} to {mesh}" if saved_mesh != mesh else ""
   log.info("resumed from the checkpoint at step %d%s", step, resharded)
+  if s.cfg.train.init_from:
+    log.info("train.init_from is ignored: the run resumes from its own checkpoint")
   return state, step
+
+
+def _init(s: Session) -> TrainState:
+  """A fresh state: random parameters, or those of `train.init_from` (with a fresh optimizer state)."""
+  source = s.cfg.train.init_from
+  if not source:
+    return s.init()
+  diffs = checkpoint.model_differences(checkpoint.saved_model_config(source), s.cfg.model)
+  if diffs:
+    raise ConfigError(f"train.init_from={source!r} holds a different model ({'; '.join(diffs)}): use its model "
+                      "config (e.g. the config.py that maxlm convert from-hf wrote)")
+  directory, step = checkpoint.params_location(source)
+  params = checkpoint.restore_params(directory, s.abstract_state.params)
+  log.info("initialised the parameters from %s%s; fresh optimizer state", directory,
+           "" if step is None else f" (step {step})")
+  return s.start_from(params)
 
 
 def controls(loss_scale: float = 1.0, lr_scale: float = 1.0, max_loss: float = np.inf) -> dict[str, np.float32]:

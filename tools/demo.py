@@ -72,14 +72,13 @@ def main() -> None:
   print(f"\nfinal train loss {records[-1]['loss']:.3f}, eval loss {evals[-1]:.3f}, "
         f"MFU {100 * records[-1]['mfu']:.1f}% ({records[-1]['tokens_per_sec']:,.0f} tokens/s)")
 
-  tok = tokenizer.Tokenizer(tok_path)
+  # The same code path as `maxlm sample --workdir=... --temperature=0.8 --top_k=20`.
   model = train.restore_model(cfg, args.workdir)
-  prompts = [tok.encode(p) for p in PROMPTS]
-  outputs = sample.generate(model, prompts, max_new_tokens=40, temperature=0.8, top_k=20, seed=0,
-                            eos_id=tok.sp.eos_id())
+  results = sample.complete(model, tokenizer.Tokenizer(tok_path), PROMPTS, max_new_tokens=40, temperature=0.8,
+                            top_k=20, seed=0)
   print("samples (temperature 0.8, top-k 20):")
-  for prompt, new in zip(PROMPTS, outputs):
-    print("  " + repr(prompt + tok.decode(new))[1:-1][:160])
+  for r in results:
+    print("  " + repr(r["prompt"] + r["completion"])[1:-1][:160])
 
 
 if __name__ == "__main__":
