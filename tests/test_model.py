@@ -141,3 +141,27 @@ def test_bfloat16_compute_keeps_float32_params():
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.split(m)[1]))
   logits = m(jnp.zeros((1, 8), jnp.int32))
   assert logits.dtype == jnp.bfloat16
+
+
+def test_block_causal_attention_equals_the_full_masked_softmax():
+  """T=512 runs as 4 query blocks of 128 that skip keys past their end; the reference scores all T×T."""
+  B, T, H, K, Dh = 2, 512, 4, 2, 16
+  q, k, v = (jax.random.normal(key, shape) for key, shape in
+             zip(jax.random.split(jax.random.key(0), 3), [(B, T, H, Dh), (B, T, K, Dh), (B, T, K, Dh)]))
+  segments = jnp.asarray(np.stack([np.ones(T, np.int32), np.repeat([1, 2, 3], [100, 250, 162])]))
+
+  def full(q, k, v):
+    kk, vv = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, kk) / np.sqrt(Dh)
+    allowed = jnp.tril(jnp.ones((T, T), bool)) & (segments[:, :, None] == segments[:, None, :])
+    p = jax.nn.softmax(jnp.where(allowed[:, None], s, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", p, vv)
+
+  def loss_and_grads(attention):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  got, want = loss_and_grads(lambda q, k, v: model.xla_attention(q, k, v, segments)), loss_and_grads(full)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
