@@ -89,7 +89,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step
   graphdef, params = nnx.split(m)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   with jax.set_mesh(mesh):
-    sums = jax.jit(functools.partial(train.eval_step, graphdef=graphdef))
+    chunk = cfg.train.loss_chunk if cfg.train.loss_chunk and seq_len % cfg.train.loss_chunk == 0 else 0
+    sums = jax.jit(functools.partial(train.eval_step, graphdef=graphdef, loss_chunk=chunk))
     nats, targets, total_bytes = 0.0, 0, 0
     for begin in range(0, rows, batch_size):
       batch = _batch(source, range(begin, min(begin + batch_size, rows)), padded, seq_len)
