@@ -87,8 +87,8 @@ def main() -> None:
       "benchmark": "checkpoint_stall", "date": datetime.date.today().isoformat(), "device": device.device_kind,
       "platform": device.platform, "devices": jax.device_count(), "host_cores": os.cpu_count(), "jax": jax.__version__,
       "config": args.config, "params_m": flops.param_count(cfg.model) / 1e6, "step_time_s": step_time,
-      "first_save_call_s": calls[0], "save_call_s_median": save_call, "save_call_pct_of_step": 100 * save_call / step_time,
-      "contention_s_median": statistics.median(contention[1:]),
+      "first_save_call_s": calls[0], "save_call_s_median": save_call, "save_call_s_all": calls[1:], "save_call_pct_of_step": 100 * save_call / step_time,
+      "contention_s_median": statistics.median(contention[1:]), "contention_s_all": contention[1:],
       "contention_pct_of_step": 100 * statistics.median(contention[1:]) / step_time,
       "write_s_median": statistics.median(writes), "restore_s": restore_s, "checkpoint_dir_mb": size / 2**20,
   }
