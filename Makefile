@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (set up + main job) and `make test` (set up, with libtpu, + tests).
+# Two entry points: `make demo` (set up + main job) and `make test` (set up, with the test extras, + tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,13 +9,14 @@ DEMO_DIR ?= /tmp/maxlm-demo
 $(BIN)/maxlm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
 setup: $(BIN)/maxlm
 
-# libtpu (the `tpu` extra) for the `maxlm compile --topology` tests: TPU ahead-of-time compiles run on a CPU host.
-$(VENV)/.tpu: $(BIN)/maxlm
+# The tests also need pytest, transformers with a CPU PyTorch (reference for the HF conversion) and libtpu (the
+# `tpu` extra: `maxlm compile --topology` compiles for TPUs on a CPU host).
+$(VENV)/.test: $(BIN)/maxlm
 	$(BIN)/pip install --quiet -e '.[dev,tpu]'
 	touch $@
 
@@ -23,7 +24,7 @@ demo: setup
 	rm -rf $(DEMO_DIR)
 	$(BIN)/python tools/demo.py --workdir=$(DEMO_DIR)
 
-test: setup $(VENV)/.tpu
+test: setup $(VENV)/.test
 	$(BIN)/python -m pytest -q tests
 
 clean:

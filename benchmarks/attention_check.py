@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import time
 
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxlm import kernels, model
+from maxlm import bench, kernels, model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (B, T, H, K, Dh): GPT-2-124M-like, Llama-1B-like, Llama-8B-like at a shorter T.
@@ -92,7 +91,7 @@ def main() -> None:
             "jax": jax.__version__, "dtype": str(dtype), "rows": rows,
             "note": "forward+backward of sum(out^2); diffs are against model.xla_attention in the same dtype"}
   os.makedirs(args.results_dir, exist_ok=True)
-  slug = re.sub(r"[^A-Za-z0-9]+", "_", device.device_kind).strip("_").lower()
+  slug = bench.device_slug(device.device_kind)
   path = os.path.join(args.results_dir, f"attention_check_{slug}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)

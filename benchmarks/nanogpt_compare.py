@@ -20,7 +20,6 @@ import datetime
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -174,7 +173,7 @@ def main() -> None:
     return
 
   overrides = [*args.overrides, *extra, f"--config.train.global_batch={args.batch}", "--config.train.microbatches=1"]
-  from maxlm import config, flops  # JAX is imported, but no backend is started in this process.
+  from maxlm import bench, config, flops  # JAX is imported, but no backend is started in this process.
   raw = config.load([f"--config={REPO}/configs/{args.config}.py", *overrides])
   shape = {k: raw.model[k] for k in ("d_model", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size", "num_layers",
                                      "norm_eps", "rope_theta", "tie_embeddings", "init_std")}
@@ -212,7 +211,7 @@ def main() -> None:
       "loss_at_init_ln_v": math.log(raw.model.vocab_size),
   }
   os.makedirs(args.results_dir, exist_ok=True)
-  slug = re.sub(r"[^A-Za-z0-9]+", "_", mx["device"]).strip("_").lower()
+  slug = bench.device_slug(mx["device"])
   path = os.path.join(args.results_dir, f"nanogpt_compare_{slug}_{args.config}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)

@@ -92,11 +92,15 @@ def _peak_memory(device: jax.Device, compiled) -> tuple[int, str]:
   return int(total), "compiled step (args + outputs + temps - aliased)"
 
 
+def device_slug(device_kind: str) -> str:
+  """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3', for result file names."""
+  return re.sub(r"[^A-Za-z0-9]+", "_", device_kind).strip("_").lower()
+
+
 def write(result: dict, results_dir: str) -> str:
   """Writes the JSON record and appends its row to `mfu.md`; returns the JSON path."""
   os.makedirs(results_dir, exist_ok=True)
-  slug = re.sub(r"[^A-Za-z0-9]+", "_", result["device"]).strip("_").lower()
-  path = os.path.join(results_dir, f"bench_{slug}_{result['config']}.json")
+  path = os.path.join(results_dir, f"bench_{device_slug(result['device'])}_{result['config']}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
   table = os.path.join(results_dir, "mfu.md")

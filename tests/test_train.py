@@ -110,17 +110,22 @@ def test_cli_writes_config_metrics_and_tensorboard(tmp_path):
   assert {"loss", "grad_norm", "lr", "mfu", "eval_loss"} <= read_tensorboard_scalars(workdir / "tb")
 
 
+def random_batch(B, T, *, keep, seed, V=256):
+  """Random tokens and targets in one segment, a `keep` fraction of the targets counted."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(seed)
+  batch = {"inputs": rng.integers(0, V, (B, T)), "targets": rng.integers(0, V, (B, T)),
+           "positions": np.tile(np.arange(T), (B, 1)), "segment_ids": np.ones((B, T), np.int32),
+           "loss_mask": (rng.random((B, T)) < keep).astype(np.int32)}
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
 def test_masked_cross_entropy_and_z_loss_match_numpy():
   from flax import nnx
-  import jax.numpy as jnp
   from maxlm import model
   cfg = make_config().model
   graphdef, params = nnx.split(model.create(cfg, 0))
-  rng = np.random.default_rng(0)
-  batch = {"inputs": rng.integers(0, 256, (2, 8)), "targets": rng.integers(0, 256, (2, 8)),
-           "positions": np.tile(np.arange(8), (2, 1)), "segment_ids": np.ones((2, 8), np.int32),
-           "loss_mask": (rng.random((2, 8)) < 0.5).astype(np.int32)}
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  batch = random_batch(2, 8, keep=0.5, seed=0)
   objective, sums = train.loss_terms(params, graphdef, batch, z_loss=0.01)
 
   logits = np.asarray(nnx.merge(graphdef, params)(batch["inputs"]), np.float64)
@@ -141,11 +146,7 @@ def test_fused_cross_entropy_matches_autodiff_of_the_full_logits(z_loss, chunk, 
   from maxlm import model
   cfg = make_config(**{"data.seq_len": 16, "model.tie_embeddings": tied}).model
   graphdef, params = nnx.split(model.create(cfg, 0))
-  rng = np.random.default_rng(1)
-  batch = {"inputs": rng.integers(0, 256, (4, 16)), "targets": rng.integers(0, 256, (4, 16)),
-           "positions": np.tile(np.arange(16), (4, 1)), "segment_ids": np.ones((4, 16), np.int32),
-           "loss_mask": (rng.random((4, 16)) < 0.7).astype(np.int32)}
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  batch = random_batch(4, 16, keep=0.7, seed=1)
 
   def reference(params):
     logits = nnx.merge(graphdef, params)(batch["inputs"]).astype(jnp.float32)
