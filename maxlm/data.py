@@ -115,17 +115,20 @@ class PackedSource:
       raise ConfigError(f"data.path={directory!r}: the {split} split has {total} tokens, fewer than "
                         f"data.seq_len+1={seq_len + 1}")
     self.rows_per_epoch = (total - 1) // seq_len
-    self._epoch, self._order, self._starts = None, None, None
+    self._layout_cache = None  # (epoch, document order, row-start offsets) of the last epoch used
 
   def __len__(self) -> int:
     return ENDLESS
 
   def _layout(self, epoch: int):
-    if epoch != self._epoch:
+    # Grain reads records from several threads: the cache is replaced by one assignment, never updated field
+    # by field, so a reader sees either the old epoch's complete layout or the new one's.
+    cache = self._layout_cache
+    if cache is None or cache[0] != epoch:
       order = np.random.default_rng([self.seed, 104729, epoch]).permutation(len(self.lengths))
-      self._epoch, self._order = epoch, order
-      self._starts = np.concatenate([[0], np.cumsum(self.lengths[order])])
-    return self._order, self._starts
+      cache = (epoch, order, np.concatenate([[0], np.cumsum(self.lengths[order])]))
+      self._layout_cache = cache
+    return cache[1], cache[2]
 
   def tokens(self) -> np.ndarray:
     if self._tokens is None:  # After unpickling in a worker process.
@@ -152,7 +155,7 @@ class PackedSource:
     }
 
   def __getstate__(self):  # Worker processes reopen the memmap.
-    return {**self.__dict__, "_tokens": None, "_epoch": None}
+    return {**self.__dict__, "_tokens": None, "_layout_cache": None}
 
   def __repr__(self) -> str:
     return f"PackedSource({self.directory!r}, {self.split}, seq_len={self.seq_len}, seed={self.seed})"

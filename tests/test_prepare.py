@@ -197,6 +197,27 @@ def test_epochs_continue_without_replaying_order(prepared):
   assert np.concatenate(first).size == np.concatenate(second).size
 
 
+def test_rows_read_from_many_threads_equal_rows_read_in_order(prepared):
+  """Grain reads records from a thread pool; epoch switches (the cached document order) must be safe."""
+  import concurrent.futures
+  from maxlm import data
+  reference = data.PackedSource(prepared, "train", seq_len=16, seed=0)
+  n = reference.rows_per_epoch
+  indices = np.random.default_rng(0).permutation(6 * n)  # jumps between 6 epochs at every read
+  want = {i: reference[int(i)]["inputs"] for i in indices}
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)  # switch threads as often as possible: a torn cache update shows up at once
+  try:
+    for _ in range(5):
+      src = data.PackedSource(prepared, "train", seq_len=16, seed=0)
+      with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = dict(zip(indices, pool.map(lambda i: src[int(i)]["inputs"], indices)))
+      for i in indices:
+        np.testing.assert_array_equal(got[i], want[i])
+  finally:
+    sys.setswitchinterval(interval)
+
+
 def test_mixture_proportions_and_checks(tok, tmp_path):
   from conftest import make_config
   from maxlm import data
