@@ -126,6 +126,12 @@ def _attend_bwd(residuals, dout_BxKxQxDh):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def query_block(T: int) -> int:
+  """Query positions per block of `xla_attention`: max(64, T/8) where that divides T, else all T."""
+  t = max(64, T // 8)
+  return t if T % t == 0 else T
+
+
 def xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT):
   """Causal GQA attention in plain einsums; a query sees keys at or before it in its own segment.
 
@@ -139,7 +145,7 @@ def xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT):
   B, T, H, Dh = q_BxTxHxDh.shape
   K = k_BxSxKxDh.shape[2]
   G = H // K
-  t = max(64, T // 8) if T % max(64, T // 8) == 0 else T
+  t = query_block(T)
   q_BxTxHxDh = q_BxTxHxDh * jnp.asarray(Dh**-0.5, q_BxTxHxDh.dtype)  # Scaling q is cheaper than the scores.
   outs = []
   for start in range(0, T, t):
