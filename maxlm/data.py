@@ -97,10 +97,12 @@ class PackedSource:
   """Rows of a prepared dataset (`maxlm data prepare`): documents shuffled per epoch, concatenated, cut into
   rows of seq_len+1 tokens, with `segment_ids` numbering the documents in a row (from 1) and `positions`
   counting from 0 in each document's piece of the row (RoPE scores depend only on position differences,
-  so a piece cut from the middle of a document loses nothing by starting at 0). Row i depends only on
-  (seed, i): random access, so resuming and per-process slicing work as for the other sources. Indices
-  run on through later epochs (`rows_per_epoch` rows each, in a new order each epoch); rows do not cross
-  epochs.
+  so a piece cut from the middle of a document loses nothing by starting at 0). The rows themselves are
+  then read in a shuffled order too (`grain.experimental.index_shuffle`, a bijection with O(1) memory):
+  otherwise a long document fills many consecutive batches (a 700 KB file of the demo corpus was ~100
+  steps of one file). Row i depends only on (seed, i): random access, so resuming and per-process slicing
+  work as for the other sources. Indices run on through later epochs (`rows_per_epoch` rows each, in a
+  new order each epoch); rows do not cross epochs.
 
   The loss mask drops targets that start a new document (the token after an EOS is not predictable from
   the previous document, which is all the masked attention lets the model see).
@@ -115,7 +117,7 @@ class PackedSource:
       raise ConfigError(f"data.path={directory!r}: the {split} split has {total} tokens, fewer than "
                         f"data.seq_len+1={seq_len + 1}")
     self.rows_per_epoch = (total - 1) // seq_len
-    self._layout_cache = None  # (epoch, document order, row-start offsets) of the last epoch used
+    self._layout_cache = None  # (epoch, document order, document-start offsets, row-shuffle seed) of the last epoch
 
   def __len__(self) -> int:
     return ENDLESS
@@ -125,10 +127,17 @@ class PackedSource:
     # by field, so a reader sees either the old epoch's complete layout or the new one's.
     cache = self._layout_cache
     if cache is None or cache[0] != epoch:
-      order = np.random.default_rng([self.seed, 104729, epoch]).permutation(len(self.lengths))
-      cache = (epoch, order, np.concatenate([[0], np.cumsum(self.lengths[order])]))
+      rng = np.random.default_rng([self.seed, 104729, epoch])
+      order = rng.permutation(len(self.lengths))
+      cache = (epoch, order, np.concatenate([[0], np.cumsum(self.lengths[order])]), int(rng.integers(2**31)))
       self._layout_cache = cache
-    return cache[1], cache[2]
+    return cache[1:]
+
+  def row_position(self, index: int) -> int:
+    """Which row of its epoch's packed stream record `index` is (a per-epoch permutation of the rows)."""
+    row_seed = self._layout(index // self.rows_per_epoch)[2]
+    return grain.experimental.index_shuffle(index % self.rows_per_epoch, max_index=self.rows_per_epoch - 1,
+                                            seed=row_seed, rounds=4)
 
   def tokens(self) -> np.ndarray:
     if self._tokens is None:  # After unpickling in a worker process.
@@ -136,8 +145,8 @@ class PackedSource:
     return self._tokens
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    order, starts = self._layout(index // self.rows_per_epoch)
-    begin = (index % self.rows_per_epoch) * self.seq_len
+    order, starts, _ = self._layout(index // self.rows_per_epoch)
+    begin = self.row_position(index) * self.seq_len
     k = int(np.searchsorted(starts, begin, side="right")) - 1
     tokens, segments, positions, pos, segment = [], [], [], begin - starts[k], 1
     need = self.seq_len + 1

@@ -144,18 +144,46 @@ def test_packed_rows_cover_every_token_once_with_correct_segments(prepared):
   stream = np.concatenate([tokens[offsets[d]:offsets[d + 1]] for d in order])
   docs_at = np.repeat(np.arange(len(order)), np.diff(offsets)[order])  # stream position -> document rank
   starts = np.concatenate([[0], np.cumsum(np.diff(offsets)[order])])
-  for i in range(src.rows_per_epoch):
+  positions = [src.row_position(i) for i in range(src.rows_per_epoch)]
+  assert sorted(positions) == list(range(src.rows_per_epoch))  # every row of the stream once
+  assert positions != sorted(positions)  # ... in a shuffled order
+  for i, r in enumerate(positions):
     row = src[i]
-    span = slice(16 * i, 16 * i + 16)
+    span = slice(16 * r, 16 * r + 16)
     np.testing.assert_array_equal(row["inputs"], stream[span])
-    np.testing.assert_array_equal(row["targets"], stream[16 * i + 1:16 * i + 17])
+    np.testing.assert_array_equal(row["targets"], stream[16 * r + 1:16 * r + 17])
     ranks = docs_at[span]
     np.testing.assert_array_equal(row["segment_ids"], ranks - ranks[0] + 1)
-    piece_start = np.maximum(starts[ranks], 16 * i)  # a piece starts at its document's start or the row's
-    np.testing.assert_array_equal(row["positions"], np.arange(16 * i, 16 * i + 16) - piece_start)
-    np.testing.assert_array_equal(row["loss_mask"], docs_at[16 * i + 1:16 * i + 17] == ranks)
+    piece_start = np.maximum(starts[ranks], 16 * r)  # a piece starts at its document's start or the row's
+    np.testing.assert_array_equal(row["positions"], np.arange(16 * r, 16 * r + 16) - piece_start)
+    np.testing.assert_array_equal(row["loss_mask"], docs_at[16 * r + 1:16 * r + 17] == ranks)
   assert src.rows_per_epoch == (len(stream) - 1) // 16
   assert not np.array_equal(src[src.rows_per_epoch]["inputs"], src[0]["inputs"])  # epoch 2 is reshuffled
+
+
+def test_a_long_document_is_spread_over_the_epoch(tok, tmp_path):
+  """A document much longer than the rest must not fill consecutive batches: rows are read shuffled."""
+  from maxlm import data
+  src_dir = tmp_path / "src"
+  src_dir.mkdir()
+  words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta", "omega"], 20_000)
+  (src_dir / "long.txt").write_text(" ".join(words))
+  for i in range(20):
+    (src_dir / f"short{i}.txt").write_text(f"short document number {i} " * 40)
+  prepare.prepare([str(src_dir)], tok.path, str(tmp_path / "ds"), val_fraction=0.0, dedup="none", filters="none")
+  src = data.PackedSource(str(tmp_path / "ds"), "train", seq_len=16, seed=0)
+  tokens, offsets, _ = prepare.load_split(str(tmp_path / "ds"), "train")
+  lengths = np.diff(offsets)
+  assert lengths.max() > 0.75 * offsets[-1]  # one document is most of the data: ~1000 rows in a row
+  order = np.random.default_rng([0, 104729, 0]).permutation(len(lengths))  # epoch 0's document order
+  begin = int(np.sum(lengths[order][:int(np.argmax(order == np.argmax(lengths)))]))  # the long one's start
+  in_long = [begin <= 16 * src.row_position(i) and 16 * src.row_position(i) + 17 <= begin + lengths.max()
+             for i in range(src.rows_per_epoch)]
+  assert all(np.all(src[i]["segment_ids"] == 1) for i in np.flatnonzero(in_long)[:50])
+  longest_run = max(len(run) for run in "".join("x" if x else " " for x in in_long).split(" "))
+  # Read in stream order, its ~5500 rows would come one after another; shuffled, the longest run is what
+  # chance gives for a share of 0.88 (about 50).
+  assert sum(in_long) > 0.7 * src.rows_per_epoch and longest_run < sum(in_long) / 20
 
 
 def test_packed_batches_same_for_any_process_count(prepared):
