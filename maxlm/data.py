@@ -135,7 +135,9 @@ class PackedSource:
 
   def row_position(self, index: int) -> int:
     """Which row of its epoch's packed stream record `index` is (a per-epoch permutation of the rows)."""
-    row_seed = self._layout(index // self.rows_per_epoch)[2]
+    return self._shuffled_row(index, self._layout(index // self.rows_per_epoch)[2])
+
+  def _shuffled_row(self, index: int, row_seed: int) -> int:
     return grain.experimental.index_shuffle(index % self.rows_per_epoch, max_index=self.rows_per_epoch - 1,
                                             seed=row_seed, rounds=4)
 
@@ -145,8 +147,8 @@ class PackedSource:
     return self._tokens
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    order, starts, _ = self._layout(index // self.rows_per_epoch)
-    begin = self.row_position(index) * self.seq_len
+    order, starts, row_seed = self._layout(index // self.rows_per_epoch)  # One lookup: the epoch's layout.
+    begin = self._shuffled_row(index, row_seed) * self.seq_len
     k = int(np.searchsorted(starts, begin, side="right")) - 1
     tokens, segments, positions, pos, segment = [], [], [], begin - starts[k], 1
     need = self.seq_len + 1
