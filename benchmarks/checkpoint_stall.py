@@ -28,7 +28,7 @@ import time
 
 import jax
 
-from maxlm import config, flops, train
+from maxlm import config, flops, hostmem, train
 from maxlm.checkpoint import Checkpointer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +43,7 @@ def main() -> None:
   parser.add_argument("--saves", type=int, default=5)
   parser.add_argument("--steps_between", type=int, default=3)
   args = parser.parse_args()
+  hostmem.keep_freed_memory()  # As the `maxlm` command does.
   cfg = config.validate(config.load([f"--config={REPO}/configs/{args.config}.py", "--config.metrics.peak_tflops=1"]),
                         num_devices=jax.device_count(), platform=jax.devices()[0].platform)
   session = train.setup(cfg)

@@ -38,6 +38,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--max-files", type=int, default=0, help="only the first N stdlib files (a quick check)")
   args = parser.parse_args()
+  hostmem.keep_freed_memory()  # As the `maxlm` command does.
   files = stdlib_files(args.max_files)
   megabytes = sum(os.path.getsize(f) for f in files) / 1e6
   with tempfile.TemporaryDirectory() as tmp:

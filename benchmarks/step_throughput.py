@@ -21,7 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from maxlm import config, flops, train
+from maxlm import config, flops, hostmem, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import step_times  # noqa: E402
@@ -59,13 +59,16 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--configs", default="tiny,cpu_10m")
   parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--default-malloc", action="store_true",
+                      help="leave glibc malloc as it is, without maxlm.hostmem (the A/B of benchmarks/NOTES.md)")
   args = parser.parse_args()
+  malloc = "default" if args.default_malloc or not hostmem.keep_freed_memory() else "kept"
   rows = [bench(name, VARIANTS[v], args.steps) for name in args.configs.split(",") for v in args.variants.split(",")]
   device = jax.devices()[0]
   result = {
       "benchmark": "step_throughput", "date": datetime.date.today().isoformat(), "device": device.device_kind,
       "platform": device.platform, "host": f"{platform.machine()}, {os.cpu_count()} cores",
-      "jax": jax.__version__, "python": sys.version.split()[0], "rows": rows,
+      "malloc": malloc, "jax": jax.__version__, "python": sys.version.split()[0], "rows": rows,
   }
   os.makedirs(f"{REPO}/benchmarks/results", exist_ok=True)
   path = f"{REPO}/benchmarks/results/step_throughput_{device.platform}.json"

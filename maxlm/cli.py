@@ -11,7 +11,7 @@ import sys
 
 from absl import flags
 
-from maxlm import config
+from maxlm import config, hostmem
 from maxlm.config import ConfigError
 
 log = logging.getLogger("maxlm")
@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
   logging.getLogger("maxlm").setLevel(logging.INFO)
+  hostmem.keep_freed_memory()  # Before any JAX computation: XLA:CPU steps reuse their memory (maxlm/hostmem.py).
   try:
     COMMANDS[command](args)
   except ConfigError as e:

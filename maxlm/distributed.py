@@ -64,6 +64,17 @@ def skip_unusable_tpu(environ=os.environ) -> bool:
   return True
 
 
+def accelerator_possible(environ=os.environ) -> bool:
+  """Whether JAX may start a backend other than CPU here: JAX_PLATFORMS names one, or (unset) this host has
+  TPU chips and libtpu, or an accelerator plugin is installed. Reads no backend."""
+  if environ.get("JAX_PLATFORMS"):
+    return any(p.strip() not in ("", "cpu") for p in environ["JAX_PLATFORMS"].split(","))
+  if importlib.util.find_spec("libtpu") is not None and tpu_chips_present():
+    return True
+  return (importlib.util.find_spec("jax_plugins") is not None
+          or any(importlib.metadata.entry_points(group="jax_plugins")))
+
+
 def use_platforms(platforms: str, environ=os.environ) -> None:
   """JAX_PLATFORMS for this process, also when jax is already imported (it reads the variable at import)."""
   environ["JAX_PLATFORMS"] = platforms

@@ -17,7 +17,7 @@ import sysconfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from maxlm import config, corpus, distributed, prepare, sample, tokenizer, train  # noqa: E402
+from maxlm import config, corpus, distributed, hostmem, prepare, sample, tokenizer, train  # noqa: E402
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 PROMPTS = ["def ", "import ", "class Config", "    return "]
@@ -44,6 +44,7 @@ def main() -> None:
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
   log = logging.getLogger("maxlm")
   log.setLevel(logging.INFO)
+  hostmem.keep_freed_memory()  # As `maxlm train` does, before any JAX computation.
 
   name = (f"py{sys.version_info.major}.{sys.version_info.minor}-{args.max_files or 'all'}-val{args.val_fraction}"
           f"-v{prepare.FORMAT_VERSION}")
