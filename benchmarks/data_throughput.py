@@ -30,7 +30,7 @@ import grain  # noqa: E402
 import jax  # noqa: E402
 
 from demo import stdlib_files  # noqa: E402
-from maxlm import config, corpus, data, tokenizer, train  # noqa: E402
+from maxlm import config, corpus, data, hostmem, tokenizer, train  # noqa: E402
 from timing import step_times  # noqa: E402
 
 
