@@ -41,12 +41,15 @@ def test_train_steps_reuse_kept_memory():
                                   text=True) for mode in ("keep", "default")}
   results = {mode: proc.communicate()[0].split() for mode, proc in procs.items()}
   assert all(proc.returncode == 0 for proc in procs.values())
-  kept, *faults = results["keep"]
+  kept, *faults_kept = results["keep"]
   assert kept == "True"
-  assert max(map(int, faults[3:])) < 100, f"page faults per step with memory kept: {faults}"
-  kept, *faults = results["default"]
+  most_kept = max(map(int, faults_kept[3:]))
+  assert most_kept < 100, f"page faults per step with memory kept: {faults_kept}"
+  kept, *faults_default = results["default"]
   assert kept == "False"
-  assert min(map(int, faults[3:])) > 10_000, f"glibc's default malloc: only {faults} page faults per step"
+  # ~27K 4 KiB pages a step here; fewer where transparent huge pages back fresh mappings (THP "always").
+  assert min(map(int, faults_default[3:])) > 10 * max(most_kept, 1), (
+      f"default malloc {faults_default} vs kept {faults_kept} page faults per step")
 
 
 def test_malloc_left_alone_when_the_user_set_it_or_an_accelerator_may_run():
