@@ -44,7 +44,8 @@ def test_train_steps_reuse_kept_memory():
   kept, *faults_kept = results["keep"]
   assert kept == "True"
   most_kept = max(map(int, faults_kept[3:]))
-  assert most_kept < 100, f"page faults per step with memory kept: {faults_kept}"
+  # A step's own buffers (~110 MB, 27K pages) are reused; the few faults left come from the host side (batches).
+  assert most_kept < 1000, f"page faults per step with memory kept: {faults_kept}"
   kept, *faults_default = results["default"]
   assert kept == "False"
   # ~27K 4 KiB pages a step here; fewer where transparent huge pages back fresh mappings (THP "always").
