@@ -3,6 +3,7 @@ earlier steps instead of faulting fresh ones in every step (counted in subproces
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ cfg = config.load(["--config=configs/base.py", "--config.model.vocab_size=4096",
                    "--config.train.global_batch=8", "--config.checkpoint.every_steps=0", "--config.metrics.peak_tflops=1"])
 session = train.setup(config.validate(cfg, num_devices=1, platform="cpu"), jax.devices()[:1])
 state, faults = session.init(), []
-for _ in range(6):
+for _ in range(9):
   batch = session.next_batch()
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   state, metrics = session.step(state, batch, train.controls())
@@ -43,13 +44,14 @@ def test_train_steps_reuse_kept_memory():
   assert all(proc.returncode == 0 for proc in procs.values())
   kept, *faults_kept = results["keep"]
   assert kept == "True"
-  most_kept = max(map(int, faults_kept[3:]))
-  # A step's own buffers (~110 MB, 27K pages) are reused; the few faults left come from the host side (batches).
-  assert most_kept < 1000, f"page faults per step with memory kept: {faults_kept}"
+  # A step's own buffers (~110 MB, 27K pages) are reused; the few faults left come from the host side (batches),
+  # and a step that starts before the last one's buffers are freed (a loaded machine) grows the heap once.
+  typical_kept = statistics.median(map(int, faults_kept[3:]))
+  assert typical_kept < 1000, f"page faults per step with memory kept: {faults_kept}"
   kept, *faults_default = results["default"]
   assert kept == "False"
   # ~27K 4 KiB pages a step here; fewer where transparent huge pages back fresh mappings (THP "always").
-  assert min(map(int, faults_default[3:])) > 10 * max(most_kept, 1), (
+  assert statistics.median(map(int, faults_default[3:])) > 10 * max(typical_kept, 1), (
       f"default malloc {faults_default} vs kept {faults_kept} page faults per step")
 
 
