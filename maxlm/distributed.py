@@ -58,7 +58,7 @@ def skip_unusable_tpu(environ=os.environ) -> bool:
   """
   if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None or tpu_chips_present():
     return False
-  if importlib.util.find_spec("jax_plugins") is not None or any(importlib.metadata.entry_points(group="jax_plugins")):
+  if accelerator_plugin_installed():
     return False  # A GPU (or other) plugin: leave the choice to JAX.
   use_platforms("cpu", environ)
   return True
@@ -69,8 +69,11 @@ def accelerator_possible(environ=os.environ) -> bool:
   TPU chips and libtpu, or an accelerator plugin is installed. Reads no backend."""
   if environ.get("JAX_PLATFORMS"):
     return any(p.strip() not in ("", "cpu") for p in environ["JAX_PLATFORMS"].split(","))
-  if importlib.util.find_spec("libtpu") is not None and tpu_chips_present():
-    return True
+  return (importlib.util.find_spec("libtpu") is not None and tpu_chips_present()) or accelerator_plugin_installed()
+
+
+def accelerator_plugin_installed() -> bool:
+  """Whether a JAX backend plugin (CUDA, ROCm, ...) is installed, found without loading it."""
   return (importlib.util.find_spec("jax_plugins") is not None
           or any(importlib.metadata.entry_points(group="jax_plugins")))
 

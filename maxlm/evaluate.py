@@ -1,11 +1,11 @@
 """`maxlm eval`: held-out loss, perplexity and bits per byte of a run on a prepared dataset's `val` split.
 
 Rows are the training pipeline's eval rows (`data.PackedSource`, same seed): documents shuffled, concatenated
-and cut into rows of seq_len + 1 tokens (read in a shuffled order), each row's targets the next seq_len tokens. A target counts when
-its input token is in the same document (the `loss_mask`), so the first token of every document is never a
-target and every other token, EOS included, is a target exactly once in a full pass. `batches=None` is one
-full pass (the tokens after the last whole row are left out); N batches read the first N·batch_size rows,
-at most one pass, so no target is counted twice.
+and cut into rows of seq_len + 1 tokens (read in a shuffled order), each row's targets the next seq_len
+tokens. A target counts when its input token is in the same document (the `loss_mask`), so the first token
+of every document is never a target and every other token, EOS included, is a target exactly once in a
+full pass. `batches=None` is one full pass (the tokens after the last whole row are left out); N batches
+read the first N·batch_size rows, at most one pass, so no target is counted twice.
 
   loss           = total nats / counted targets                    (nats per token)
   perplexity     = exp(loss)
