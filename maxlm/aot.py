@@ -48,6 +48,9 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
   except Exception as e:  # noqa: BLE001  libtpu's errors vary; the name is what the user can fix.
+    if "lockfile" in str(e):
+      raise ConfigError(f"--topology={name}: another process on this host is using libtpu (/tmp/libtpu_lockfile); "
+                        "wait for it to exit, or compile on another host (any CPU host with libtpu works)") from None
     raise ConfigError(f"--topology={name}: libtpu does not know it ({' '.join(str(e).split())[:200]}); use "
                       "GENERATION:SHAPE, e.g. v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:2x2") from None
 

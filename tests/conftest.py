@@ -27,8 +27,13 @@ def make_config(num_devices: int = 1, **overrides):
 
 
 def cli_env(num_devices: int = 1) -> dict[str, str]:
-  """Environment for a `maxlm` subprocess with this many fake CPU devices (this process has 8)."""
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}"}
+  """Environment for a `maxlm` subprocess with this many fake CPU devices (this process has 8).
+
+  libtpu lets one process per host hold it; a test that compiles for a TPU topology in this process (test_kernels)
+  holds it until pytest exits, so subprocesses that compile for one too may load it alongside.
+  """
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+          "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 @pytest.fixture

@@ -64,6 +64,25 @@ def test_an_unknown_topology_is_a_config_error():
       "maxlm compile: error: --topology=v5litepod-4: libtpu does not know it")
 
 
+@needs_libtpu
+def test_libtpu_held_by_another_process_is_named():
+  """A TPU job on the host holds libtpu's lockfile; the error says so instead of blaming the topology name."""
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "from jax.experimental import topologies; import sys, time\n"
+       "topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu'); print('held', flush=True)\n"
+       "sys.stdin.read()"],
+      cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    env = {k: v for k, v in cli_env().items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    proc = subprocess.run([sys.executable, "-m", "maxlm", "compile", "--config=configs/tiny.py", "--topology=v5e:2x2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  finally:
+    holder.communicate("", timeout=60)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      "maxlm compile: error: --topology=v5e:2x2: another process on this host is using libtpu"), proc.stderr[-2000:]
+
+
 def test_compiles_for_the_local_devices():
   proc = compile_cli("--json", "--config.mesh.fsdp=2", num_devices=2)
   assert proc.returncode == 0, proc.stderr[-2000:]
