@@ -65,7 +65,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int, warmup: int, name: st
       "benchmark": "bench", "date": datetime.date.today().isoformat(), "config": name,
       "device": device.device_kind, "platform": device.platform, "devices": n_dev,
       "mesh": {k: int(v) for k, v in session.mesh.shape.items()},
-      "host": f"{platform.machine()}, {os.cpu_count()} cores", "jax": jax.__version__,
+      "host": host_description(), "jax": jax.__version__,
       "python": sys.version.split()[0],
       "params_m": flops.param_count(cfg.model) / 1e6, "tokens_per_step": session.tokens_per_step,
       "flops_per_token": session.flops_per_step / session.tokens_per_step,
@@ -81,6 +81,29 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int, warmup: int, name: st
       "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "final_loss": loss,
   }
+
+
+def host_description() -> str:
+  """This host's CPU as far as Linux says: 'AMD EPYC, x86_64, 2 cores, AVX2, L3 16 MiB' (CPU figures depend on it)."""
+  model, isa = platform.processor() or "unknown CPU", ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+    names = re.findall(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = set((re.findall(r"^flags\s*:\s*(.+)$", info, re.M) or [""])[0].split())
+    model = names[0].strip() if names else model
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+  except OSError:
+    pass
+  parts = [model, platform.machine(), f"{os.cpu_count()} cores", isa]
+  try:
+    with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+      size = f.read().strip()
+    kib = int(size[:-1]) * {"K": 1, "M": 1024}[size[-1]]
+    parts.append(f"L3 {kib // 1024} MiB" if kib % 1024 == 0 else f"L3 {kib} KiB")
+  except (OSError, ValueError, KeyError, IndexError):
+    pass
+  return ", ".join(p for p in parts if p)
 
 
 def _peak_memory(device: jax.Device, compiled) -> tuple[int, str]:
