@@ -51,3 +51,20 @@ def test_nanogpt_comparison_runs_both_sides_on_the_same_shape(tmp_path):
   assert abs(result["torch"]["first_loss"] - result["loss_at_init_ln_v"]) < 0.3
   ratio = result["maxlm"]["tokens_per_sec_per_device"] / result["torch"]["tokens_per_sec"]
   assert result["maxlm_over_torch"] == pytest.approx(ratio)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_profile_ops_accounts_for_the_step_matmuls(tmp_path, scan):
+  """The trace joined to the HLO finds every matmul of the step: their FLOPs (counted once per event, so a
+  scanned layer's dot counts per layer) match the model's analytic count."""
+  proc = subprocess.run([sys.executable, "benchmarks/profile_ops.py", "--config=configs/tiny.py", "--steps=1",
+                         f"--config.model.scan_layers={str(scan).lower()}", f"--results_dir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300, env=cli_env())
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads((tmp_path / "profile_cpu_tiny.json").read_text())
+  assert r["matmul_gflop_per_step"] * 1e9 == pytest.approx(r["flops_per_step_model"], rel=0.1)
+  assert {"matmul", "elementwise fusion"} <= set(r["kinds_ms_per_step"])
+  assert sum(r["kinds_ms_per_step"].values()) == pytest.approx(r["op_ms_per_step"])
+  ms = [m["ms_per_step"] for m in r["matmuls"]]
+  assert ms == sorted(ms, reverse=True) and all(m["gflop_per_step"] > 0 for m in r["matmuls"])
+  assert r["host"] and r["overrides"] == [f"--config.model.scan_layers={str(scan).lower()}"]
