@@ -136,7 +136,7 @@ def summarize(hlo: Hlo, totals: dict[str, list[int]], steps: int, step_time_s: f
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=2, help="traced steps, after 3 warm-up steps")
+  parser.add_argument("--steps", type=int, default=2, help="traced steps, after 5 warm-up steps")
   parser.add_argument("--top", type=int, default=25, help="matmul groups and other ops listed")
   parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "results"))
   args, overrides = parser.parse_known_args()
@@ -152,7 +152,7 @@ def main() -> None:
   except config.ConfigError as e:
     raise SystemExit(f"profile_ops: error: {e}") from None
   session = train.setup(cfg, jax.devices()[:1])
-  state, _ = step_times(session, session.init(), 0)
+  state, _ = step_times(session, session.init(), 0, warmup=5)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     state, times = step_times(session, state, args.steps, warmup=0)
