@@ -6,6 +6,8 @@ elementwise fusion; other ops by opcode), and the matmuls grouped by source op a
 FLOPs (2 · output elements · contracted size, from the HLO) and FLOP/s while they run. Event durations are each
 op's own wall time; XLA:CPU runs independent ops side by side, so the kinds can add up to more than the step.
 On CPU the op events need `--xla_cpu_enable_xprof_traceme=true`, which this script adds to XLA_FLAGS.
+Written and tested for XLA:CPU; accelerator traces name device kernels rather than HLO instructions, so there
+it reports only the events it can match (none: it says so and exits 1); read those in TensorBoard or Perfetto.
 Writes benchmarks/results/profile_<platform>_<config>.json and prints the tables.
 
   python benchmarks/profile_ops.py --config=configs/cpu_10m.py [--steps 2] [--top 25] [--config.x=y ...]
