@@ -41,6 +41,12 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$",
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
 
 
+def _source(rest: str) -> str:
+  """The op_name metadata of an instruction's text after its opcode: the jax op it came from."""
+  m = re.search(r'op_name="([^"]+)"', rest)
+  return m.group(1) if m else ""
+
+
 def _dims(shape: str) -> list[int]:
   m = re.match(r"\w+\[([\d,]*)\]", shape)
   return [int(d) for d in m.group(1).split(",") if d] if m else []
@@ -56,10 +62,9 @@ class Hlo:
   def _dot(self, rest: str, shape: str) -> tuple[float, str]:
     lhs = re.match(r"\s*%([\w.\-]+)", rest)
     contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-    source = re.search(r'op_name="([^"]+)"', rest)
     lhs_dims = _dims(self.instructions[lhs.group(1)][0]) if lhs and lhs.group(1) in self.instructions else []
     contracted = math.prod(lhs_dims[int(c)] for c in contracting.group(1).split(",") if c) if contracting else 0
-    return 2.0 * math.prod(_dims(shape)) * contracted, source.group(1) if source else ""
+    return 2.0 * math.prod(_dims(shape)) * contracted, _source(rest)
 
   def classify(self, name: str) -> tuple[str, float, str]:
     """(kind, FLOPs, source op) of instruction `name`; FLOPs count the dots only."""
@@ -74,7 +79,7 @@ class Hlo:
       if dots:
         results = [self._dot(r, s) for s, r in dots]
         return "matmul", sum(f for f, _ in results), results[0][1]
-      return "elementwise fusion", 0.0, (re.search(r'op_name="([^"]+)"', rest) or [None, ""])[1]
+      return "elementwise fusion", 0.0, _source(rest)
     return op, 0.0, ""
 
 
@@ -103,17 +108,17 @@ def summarize(hlo: Hlo, totals: dict[str, list[int]], steps: int, step_time_s: f
       continue
     matched += 1
     kind, flop, source = hlo.classify(name)
-    runs = events / steps
-    kinds[kind] += ns / steps / 1e6
+    runs, ms = events / steps, ns / steps / 1e6
+    kinds[kind] += ms
     shape = hlo.instructions[name][0].split("{")[0]
     source = "/".join(source.split("/")[1:]) if source.startswith("jit(") else source
     if kind != "matmul":
       o = others[(kind, source, shape)]
-      o["ms"] += ns / steps / 1e6
+      o["ms"] += ms
       o["ops"] += runs
     else:
       g = groups[(source.rsplit("/", 1)[0], shape)]
-      g["ms"] += ns / steps / 1e6
+      g["ms"] += ms
       g["gflop"] += flop * runs / 1e9
       g["ops"] += runs
   if not matched:
@@ -123,12 +128,12 @@ def summarize(hlo: Hlo, totals: dict[str, list[int]], steps: int, step_time_s: f
               "gflop_per_step": g["gflop"], "gflops_while_running": g["gflop"] / g["ms"] * 1e3 if g["ms"] else 0.0}
              for (s, shape), g in groups.items()]
   matmuls.sort(key=lambda m: -m["ms_per_step"])
-  matmul_ms = kinds["matmul"]
+  matmul_ms, matmul_gflop = kinds["matmul"], sum(m["gflop_per_step"] for m in matmuls)
   return {
       "step_time_ms": 1e3 * step_time_s, "op_ms_per_step": sum(kinds.values()),
       "kinds_ms_per_step": dict(kinds.most_common()),
-      "matmul_gflop_per_step": sum(m["gflop_per_step"] for m in matmuls),
-      "matmul_gflops_while_running": sum(m["gflop_per_step"] for m in matmuls) / matmul_ms * 1e3 if matmul_ms else 0.0,
+      "matmul_gflop_per_step": matmul_gflop,
+      "matmul_gflops_while_running": matmul_gflop / matmul_ms * 1e3 if matmul_ms else 0.0,
       "matmuls": matmuls[:top],
       "other_ops": sorted(({"kind": k, "source": src, "shape": shape, "ops_per_step": round(o["ops"]),
                             "ms_per_step": o["ms"]} for (k, src, shape), o in others.items()),

@@ -4,7 +4,7 @@ For each config and variant: compile time, median step time (warm-up excluded), 
 (maxlm/flops.py formula) and that rate divided by the f32 2048^3 matmul rate measured in the same process
 right before and after (the better of the two is the reference). Writes
 benchmarks/results/step_throughput_<platform>.json, appends its rows to step_throughput_<platform>.md (the
-history across hosts: the same code measures 48% on one 2-core host and 58% on another), and prints a table.
+history across hosts, each named: the ratio depends on the CPU as much as on the code), and prints a table.
 
   python benchmarks/step_throughput.py [--steps 20] [--configs tiny,cpu_10m]
 """
@@ -59,17 +59,12 @@ HISTORY_HEADER = ("| date | host | jax | malloc | config | variant | step ms | m
 
 
 def append_history(result: dict, path: str) -> None:
-  new = not os.path.exists(path)
-  with open(path, "a") as f:
-    if new:
-      f.write("# Train step ÷ same-process matmul, one row per config and run\n\nAppended by "
-              "`benchmarks/step_throughput.py`; the host's CPU is named because the ratio depends on it.\n\n"
-              + HISTORY_HEADER)
-    for r in result["rows"]:
-      before, after = r["matmul_gflops"]
-      f.write(f"| {result['date']} | {result['host']} | {result['jax']} | {result['malloc']} | {r['config']} | "
-              f"{r['variant']} | {1e3 * r['step_time_s']:.0f} | {before:.0f}, {after:.0f} | "
-              f"{100 * r['train_over_matmul']:.1f}% |\n")
+  maxlm_bench.append_table_rows(
+      path, "# Train step ÷ same-process matmul, one row per config and run\n\nAppended by "
+      "`benchmarks/step_throughput.py`; the host's CPU is named because the ratio depends on it.\n\n" + HISTORY_HEADER,
+      [f"| {result['date']} | {result['host']} | {result['jax']} | {result['malloc']} | {r['config']} | "
+       f"{r['variant']} | {1e3 * r['step_time_s']:.0f} | {r['matmul_gflops'][0]:.0f}, {r['matmul_gflops'][1]:.0f} | "
+       f"{100 * r['train_over_matmul']:.1f}% |" for r in result["rows"]])
 
 
 def main() -> None:

@@ -126,18 +126,23 @@ def write(result: dict, results_dir: str) -> str:
   path = os.path.join(results_dir, f"bench_{device_slug(result['device'])}_{result['config']}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
-  table = os.path.join(results_dir, "mfu.md")
-  new = not os.path.exists(table)
-  with open(table, "a") as f:
-    if new:
-      f.write("# `maxlm bench` results\n\nOne row per run, appended by `maxlm bench` (see maxlm/bench.py for what "
-              "each column means).\n\n" + TABLE_HEADER)
-    r = result
-    f.write(f"| {r['date']} | {r['devices']}× {r['device']} | {r['jax']} | {r['config']} | {r['params_m']:.1f}M | "
-            f"{r['tokens_per_step']} | {1e3 * r['step_time_s_median']:.1f} | {1e3 * r['step_time_s_pipelined']:.1f} | "
-            f"{r['tokens_per_sec_per_device']:,.0f} | {r['tflops_per_device']:.3g} | {100 * r['mfu']:.1f}% | "
-            f"{r['peak_memory_bytes'] / 2**30:.2f} | {r['peak_memory_source']} |\n")
+  r = result
+  append_table_rows(
+      os.path.join(results_dir, "mfu.md"),
+      "# `maxlm bench` results\n\nOne row per run, appended by `maxlm bench` (see maxlm/bench.py for what "
+      "each column means).\n\n" + TABLE_HEADER,
+      [f"| {r['date']} | {r['devices']}× {r['device']} | {r['jax']} | {r['config']} | {r['params_m']:.1f}M | "
+       f"{r['tokens_per_step']} | {1e3 * r['step_time_s_median']:.1f} | {1e3 * r['step_time_s_pipelined']:.1f} | "
+       f"{r['tokens_per_sec_per_device']:,.0f} | {r['tflops_per_device']:.3g} | {100 * r['mfu']:.1f}% | "
+       f"{r['peak_memory_bytes'] / 2**30:.2f} | {r['peak_memory_source']} |"])
   return path
+
+
+def append_table_rows(path: str, heading: str, rows: list[str]) -> None:
+  """Appends markdown table rows to `path`, writing `heading` (title, text, table header) first if it is new."""
+  new = not os.path.exists(path)
+  with open(path, "a") as f:
+    f.write((heading if new else "") + "".join(row + "\n" for row in rows))
 
 
 def summary(r: dict) -> str:
