@@ -1,6 +1,6 @@
 """Per-device memory of the shipped configs' train steps on TPU topologies, compiled ahead of time on this host.
 
-Each row is `maxlm compile --config=configs/<config>.py --topology=<topology> <overrides>` (maxlm/aot.py), run in
+Each row is `maxlm compile --config=configs/<config>.py --topology=<topology> <overrides>` (maxlm/perf/aot.py), run in
 this process; needs libtpu (`pip install -e '.[tpu]'`), no TPU. Writes benchmarks/results/aot_memory.json and
 benchmarks/results/aot_memory.md (the README's table). Slow on a small CPU: run it once, not in tests.
 
@@ -20,7 +20,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu's compiler only; never a
 
 import jax  # noqa: E402
 
-from maxlm import aot, config  # noqa: E402
+from maxlm import config  # noqa: E402
+from maxlm.perf import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (config, topology, num_slices, overrides): the config as shipped, then what makes it fit where it does not.

@@ -2,7 +2,7 @@
 
 For each shape (GQA, packed rows of several documents) and each kernel available here (cudnn on a GPU,
 splash on a TPU, both also against xla), reports the largest output and gradient differences from
-`model.xla_attention` in the benchmark dtype, and the median forward+backward time of each. Writes
+`attention.xla_attention` in the benchmark dtype, and the median forward+backward time of each. Writes
 benchmarks/results/attention_check_<device>.json.
 
   python benchmarks/attention_check.py [--dtype bfloat16] [--repeats 10]
@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxlm import bench, kernels, model
+from maxlm.model import attention, kernels
+from maxlm.perf import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (B, T, H, K, Dh): GPT-2-124M-like, Llama-1B-like, Llama-8B-like at a shorter T.
@@ -73,11 +74,11 @@ def main() -> None:
   rows = []
   for shape in shapes:
     q, k, v, segments = inputs(*shape, dtype)
-    ref = fwd_bwd(model.xla_attention)
+    ref = fwd_bwd(attention.xla_attention)
     (_, ref_out), ref_grads = ref(q, k, v, segments)
     row = {"shape_BxTxHxKxDh": shape, "xla_ms": 1e3 * median_time(ref, (q, k, v, segments), args.repeats)}
-    for name, attention in candidates.items():
-      f = fwd_bwd(attention)
+    for name, kernel in candidates.items():
+      f = fwd_bwd(kernel)
       (_, out), grads = f(q, k, v, segments)
       err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
       row[name] = {"max_abs_out_diff": err(out, ref_out),
@@ -89,7 +90,7 @@ def main() -> None:
   device = jax.devices()[0]
   result = {"benchmark": "attention_check", "date": datetime.date.today().isoformat(), "device": device.device_kind,
             "jax": jax.__version__, "dtype": str(dtype), "rows": rows,
-            "note": "forward+backward of sum(out^2); diffs are against model.xla_attention in the same dtype"}
+            "note": "forward+backward of sum(out^2); diffs are against attention.xla_attention in the same dtype"}
   os.makedirs(args.results_dir, exist_ok=True)
   slug = bench.device_slug(device.device_kind)
   path = os.path.join(args.results_dir, f"attention_check_{slug}.json")

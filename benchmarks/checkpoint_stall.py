@@ -28,8 +28,10 @@ import time
 
 import jax
 
-from maxlm import config, flops, hostmem, train
-from maxlm.checkpoint import Checkpointer
+from maxlm import config
+from maxlm.model import flops
+from maxlm.training import hostmem, loop
+from maxlm.training.checkpoint import Checkpointer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import timed_step  # noqa: E402
@@ -46,8 +48,8 @@ def main() -> None:
   hostmem.keep_freed_memory()  # As the `maxlm` command does.
   cfg = config.validate(config.load([f"--config={REPO}/configs/{args.config}.py", "--config.metrics.peak_tflops=1"]),
                         num_devices=jax.device_count(), platform=jax.devices()[0].platform)
-  session = train.setup(cfg)
-  state = session.init()
+  session = loop.setup(cfg)
+  state = session.program.init()
   step = functools.partial(timed_step, session)
 
   with tempfile.TemporaryDirectory() as workdir:
@@ -76,7 +78,7 @@ def main() -> None:
       writes.append(time.perf_counter() - t0)
     step_time = statistics.median(plain)
     t0 = time.perf_counter()
-    restored = ckpt.restore_latest(session.abstract_state, session.data_iterator, cfg.model)
+    restored = ckpt.restore_latest(session.program.abstract_state, session.data_iterator, cfg.model)
     jax.block_until_ready(restored[0])
     restore_s = time.perf_counter() - t0
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt.directory) for f in fs)

@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from maxlm import hf  # noqa: E402
+from maxlm.interop import hf  # noqa: E402
 
 
 def rss_anon_mb() -> float:

@@ -30,7 +30,9 @@ import grain  # noqa: E402
 import jax  # noqa: E402
 
 from demo import stdlib_files  # noqa: E402
-from maxlm import config, corpus, data, hostmem, tokenizer, train  # noqa: E402
+from maxlm import config  # noqa: E402
+from maxlm.data import corpus, pipeline, tokenizer
+from maxlm.training import hostmem, loop
 from timing import step_times  # noqa: E402
 
 
@@ -63,16 +65,16 @@ def main() -> None:
     cfg = config.validate(config.load([f"--config={REPO}/configs/demo.py", f"--config.data.path={tmp}/ds",
                                        "--config.metrics.peak_tflops=1", "--config.checkpoint.every_steps=0"]),
                           num_devices=1)
-    source = data.PackedSource(os.path.join(tmp, "ds"), "train", cfg.data.seq_len, seed=0)
-    it = iter(data.batches(grain.MapDataset.source(source), cfg.train.global_batch, 0, 1))
+    source = pipeline.PackedSource(os.path.join(tmp, "ds"), "train", cfg.data.seq_len, seed=0)
+    it = iter(pipeline.batches(grain.MapDataset.source(source), cfg.train.global_batch, 0, 1))
     next(it)
     n, t0 = 200, time.perf_counter()
     for _ in range(n):
       next(it)
     loader_tokens_per_s = n * cfg.train.global_batch * cfg.data.seq_len / (time.perf_counter() - t0)
 
-    session = train.setup(cfg, jax.devices()[:1])
-    _, times = step_times(session, session.init(), steps=6, warmup=2)
+    session = loop.setup(cfg, jax.devices()[:1])
+    _, times = step_times(session, session.program.init(), steps=6, warmup=2)
     train_tokens_per_s = session.tokens_per_step / statistics.median(times)
 
   device = jax.devices()[0]

@@ -173,7 +173,9 @@ def main() -> None:
     return
 
   overrides = [*args.overrides, *extra, f"--config.train.global_batch={args.batch}", "--config.train.microbatches=1"]
-  from maxlm import bench, config, flops  # JAX is imported, but no backend is started in this process.
+  from maxlm import config  # JAX is imported, but no backend is started in this process.
+  from maxlm.model import flops
+  from maxlm.perf import bench
   raw = config.load([f"--config={REPO}/configs/{args.config}.py", *overrides])
   shape = {k: raw.model[k] for k in ("d_model", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size", "num_layers",
                                      "norm_eps", "rope_theta", "tie_embeddings", "init_std")}

@@ -1,6 +1,6 @@
 """Where a train step's time goes, op by op: a profiler trace of the production step joined to its optimized HLO.
 
-Traces `--steps` steps (after warm-up) of `train.setup`'s compiled step, matches each trace event to the HLO
+Traces `--steps` steps (after warm-up) of `loop.setup`'s compiled step, matches each trace event to the HLO
 instruction of the same name, and reports per step: time by kind (matmul: a `dot` or a fusion containing one;
 elementwise fusion; other ops by opcode), and the matmuls grouped by source op and output shape with their
 FLOPs (2 · output elements · contracted size, from the HLO) and FLOP/s while they run. Event durations are each
@@ -31,7 +31,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_x
 import jax  # noqa: E402  (after XLA_FLAGS)
 from jax.profiler import ProfileData  # noqa: E402
 
-from maxlm import bench, config, hostmem, train  # noqa: E402
+from maxlm import config  # noqa: E402
+from maxlm.perf import bench
+from maxlm.training import hostmem, loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import step_times  # noqa: E402
@@ -156,10 +158,10 @@ def main() -> None:
   try:
     cfg = config.load(overrides + ["--config.checkpoint.every_steps=0"])
     cfg = config.validate(cfg, num_devices=1, platform=jax.devices()[0].platform)
-  except config.ConfigError as e:
+  except config.UserError as e:
     raise SystemExit(f"profile_ops: error: {e}") from None
-  session = train.setup(cfg, jax.devices()[:1])
-  state, _ = step_times(session, session.init(), 0, warmup=5)
+  session = loop.setup(cfg, jax.devices()[:1])
+  state, _ = step_times(session, session.program.init(), 0, warmup=5)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     state, times = step_times(session, state, args.steps, warmup=0)

@@ -1,7 +1,7 @@
 """Train-step throughput on this machine, measured against the same process's matmul rate.
 
 For each config and variant: compile time, median step time (warm-up excluded), tokens/s, model FLOP/s
-(maxlm/flops.py formula) and that rate divided by the f32 2048^3 matmul rate measured in the same process
+(maxlm/model/flops.py formula) and that rate divided by the f32 2048^3 matmul rate measured in the same process
 right before and after (the better of the two is the reference). Writes
 benchmarks/results/step_throughput_<platform>.json, appends its rows to step_throughput_<platform>.md (the
 history across hosts, each named: the ratio depends on the CPU as much as on the code), and prints a table.
@@ -21,7 +21,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from maxlm import bench as maxlm_bench, config, flops, hostmem, train
+from maxlm import config
+from maxlm.model import flops
+from maxlm.perf import bench as maxlm_bench
+from maxlm.training import hostmem, loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import step_times  # noqa: E402
@@ -38,9 +41,9 @@ def bench(name: str, variant: list[str], steps: int) -> dict:
   cfg = config.load([f"--config={REPO}/configs/{name}.py", "--config.metrics.peak_tflops=1",
                      "--config.checkpoint.every_steps=0", *variant])
   cfg = config.validate(cfg, num_devices=1, platform=jax.devices()[0].platform)
-  session = train.setup(cfg, jax.devices()[:1])
+  session = loop.setup(cfg, jax.devices()[:1])
   matmul_before = flops.measure_matmul_tflops(jnp.float32)
-  _, times = step_times(session, session.init(), steps)
+  _, times = step_times(session, session.program.init(), steps)
   matmul_after = flops.measure_matmul_tflops(jnp.float32)
   step_time = statistics.median(times)
   train_tflops = session.flops_per_step / step_time / 1e12
@@ -73,7 +76,7 @@ def main() -> None:
   parser.add_argument("--configs", default="tiny,cpu_10m")
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--default-malloc", action="store_true",
-                      help="leave glibc malloc as it is, without maxlm.hostmem (the A/B of benchmarks/NOTES.md)")
+                      help="leave glibc malloc as it is, without maxlm.training.hostmem (the A/B of benchmarks/NOTES.md)")
   args = parser.parse_args()
   malloc = "default" if args.default_malloc or not hostmem.keep_freed_memory() else "kept"
   rows = [bench(name, VARIANTS[v], args.steps) for name in args.configs.split(",") for v in args.variants.split(",")]

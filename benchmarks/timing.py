@@ -1,4 +1,4 @@
-"""Timing the production train step (`train.setup`) one blocked step at a time, for the benchmarks."""
+"""Timing the production train step (`maxlm.training.loop.setup`) one blocked step at a time, for the benchmarks."""
 
 from __future__ import annotations
 
@@ -6,20 +6,20 @@ import time
 
 import jax
 
-from maxlm import train
+from maxlm.training import loop, step as step_lib
 
 
-def timed_step(session: train.Session, state: train.TrainState) -> tuple[train.TrainState, float]:
+def timed_step(session: loop.Session, state: step_lib.TrainState) -> tuple[step_lib.TrainState, float]:
   """Runs one plain step on the next batch; returns the new state and the step's seconds (data load excluded)."""
   batch = session.next_batch()
   jax.block_until_ready(batch)
   t0 = time.perf_counter()
-  state, metrics = session.step(state, batch, train.controls())
+  state, metrics = session.step(state, batch, step_lib.controls())
   jax.block_until_ready((state, metrics))
   return state, time.perf_counter() - t0
 
 
-def step_times(session: train.Session, state: train.TrainState, steps: int, warmup: int = 3):
+def step_times(session: loop.Session, state: step_lib.TrainState, steps: int, warmup: int = 3):
   """(state, seconds of each step after `warmup` steps of allocation and cache warm-up)."""
   times = []
   for i in range(warmup + steps):

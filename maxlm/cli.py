@@ -11,8 +11,9 @@ import sys
 
 from absl import flags
 
-from maxlm import config, hostmem
-from maxlm.config import ConfigError
+from maxlm import config
+from maxlm.training import hostmem
+from maxlm.errors import UserError
 
 log = logging.getLogger("maxlm")
 
@@ -35,7 +36,7 @@ USAGE = """usage: maxlm COMMAND ...
   data prepare     --input PATH... --tokenizer FILE.model --output DIR [--val-fraction 0.01] [--workers N]
                    [--dedup exact|near|none] [--near-threshold 0.8] [--filters default|prose|code|none]
                    curate and tokenize documents once into DIR/{train,val}/ with a manifest and a curation
-                   report (see maxlm/prepare.py, docs/data.md)
+                   report (see maxlm/data/prepare.py, docs/data.md)
   convert from-hf  --hf_dir=DIR --workdir=OUT [--param_dtype=float32|bfloat16]
                    import a Hugging Face Llama/Mistral safetensors model into a new workdir (params, config.py,
                    tokenizer); continue training with maxlm train --config=OUT/config.py
@@ -53,11 +54,11 @@ class _ArgumentParser(argparse.ArgumentParser):
   """argparse, with its errors as one-line ConfigErrors."""
 
   def error(self, message):
-    raise ConfigError(f"{message} (see maxlm --help)")
+    raise UserError(f"{message} (see maxlm --help)")
 
 
 def _distributed_flags(flag_values: flags.FlagValues) -> dict:
-  """The `jax.distributed` flags of `maxlm train` (see maxlm/distributed.py); values are read after parsing."""
+  """The `jax.distributed` flags of `maxlm train` (see maxlm/parallel/distributed.py); values are read after parsing."""
   return {
       "coordinator": flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0's coordination service.",
                                          flag_values=flag_values),
@@ -78,26 +79,26 @@ def _train(args: list[str]) -> None:
   dist_flags = _distributed_flags(flag_values)
   cfg = config.load(args, flag_values)
   if not workdir.value:
-    raise ConfigError("missing --workdir: pass a directory for the run's outputs, e.g. --workdir=/tmp/run")
+    raise UserError("missing --workdir: pass a directory for the run's outputs, e.g. --workdir=/tmp/run")
   has_run = os.path.exists(os.path.join(workdir.value, "metrics.jsonl"))
   if has_run and not os.path.isdir(os.path.join(workdir.value, "checkpoints")):
-    raise ConfigError(f"--workdir={workdir.value} holds a run without checkpoints to resume from: pass a new "
+    raise UserError(f"--workdir={workdir.value} holds a run without checkpoints to resume from: pass a new "
                       "directory, or delete that one")
-  from maxlm import distributed  # No JAX backend before jax.distributed starts.
+  from maxlm.parallel import distributed  # No JAX backend before jax.distributed starts.
 
   distributed.skip_unusable_tpu()
   distributed.initialize(**{k: f.value for k, f in dist_flags.items()})
   import jax
-  from maxlm import mesh as mesh_lib
+  from maxlm.parallel import mesh as mesh_lib
 
   if jax.process_index() > 0:
     logging.getLogger("maxlm").setLevel(logging.WARNING)  # Process 0 reports progress; the others only problems.
   cfg = config.validate(cfg, num_devices=jax.device_count(), process_count=jax.process_count(),
                         platform=jax.devices()[0].platform, num_slices=mesh_lib.num_granules(jax.devices()))
-  from maxlm import guard, train
+  from maxlm.training import guard, loop
 
   try:
-    train.run(cfg, workdir.value)
+    loop.run(cfg, workdir.value)
   except guard.Diverged as e:
     raise RunFailed(str(e)) from None
 
@@ -109,13 +110,13 @@ def _bench(args: list[str]) -> None:
   results_dir = flags.DEFINE_string("results_dir", "benchmarks/results", "Where the JSON and mfu.md go.",
                                     flag_values=flag_values)
   cfg = config.load(args, flag_values)
-  from maxlm import distributed  # Configuration errors above are reported without loading JAX.
+  from maxlm.parallel import distributed  # Configuration errors above are reported without loading JAX.
 
   distributed.skip_unusable_tpu()
   import jax
 
   cfg = config.validate(cfg, num_devices=jax.device_count(), platform=jax.devices()[0].platform)
-  from maxlm import bench
+  from maxlm.perf import bench
 
   name = os.path.splitext(os.path.basename(config.config_path(flag_values)))[0]
   result = bench.measure(cfg, steps=steps.value, warmup=warmup.value, name=name)
@@ -127,8 +128,8 @@ def _bench(args: list[str]) -> None:
 
 def _tokenizer(args: list[str]) -> None:
   if not args or args[0] != "train":
-    raise ConfigError("usage: maxlm tokenizer train --input PATH... --vocab-size N --output FILE.model")
-  from maxlm import corpus, tokenizer  # SentencePiece only; no JAX.
+    raise UserError("usage: maxlm tokenizer train --input PATH... --vocab-size N --output FILE.model")
+  from maxlm.data import corpus, tokenizer  # SentencePiece only; no JAX.
 
   parser = _ArgumentParser(prog="maxlm tokenizer train", add_help=False)
   parser.add_argument("--input", nargs="+", required=True)
@@ -148,8 +149,8 @@ def _tokenizer(args: list[str]) -> None:
 
 def _data(args: list[str]) -> None:
   if not args or args[0] != "prepare":
-    raise ConfigError("usage: maxlm data prepare --input PATH... --tokenizer FILE.model --output DIR")
-  from maxlm import prepare  # SentencePiece and NumPy only; no JAX.
+    raise UserError("usage: maxlm data prepare --input PATH... --tokenizer FILE.model --output DIR")
+  from maxlm.data import prepare  # SentencePiece and NumPy only; no JAX.
 
   parser = _ArgumentParser(prog="maxlm data prepare", add_help=False)
   parser.add_argument("--input", nargs="+", required=True)
@@ -179,7 +180,7 @@ def _convert(args: list[str]) -> None:
   usage = ("usage: maxlm convert from-hf --hf_dir=DIR --workdir=OUT | maxlm convert to-hf --workdir=RUN --out=DIR "
            "[--step=N]")
   if not args or args[0] not in ("from-hf", "to-hf"):
-    raise ConfigError(usage)
+    raise UserError(usage)
   parser = _ArgumentParser(prog=f"maxlm convert {args[0]}", add_help=False)
   parser.add_argument("--workdir", required=True)
   if args[0] == "from-hf":
@@ -191,7 +192,7 @@ def _convert(args: list[str]) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max_shard_size", default="5GB")
   a = parser.parse_args(args[1:])
-  from maxlm import hf  # JAX and Orbax; never torch.
+  from maxlm.interop import hf  # JAX and Orbax; never torch.
 
   if args[0] == "from-hf":
     summary = hf.from_hf(a.hf_dir, a.workdir, param_dtype=a.param_dtype)
@@ -211,7 +212,7 @@ def _eval(args: list[str]) -> None:
   a = parser.parse_args(args)
   import jax
 
-  from maxlm import evaluate
+  from maxlm.interop import evaluate
 
   cfg = config.load_workdir(a.workdir, platform=jax.devices()[0].platform)
   if a.data:
@@ -219,7 +220,7 @@ def _eval(args: list[str]) -> None:
   elif cfg.data.source == "prepared":
     datasets = [(p, cfg.data.seed + i) for i, p in enumerate(filter(None, cfg.data.path.split(",")))]
   else:
-    raise ConfigError(f"the run trained on data.source={cfg.data.source!r}: pass a prepared dataset with --data=DIR")
+    raise UserError(f"the run trained on data.source={cfg.data.source!r}: pass a prepared dataset with --data=DIR")
   if a.batches in (None, ""):
     batches = cfg.train.eval_batches
   elif a.batches == "all":
@@ -228,7 +229,7 @@ def _eval(args: list[str]) -> None:
     try:
       batches = int(a.batches)
     except ValueError:
-      raise ConfigError(f"--batches={a.batches}: use a number of batches or 'all'") from None
+      raise UserError(f"--batches={a.batches}: use a number of batches or 'all'") from None
   for dataset, seed in datasets:
     result = evaluate.evaluate(cfg, a.workdir, dataset, step=a.step, batches=batches, batch_size=a.batch_size,
                                seq_len=a.seq_len, seed=seed)
@@ -247,19 +248,21 @@ def _sample(args: list[str]) -> None:
   parser.add_argument("--step", type=int)
   a = parser.parse_args(args)
   if a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
-    raise ConfigError("use --max_new_tokens >= 1, --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
+    raise UserError("use --max_new_tokens >= 1, --temperature >= 0, --top_k >= 0 and 0 < --top_p <= 1")
   import jax
 
-  from maxlm import sample, tokenizer, train
+  from maxlm.data import tokenizer
+  from maxlm.interop import sample
+  from maxlm.training import checkpoint
 
   cfg = config.load_workdir(a.workdir, platform=jax.devices()[0].platform)
   tok, add_bos = tokenizer.for_run(a.workdir)
   if tok is None:
-    raise ConfigError(f"--workdir={a.workdir}: no SentencePiece tokenizer found (neither an imported tokenizer.model "
+    raise UserError(f"--workdir={a.workdir}: no SentencePiece tokenizer found (neither an imported tokenizer.model "
                       "nor the tokenizer of the run's prepared data)")
   if tok.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.model.vocab_size}")
-  model = train.restore_model(cfg, a.workdir, jax.devices()[:1], a.step)  # One device: sampling is small.
+    raise UserError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {cfg.model.vocab_size}")
+  model = checkpoint.restore_model(cfg, a.workdir, jax.devices()[:1], a.step)  # One device: sampling is small.
   for result in sample.complete(model, tok, a.prompt, add_bos=add_bos, max_new_tokens=a.max_new_tokens,
                                 temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed):
     print(json.dumps(result))
@@ -282,10 +285,11 @@ def _compile(args: list[str]) -> None:
   as_json = flags.DEFINE_boolean("json", False, "Print the report as one JSON object.", flag_values=flag_values)
   cfg = config.load(args, flag_values)
   if num_slices.value < 1:
-    raise ConfigError(f"--num_slices={num_slices.value}: use 1 or more")
+    raise UserError(f"--num_slices={num_slices.value}: use 1 or more")
   if num_slices.value > 1 and not topology.value:
-    raise ConfigError("--num_slices needs --topology (local devices are one slice)")
-  from maxlm import aot, distributed
+    raise UserError("--num_slices needs --topology (local devices are one slice)")
+  from maxlm.parallel import distributed
+  from maxlm.perf import aot
 
   if topology.value:
     distributed.use_platforms(os.environ.get("JAX_PLATFORMS") or "cpu")  # libtpu's compiler, never a TPU backend.
@@ -312,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
   logging.getLogger("maxlm").setLevel(logging.INFO)
-  hostmem.keep_freed_memory()  # Before any JAX computation: XLA:CPU steps reuse their memory (maxlm/hostmem.py).
+  hostmem.keep_freed_memory()  # Before any JAX computation: XLA:CPU steps reuse their memory (maxlm/training/hostmem.py).
   try:
     COMMANDS[command](args)
-  except ConfigError as e:
+  except UserError as e:
     print(f"maxlm {command}: error: {e}", file=sys.stderr)
     return 2
   except RunFailed as e:

@@ -1,6 +1,6 @@
 """Load a run config (an ml-collections file plus `--config.key=value` overrides) and validate it.
 
-Every problem is a `ConfigError` whose message is one line naming the key and the fix; the CLI prints it
+Every problem is a `UserError` whose message is one line naming the key and the fix; the CLI prints it
 and exits with code 2. `configs/base.py` is the schema: a key it lacks is unknown, and a value must have
 the type of the base default.
 """
@@ -18,6 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import base
+from maxlm.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DCN_AXES = ("data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
@@ -53,10 +54,6 @@ MAXIMA = {"optim.decay_fraction": 1.0, "optim.min_lr_ratio": 1.0, "optim.b1": 1.
           "data.eval_fraction": 0.5}
 
 
-class ConfigError(ValueError):
-  """A config problem a user can fix; the message is one line."""
-
-
 def load(args: Sequence[str], flag_values: flags.FlagValues | None = None) -> ml_collections.ConfigDict:
   """Loads `--config=FILE[:ARG]` and applies `--config.a.b=value` overrides, in absl/ml-collections syntax.
 
@@ -68,18 +65,18 @@ def load(args: Sequence[str], flag_values: flags.FlagValues | None = None) -> ml
   try:
     flag_values(argv)
   except Exception as e:  # absl and ml-collections raise several types; all become one line.
-    raise ConfigError(_explain_flag_error(e, args)) from None
+    raise UserError(_explain_flag_error(e, args)) from None
   if not flag_values["config"].present:
-    raise ConfigError("missing --config: pass a config file, e.g. --config=configs/tiny.py")
+    raise UserError("missing --config: pass a config file, e.g. --config=configs/tiny.py")
   path = config_flags.get_config_filename(flag_values["config"])
   if not os.path.isfile(path):
-    raise ConfigError(f"--config={path}: no such file; pass a file from configs/, e.g. --config=configs/tiny.py")
+    raise UserError(f"--config={path}: no such file; pass a file from configs/, e.g. --config=configs/tiny.py")
   try:
     cfg = holder.value
   except Exception as e:  # The config file itself failed (syntax error, bad assignment, ...).
-    raise ConfigError(f"--config={path}: cannot load: {_one_line(e)}") from None
+    raise UserError(f"--config={path}: cannot load: {_one_line(e)}") from None
   if not isinstance(cfg, ml_collections.ConfigDict):
-    raise ConfigError(f"--config={path}: get_config() must return an ml_collections.ConfigDict")
+    raise UserError(f"--config={path}: get_config() must return an ml_collections.ConfigDict")
   return cfg
 
 
@@ -122,7 +119,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
              platform: str = "cpu", num_slices: int = 1, check_paths: bool = True) -> ml_collections.ConfigDict:
   """Checks `cfg` against the schema and itself; returns a resolved copy (mesh sizes filled, dtype chosen).
 
-  `num_slices`: how many groups the DCN axes split the devices into (`maxlm.mesh.num_granules`): TPU
+  `num_slices`: how many groups the DCN axes split the devices into (`maxlm.parallel.mesh.num_granules`): TPU
   slices, or processes elsewhere. `check_paths=False` skips the checks of files the config names
   (data.path, train.init_from).
   """
@@ -130,35 +127,35 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
   values = _flat_keys(cfg)
   for key in values:
     if key not in schema:
-      raise ConfigError(_unknown_key_message(key, list(schema)))
+      raise UserError(_unknown_key_message(key, list(schema)))
   for key, default in schema.items():
     if key not in values:
-      raise ConfigError(f"config key '{key}' is missing: named configs must start from configs/base.get_config()")
+      raise UserError(f"config key '{key}' is missing: named configs must start from configs/base.get_config()")
     _check_type(key, values[key], default)
   for key, options in CHOICES.items():
     if values[key] not in options:
-      raise ConfigError(f"{key}={values[key]!r} is not one of {', '.join(options)}")
+      raise UserError(f"{key}={values[key]!r} is not one of {', '.join(options)}")
   for key, low in MINIMA.items():
     if values[key] < low:
-      raise ConfigError(f"{key}={values[key]} must be >= {low}")
+      raise UserError(f"{key}={values[key]} must be >= {low}")
   for key, high in MAXIMA.items():
     if values[key] > high:
-      raise ConfigError(f"{key}={values[key]} must be <= {high}")
+      raise UserError(f"{key}={values[key]} must be <= {high}")
 
   resolved = ml_collections.ConfigDict(cfg.to_dict())
   m = resolved.model
   if m.d_model % m.num_heads:
-    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}: "
+    raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}: "
                       "choose num_heads dividing d_model")
   if (m.d_model // m.num_heads) % 2:
-    raise ConfigError(f"head_dim = model.d_model/model.num_heads = {m.d_model // m.num_heads} is odd: RoPE needs an "
+    raise UserError(f"head_dim = model.d_model/model.num_heads = {m.d_model // m.num_heads} is odd: RoPE needs an "
                       "even head_dim")
   if m.num_heads % m.num_kv_heads:
-    raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
+    raise UserError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
                       "choose num_kv_heads dividing num_heads")
   r = m.rope_scaling
   if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
-    raise ConfigError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must be > low_freq_factor="
+    raise UserError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must be > low_freq_factor="
                       f"{r.low_freq_factor}")
   if m.compute_dtype == "auto":
     m.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
@@ -166,10 +163,10 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
 
   dcn = int(np.prod([resolved.mesh[f"dcn_{a}"] for a in DCN_AXES]))
   if dcn > 1 and dcn != num_slices:
-    raise ConfigError(f"mesh.dcn_data*mesh.dcn_fsdp={dcn} but the devices form {num_slices} slice(s) (TPU slices, "
+    raise UserError(f"mesh.dcn_data*mesh.dcn_fsdp={dcn} but the devices form {num_slices} slice(s) (TPU slices, "
                       "or processes elsewhere): make the product match, or set both to 1")
   if dcn == 1 and platform == "tpu" and num_slices > 1:
-    raise ConfigError(f"the devices span {num_slices} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
+    raise UserError(f"the devices span {num_slices} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
                       f"mesh.dcn_data*mesh.dcn_fsdp={num_slices}")
   sizes = resolve_mesh_sizes(resolved.mesh, num_devices // dcn)
   for axis, size in zip(MESH_AXES, sizes):
@@ -177,54 +174,54 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
   tensor = resolved.mesh.tensor
   for key in ("num_heads", "num_kv_heads", "mlp_dim"):
     if m[key] % tensor:
-      raise ConfigError(f"model.{key}={m[key]} is not divisible by mesh.tensor={tensor}: "
+      raise UserError(f"model.{key}={m[key]} is not divisible by mesh.tensor={tensor}: "
                         f"choose mesh.tensor dividing {key}")
 
   t = resolved.train
   dp = resolved.mesh.data * resolved.mesh.fsdp * dcn
   dp_keys = "mesh.data*mesh.fsdp" + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn > 1 else "")
   if t.global_batch % t.microbatches:
-    raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by train.microbatches={t.microbatches}")
+    raise UserError(f"train.global_batch={t.global_batch} is not divisible by train.microbatches={t.microbatches}")
   micro = t.global_batch // t.microbatches
   if micro % dp:
-    raise ConfigError(f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
+    raise UserError(f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
                       f"{dp_keys}={dp}: make global_batch a multiple of {dp * t.microbatches}")
   if t.loss_chunk and resolved.data.seq_len % t.loss_chunk:
-    raise ConfigError(f"train.loss_chunk={t.loss_chunk} does not divide data.seq_len={resolved.data.seq_len}: "
+    raise UserError(f"train.loss_chunk={t.loss_chunk} does not divide data.seq_len={resolved.data.seq_len}: "
                       "choose a divisor of seq_len, or 0 for no chunking")
   if t.global_batch % process_count:
-    raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
+    raise UserError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
 
   profile_steps(resolved.metrics.profile_steps)  # Raises on a malformed range.
   if t.guard.policy == "rollback" and resolved.checkpoint.every_steps == 0:
-    raise ConfigError("train.guard.policy='rollback' needs checkpoints: set checkpoint.every_steps > 0, or use "
+    raise UserError("train.guard.policy='rollback' needs checkpoints: set checkpoint.every_steps > 0, or use "
                       "train.guard.policy='skip'")
   if not check_paths:
     return resolved
   if t.init_from and not os.path.isdir(t.init_from):
-    raise ConfigError(f"train.init_from={t.init_from!r}: no such directory; pass a maxlm workdir (a trained run, or "
+    raise UserError(f"train.init_from={t.init_from!r}: no such directory; pass a maxlm workdir (a trained run, or "
                       "a model imported with maxlm convert from-hf)")
   d = resolved.data
   if d.source == "tokens":
     if not d.path:
-      raise ConfigError("data.source='tokens' needs data.path: pass --config.data.path=FILE")
+      raise UserError("data.source='tokens' needs data.path: pass --config.data.path=FILE")
     if not os.path.isfile(d.path):
-      raise ConfigError(f"data.path={d.path!r}: no such file")
+      raise UserError(f"data.path={d.path!r}: no such file")
   if d.source == "prepared":
     paths = [p for p in d.path.split(",") if p]
     if not paths:
-      raise ConfigError("data.source='prepared' needs data.path: pass --config.data.path=DIR[,DIR...]")
+      raise UserError("data.source='prepared' needs data.path: pass --config.data.path=DIR[,DIR...]")
     for path in paths:
       if not os.path.isfile(os.path.join(path, "manifest.json")):
-        raise ConfigError(f"data.path: {path!r} is not a prepared dataset (no manifest.json): make one with "
+        raise UserError(f"data.path: {path!r} is not a prepared dataset (no manifest.json): make one with "
                           "maxlm data prepare, or pass its directory")
     if d.weights:
       try:
         weights = [float(w) for w in d.weights.split(",")]
       except ValueError:
-        raise ConfigError(f"data.weights={d.weights!r}: use comma-separated numbers, e.g. 0.7,0.3") from None
+        raise UserError(f"data.weights={d.weights!r}: use comma-separated numbers, e.g. 0.7,0.3") from None
       if len(weights) != len(paths) or min(weights) <= 0:
-        raise ConfigError(f"data.weights={d.weights!r}: give one positive weight per dataset in data.path "
+        raise UserError(f"data.weights={d.weights!r}: give one positive weight per dataset in data.path "
                           f"({len(paths)})")
   return resolved
 
@@ -239,12 +236,12 @@ def _resolve_attention(m: ml_collections.ConfigDict, platform: str, seq_len: int
       m.attention = "xla"  # TPU tiles are 128-aligned.
     return
   if m.attention == "cudnn" and (platform != "gpu" or m.compute_dtype != "bfloat16"):
-    raise ConfigError(f"model.attention='cudnn' needs a GPU and model.compute_dtype='bfloat16' (have {platform}, "
+    raise UserError(f"model.attention='cudnn' needs a GPU and model.compute_dtype='bfloat16' (have {platform}, "
                       f"{m.compute_dtype}): use model.attention='auto' or 'xla'")
   if m.attention == "splash" and platform == "gpu":
-    raise ConfigError("model.attention='splash' is a TPU kernel: use model.attention='auto' or 'cudnn' on a GPU")
+    raise UserError("model.attention='splash' is a TPU kernel: use model.attention='auto' or 'cudnn' on a GPU")
   if m.attention == "splash" and platform == "tpu" and seq_len % 128:
-    raise ConfigError(f"model.attention='splash' needs data.seq_len divisible by 128 (have {seq_len}): change "
+    raise UserError(f"model.attention='splash' needs data.seq_len divisible by 128 (have {seq_len}): change "
                       "seq_len or use model.attention='xla'")
 
 
@@ -258,7 +255,7 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
   except ValueError:
     steps = (0, -1)
   if not 1 <= steps[0] <= steps[1]:
-    raise ConfigError(f"metrics.profile_steps={spec!r}: use FIRST-LAST with 1 <= FIRST <= LAST (e.g. 10-12), or N")
+    raise UserError(f"metrics.profile_steps={spec!r}: use FIRST-LAST with 1 <= FIRST <= LAST (e.g. 10-12), or N")
   return steps
 
 
@@ -271,7 +268,7 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise ConfigError(f"--workdir={workdir} has no config.json: pass a maxlm run or a model imported with "
+    raise UserError(f"--workdir={workdir} has no config.json: pass a maxlm run or a model imported with "
                       "maxlm convert from-hf")
   with open(path) as f:
     saved = json.load(f)
@@ -281,13 +278,13 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
 
   unknown = sorted(set(_flat_keys(ml_collections.ConfigDict(saved))) - set(_flat_keys(base.get_config())))
   if unknown:
-    raise ConfigError(f"{path}: unknown config key '{unknown[0]}' (written by another maxlm version?)")
+    raise UserError(f"{path}: unknown config key '{unknown[0]}' (written by another maxlm version?)")
   cfg = ml_collections.ConfigDict(merged(base.get_config().to_dict(), saved))
   cfg.mesh.update(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   try:
     return validate(cfg, num_devices=1, platform=platform, check_paths=False)
-  except ConfigError as e:
-    raise ConfigError(f"{path}: {e}") from None
+  except UserError as e:
+    raise UserError(f"{path}: {e}") from None
 
 
 def lineage(workdir: str) -> Iterator[tuple[str, dict]]:
@@ -311,7 +308,7 @@ def _check_type(key: str, value: object, default: object) -> None:
   else:
     ok = isinstance(value, type(default))
   if not ok:
-    raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {type(default).__name__} "
+    raise UserError(f"{key}={value!r} has type {type(value).__name__}; expected {type(default).__name__} "
                       f"like the default {default!r}")
 
 
@@ -320,19 +317,19 @@ def resolve_mesh_sizes(mesh_cfg: ml_collections.ConfigDict, num_devices: int) ->
   sizes = [mesh_cfg[a] for a in MESH_AXES]
   for axis, size in zip(MESH_AXES, sizes):
     if size == 0 or size < -1:
-      raise ConfigError(f"mesh.{axis}={size}: use a positive size, or -1 to fill the remaining devices")
+      raise UserError(f"mesh.{axis}={size}: use a positive size, or -1 to fill the remaining devices")
   fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   if len(fill) > 1:
-    raise ConfigError(f"mesh.{fill[0]} and mesh.{fill[1]} are both -1: at most one mesh axis may fill")
+    raise UserError(f"mesh.{fill[0]} and mesh.{fill[1]} are both -1: at most one mesh axis may fill")
   fixed = 1
   for s in sizes:
     fixed *= s if s != -1 else 1
   if fill:
     if num_devices % fixed:
-      raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: the fixed "
+      raise UserError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: the fixed "
                         f"axes' product {fixed} must divide the device count")
     sizes[MESH_AXES.index(fill[0])] = num_devices // fixed
   elif fixed != num_devices:
-    raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} multiply to {fixed} but there are {num_devices} "
+    raise UserError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} multiply to {fixed} but there are {num_devices} "
                       "devices: make the product match, or set one axis to -1")
   return tuple(sizes)

@@ -18,7 +18,7 @@ def test_bench_writes_a_record_and_appends_a_row(tmp_path):
   proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=cli_env())
   assert proc.returncode == 0, proc.stderr
   record = json.loads((tmp_path / "bench_cpu_tiny.json").read_text())
-  from maxlm import bench
+  from maxlm.perf import bench
   bench.write(record, str(tmp_path))  # A second run appends a row under the same header.
   assert record == json.loads(proc.stdout.strip().splitlines()[-1])
   assert record["config"] == "tiny" and record["timed_steps"] == 2 and record["loss_chunk"] == 16

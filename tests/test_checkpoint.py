@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import cli_env, make_config
-from maxlm import train
-from maxlm.config import ConfigError
+from maxlm.training import loop
+from maxlm.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = {"train.steps": 8, "train.log_every": 1, "train.eval_every": 0, "metrics.tensorboard": False,
@@ -29,7 +29,7 @@ def losses_by_step(workdir):
 
 def run(workdir, devices=None, **overrides):
   devices = devices or jax.devices()[:1]
-  return train.run(make_config(num_devices=len(devices), **{**RUN, **overrides}), str(workdir), devices=devices)
+  return loop.run(make_config(num_devices=len(devices), **{**RUN, **overrides}), str(workdir), devices=devices)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(tmp_path, referenc
 
 def test_checkpoint_of_another_model_is_a_config_error(tmp_path):
   run(tmp_path, **{"train.steps": 2})
-  with pytest.raises(ConfigError, match=r"saved for a different model \(model.d_model: saved 64, now 128"):
+  with pytest.raises(UserError, match=r"saved for a different model \(model.d_model: saved 64, now 128"):
     run(tmp_path, **{"train.steps": 4, "model.d_model": 128})
 
 

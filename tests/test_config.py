@@ -9,7 +9,7 @@ import pytest
 from configs import base
 from conftest import make_config
 from maxlm import config
-from maxlm.config import ConfigError
+from maxlm.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ def test_named_configs_load_and_validate():
 
 
 def test_llama3_8b_has_the_real_shapes():
-  from maxlm import flops
+  from maxlm.model import flops
   cfg = config.validate(config.load([f"--config={REPO}/configs/llama3_8b.py"]), num_devices=1)
   assert 8.0e9 < flops.param_count(cfg.model) < 8.1e9  # Llama 3 8B: 8.03B parameters.
 
@@ -39,14 +39,14 @@ def test_overrides_are_typed():
     (["--config.model.qk_norm=maybe"], "--config.model.qk_norm=maybe"),
 ])
 def test_bad_overrides(args, expected):
-  with pytest.raises(ConfigError) as e:
+  with pytest.raises(UserError) as e:
     config.load([f"--config={REPO}/configs/tiny.py", *args])
   assert expected in str(e.value)
   assert "\n" not in str(e.value)
 
 
 def test_missing_config_file():
-  with pytest.raises(ConfigError, match="no such file"):
+  with pytest.raises(UserError, match="no such file"):
     config.load(["--config=configs/nope.py"])
 
 
@@ -70,7 +70,7 @@ def test_missing_config_file():
     ({"data.source": "tokens", "data.path": "/nonexistent.bin"}, "no such file"),
 ])
 def test_validation_errors(overrides, expected):
-  with pytest.raises(ConfigError) as e:
+  with pytest.raises(UserError) as e:
     make_config(num_devices=8, **overrides)
   assert expected in str(e.value)
   assert "\n" not in str(e.value)
@@ -79,7 +79,7 @@ def test_validation_errors(overrides, expected):
 def test_unknown_key_in_config_file():
   cfg = base.get_config()
   cfg.train.stpes = 10
-  with pytest.raises(ConfigError, match="unknown config key 'train.stpes': did you mean 'train.steps'"):
+  with pytest.raises(UserError, match="unknown config key 'train.stpes': did you mean 'train.steps'"):
     config.validate(cfg, num_devices=1)
 
 

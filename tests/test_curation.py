@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from maxlm import corpus, dedup, prepare, quality, tokenizer
-from maxlm.config import ConfigError
+from maxlm.data import corpus, dataset, dedup, prepare, quality, tokenizer
+from maxlm.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB_JSON = os.path.join(sysconfig.get_paths()["stdlib"], "json")
@@ -51,8 +51,8 @@ def prose(count: int = 80, start: int = 1000) -> str:
 
 def decoded(tok, directory):
   out = []
-  for split in prepare.SPLITS:
-    tokens, index, _ = prepare.load_split(directory, split)
+  for split in dataset.SPLITS:
+    tokens, index, _ = dataset.load_split(directory, split)
     out += [tok.decode(tokens[a:b - 1].tolist()) for a, b in zip(index[:-1], index[1:])]
   return sorted(out)
 
@@ -86,7 +86,7 @@ def test_bands_follow_the_threshold():
     assert dedup.candidate_probability(threshold, bands, rows) > 0.8  # recall: candidates are verified anyway
     assert dedup.candidate_probability(threshold + 0.05, bands, rows) > 0.95
     assert dedup.candidate_probability(threshold - 0.3, bands, rows) < 0.1  # few comparisons of unrelated pairs
-  assert dedup.choose_bands(0.8) == (14, 9)  # as documented in maxlm/dedup.py and docs/data.md
+  assert dedup.choose_bands(0.8) == (14, 9)  # as documented in maxlm/data/dedup.py and docs/data.md
 
 
 def test_planted_near_duplicates_are_removed_and_the_first_is_kept(tok, tmp_path):
@@ -245,7 +245,7 @@ def test_filters_drop_count_and_report(tok, tmp_path):
   assert len(decoded(tok, str(tmp_path / "all"))) == 5
   forced = prepare.prepare([str(src)], tok.path, str(tmp_path / "prose"), filters="prose")
   assert list(forced["curation"]["filters"]) == ["prose"] and forced["curation"]["filtered"] == 4
-  with pytest.raises(ConfigError, match="--filters=strict: choose one of default, prose, code, none"):
+  with pytest.raises(UserError, match="--filters=strict: choose one of default, prose, code, none"):
     prepare.prepare([str(src)], tok.path, str(tmp_path / "bad"), filters="strict")
 
 

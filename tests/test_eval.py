@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import cli_env, make_config
-from maxlm import cli, config, evaluate, hf, prepare, sample, tokenizer, train
+from maxlm import cli, config
+from maxlm.data import dataset, prepare, tokenizer
+from maxlm.interop import evaluate, hf, sample
+from maxlm.training import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["naïve", "café", "日本語", "x = 1", "def f():", "  return y", "über", "the", "cat", "sat", "on", "mat", "€5"]
@@ -38,7 +41,7 @@ def run(tmp_path_factory):
                        "data.seq_len": 16, "train.global_batch": 2, "train.steps": 2, "train.eval_every": 2,
                        "train.eval_batches": 3, "train.log_every": 1, "checkpoint.every_steps": 2,
                        "metrics.tensorboard": False, "metrics.peak_tflops": 1.0, "model.init_std": 0.3})
-  train.run(cfg, str(tmp / "run"), devices=jax.devices()[:1])
+  loop.run(cfg, str(tmp / "run"), devices=jax.devices()[:1])
   return tmp / "run", tmp / "data", cfg
 
 
@@ -57,14 +60,14 @@ def test_eval_cli_reproduces_the_training_eval_loss(run):
 
 
 def test_bits_per_byte_by_hand(run):
-  workdir, dataset, cfg = run
-  tokens, offsets, _ = prepare.load_split(str(dataset), "val")
-  tok = tokenizer.Tokenizer(str(dataset.parent / "tok.model"))
+  workdir, data_dir, cfg = run
+  tokens, offsets, _ = dataset.load_split(str(data_dir), "val")
+  tok = tokenizer.Tokenizer(str(data_dir.parent / "tok.model"))
   # One row holding the whole val split: every document's targets, each exactly once.
-  result = evaluate.evaluate(cfg, str(workdir), str(dataset), seq_len=int(offsets[-1]) - 1,
+  result = evaluate.evaluate(cfg, str(workdir), str(data_dir), seq_len=int(offsets[-1]) - 1,
                              devices=jax.devices()[:1])
   assert result["full_pass"] and result["rows"] == 1
-  m = train.restore_model(cfg, str(workdir), devices=jax.devices()[:1])
+  m = checkpoint.restore_model(cfg, str(workdir), devices=jax.devices()[:1])
   texts = {tuple(tok.encode(t) + [tok.sp.eos_id()]): t for t in documents()}
   longest = int(np.diff(offsets).max())
   forward = jax.jit(lambda m, ids: m(ids))  # Padded at the end to one shape: causal, so padding changes nothing.
@@ -100,7 +103,7 @@ def test_sample_cli_is_greedy_and_batched(run, capsys):
   assert code == 0
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   tok = tokenizer.Tokenizer(str(workdir.parent / "tok.model"))
-  m = train.restore_model(config.load_workdir(str(workdir)), str(workdir), devices=jax.devices()[:1])
+  m = checkpoint.restore_model(config.load_workdir(str(workdir)), str(workdir), devices=jax.devices()[:1])
   want = sample.generate(m, [tok.encode(p) for p in prompts], max_new_tokens=6, eos_id=tok.sp.eos_id())
   assert [line["prompt"] for line in lines] == prompts
   assert [line["tokens"] for line in lines] == want

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from conftest import make_config
-from maxlm import flops, model
+from maxlm.model import attention, flops, transformer
 
 
 def test_tiny_config_hand_count():
@@ -27,14 +27,14 @@ def test_analytic_count_agrees_with_xla_cost_analysis(overrides):
   (all of it for one block), against the causal half in the formula; plus elementwise work."""
   cfg = make_config(**{"model.scan_layers": False, **overrides})  # cost_analysis counts a scan body once.
   m, T, B = cfg.model, cfg.data.seq_len, 4
-  graphdef, params = nnx.split(model.create(m, 0))
+  graphdef, params = nnx.split(transformer.create(m, 0))
   tokens = jnp.zeros((B, T), jnp.int32)
 
   def loss(p):
     return jnp.sum(jax.nn.logsumexp(nnx.merge(graphdef, p)(tokens), -1))
 
   xla_per_token = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()["flops"] / (B * T)
-  blocks = T // model.query_block(T)
+  blocks = T // attention.query_block(T)
   scored = flops.training_flops_per_token(m, T) + 6 * m.num_layers * m.d_model * T * (1 / blocks)
   assert scored <= xla_per_token <= 1.06 * scored
 

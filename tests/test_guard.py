@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import cli_env, make_config
-from maxlm import guard as guard_lib, train
+from maxlm.training import guard as guard_lib, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = {"train.steps": 12, "train.log_every": 1, "train.eval_every": 0, "metrics.tensorboard": False,
@@ -19,7 +19,7 @@ RUN = {"train.steps": 12, "train.log_every": 1, "train.eval_every": 0, "metrics.
 
 
 def run(workdir, **overrides):
-  return train.run(make_config(**{**RUN, **overrides}), str(workdir), devices=jax.devices()[:1])
+  return loop.run(make_config(**{**RUN, **overrides}), str(workdir), devices=jax.devices()[:1])
 
 
 def events(workdir):
@@ -28,8 +28,8 @@ def events(workdir):
 
 
 def test_rejected_step_leaves_the_state_bitwise_unchanged():
-  session = train.setup(make_config(**RUN), jax.devices()[:1])
-  state = session.init()
+  session = loop.setup(make_config(**RUN), jax.devices()[:1])
+  state = session.program.init()
   before = jax.device_get(state)
   batch = session.next_batch()
   for loss_scale, max_loss in [(np.nan, np.inf), (1.0, 0.5)]:  # non-finite; loss above the spike threshold

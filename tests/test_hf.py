@@ -19,7 +19,10 @@ from flax import nnx
 from safetensors import safe_open
 
 from conftest import cli_env
-from maxlm import checkpoint, cli, config, data, hf, sample, tokenizer, train
+from maxlm import cli, config
+from maxlm.data import pipeline, tokenizer
+from maxlm.interop import hf, sample
+from maxlm.training import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # f32 logits, |logit| ~ 1: the issue's bound
@@ -54,7 +57,7 @@ def hf_logits(model, tokens=TOKENS):
 def maxlm_model(workdir, **model_overrides):
   cfg = config.load_workdir(str(workdir))
   cfg.model.update(model_overrides)
-  return cfg, train.restore_model(cfg, str(workdir), devices=jax.devices()[:1])
+  return cfg, checkpoint.restore_model(cfg, str(workdir), devices=jax.devices()[:1])
 
 
 @pytest.mark.parametrize("case, arch, dtype, overrides", [
@@ -100,14 +103,14 @@ def tuned(tmp_path_factory):
   hf.from_hf(str(tmp / "hf"), str(tmp / "imported"))
   cfg = config.validate(config.load([f"--config={tmp}/imported/config.py", "--config.train.steps=3", *TRAIN]),
                         num_devices=1)
-  records = train.run(cfg, str(tmp / "tuned"), devices=jax.devices()[:1])
+  records = loop.run(cfg, str(tmp / "tuned"), devices=jax.devices()[:1])
   return tmp, cfg, reference, records
 
 
 def test_training_continues_from_an_imported_model(tuned, caplog):
   tmp, cfg, reference, records = tuned
   # Step 1's loss is the imported model's loss on the first batch, as transformers computes it.
-  batch = next(data.train_and_eval(cfg)[0])
+  batch = next(pipeline.train_and_eval(cfg)[0])
   with torch.no_grad():
     logits = reference(torch.tensor(batch["inputs"])).logits
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 96), torch.tensor(batch["targets"]).long().reshape(-1))
@@ -118,7 +121,7 @@ def test_training_continues_from_an_imported_model(tuned, caplog):
   more = config.validate(config.load([f"--config={tmp}/imported/config.py", "--config.train.steps=4", *TRAIN]),
                          num_devices=1)
   with caplog.at_level("INFO", logger="maxlm"):
-    assert [r["step"] for r in train.run(more, str(tmp / "tuned"), devices=jax.devices()[:1])] == [4]
+    assert [r["step"] for r in loop.run(more, str(tmp / "tuned"), devices=jax.devices()[:1])] == [4]
   assert "resumed from the checkpoint at step 3" in caplog.text and "init_from is ignored" in caplog.text
 
 
@@ -130,7 +133,7 @@ def test_export_matches_transformers_and_round_trips_exactly(tuned, tmp_path):
   exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
   assert exported.config.rope_parameters["rope_type"] == "llama3"
   cfg.model.scan_layers = True  # Either layout reads the same stacked parameters.
-  m = train.restore_model(cfg, str(tmp / "tuned"), devices=jax.devices()[:1], step=3)
+  m = checkpoint.restore_model(cfg, str(tmp / "tuned"), devices=jax.devices()[:1], step=3)
   want = np.asarray(m(TOKENS))
   assert want.std() > 0.3
   np.testing.assert_allclose(hf_logits(exported), want, rtol=0, atol=TOL)
@@ -149,7 +152,7 @@ def test_bfloat16_export_rounds_each_tensor(tuned, tmp_path):
   with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="numpy") as f:
     assert f.metadata() == {"format": "pt"}
     q = f.get_tensor("model.layers.1.self_attn.q_proj.weight")
-  m = train.restore_model(cfg, str(tmp / "tuned"), devices=jax.devices()[:1], step=3)
+  m = checkpoint.restore_model(cfg, str(tmp / "tuned"), devices=jax.devices()[:1], step=3)
   want = np.asarray(nnx.split(m)[1]["blocks"]["attn"]["q_proj"][...])[1].reshape(48, -1).T
   assert q.dtype.name == "bfloat16"
   np.testing.assert_array_equal(q, want.astype(q.dtype))
@@ -169,7 +172,7 @@ def test_bfloat16_export_rounds_each_tensor(tuned, tmp_path):
 def test_unsupported_configs_are_refused(hf_config, expected):
   base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 48, "intermediate_size": 80,
           "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64}
-  with pytest.raises(config.ConfigError) as e:
+  with pytest.raises(config.UserError) as e:
     hf.model_config_from_hf({**base, **hf_config})
   assert expected in str(e.value) and "\n" not in str(e.value)
 

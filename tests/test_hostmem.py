@@ -1,4 +1,4 @@
-"""maxlm.hostmem: with glibc malloc kept to one arena that keeps freed memory, XLA:CPU reuses the pages of
+"""maxlm.training.hostmem: with glibc malloc kept to one arena that keeps freed memory, XLA:CPU reuses the pages of
 earlier steps instead of faulting fresh ones in every step (counted in subprocesses)."""
 
 import os
@@ -9,25 +9,27 @@ import sys
 
 import pytest
 
-from maxlm import distributed, hostmem
+from maxlm.parallel import distributed
+from maxlm.training import hostmem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Page faults of each train step of a model whose step allocates ~110 MB of temporaries (f32 logits [8, 256, 4096]).
 FAULTS = """
 import resource, sys
-from maxlm import hostmem
+from maxlm.training import hostmem
 kept = hostmem.keep_freed_memory() if sys.argv[1] == "keep" else False
 import jax
-from maxlm import config, train
+from maxlm import config
+from maxlm.training import loop, step as step_lib
 cfg = config.load(["--config=configs/base.py", "--config.model.vocab_size=4096", "--config.data.seq_len=256",
                    "--config.train.global_batch=8", "--config.checkpoint.every_steps=0", "--config.metrics.peak_tflops=1"])
-session = train.setup(config.validate(cfg, num_devices=1, platform="cpu"), jax.devices()[:1])
-state, faults = session.init(), []
+session = loop.setup(config.validate(cfg, num_devices=1, platform="cpu"), jax.devices()[:1])
+state, faults = session.program.init(), []
 for _ in range(9):
   batch = session.next_batch()
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  state, metrics = session.step(state, batch, train.controls())
+  state, metrics = session.step(state, batch, step_lib.controls())
   jax.block_until_ready((state, metrics))
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(kept, *faults)

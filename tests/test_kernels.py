@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import make_config
-from maxlm import kernels, mesh as mesh_lib, model
-from maxlm.config import ConfigError
+from maxlm.model import attention, kernels, transformer
+from maxlm.parallel import mesh as mesh_lib
+from maxlm.errors import UserError
 
 B, T, H, K, Dh = 4, 128, 4, 2, 16
 KERNELS = {"splash": kernels.splash_attention,
@@ -47,7 +48,7 @@ def loss_and_grads(attention, q, k, v, segments):
 @pytest.mark.parametrize("mesh_sizes", [None, (2, 2, 2)])
 def test_kernel_matches_xla_attention(name, mesh_sizes, devices):
   args = inputs()
-  want_out, want_grads = jax.jit(functools.partial(loss_and_grads, model.xla_attention))(*args)
+  want_out, want_grads = jax.jit(functools.partial(loss_and_grads, attention.xla_attention))(*args)
   run = jax.jit(functools.partial(loss_and_grads, KERNELS[name]))
   if mesh_sizes:
     with jax.set_mesh(mesh_lib.build_mesh(mesh_sizes, devices)):
@@ -65,7 +66,7 @@ def test_splash_in_the_model_matches_xla():
   positions = jnp.asarray(np.repeat([np.r_[np.arange(60), np.arange(68)]], 2, 0))
   logits = {}
   for name in ("xla", "splash"):
-    m = model.create(make_config(**{"model.attention": name, "data.seq_len": 128}).model, seed=2)
+    m = transformer.create(make_config(**{"model.attention": name, "data.seq_len": 128}).model, seed=2)
     logits[name] = np.asarray(m(tokens, positions, segments))
   np.testing.assert_allclose(logits["splash"], logits["xla"], rtol=1e-4, atol=1e-4)
 
@@ -95,7 +96,7 @@ def test_attention_choice_errors(platform, overrides, message):
   for key, value in overrides.items():
     group, name = key.split(".")
     cfg[group][name] = value
-  with pytest.raises(ConfigError, match=message):
+  with pytest.raises(UserError, match=message):
     config.validate(cfg, num_devices=1, platform=platform)
 
 
@@ -104,13 +105,15 @@ def test_attention_choice_errors(platform, overrides, message):
 def test_splash_lowers_to_the_mosaic_kernel_for_a_tpu_from_this_host():
   """`auto` picks splash for a TPU; lowering for a TPU topology takes the compiled kernel's branch."""
   from configs import base
-  from maxlm import aot, config, train
+  from maxlm import config
+  from maxlm.perf import aot
+  from maxlm.training import step as step_lib
   devices = aot.topology_devices("v5e:2x2")
   cfg = base.get_config()
   cfg.data.seq_len, cfg.mesh.fsdp, cfg.mesh.tensor = 256, 2, 2
   cfg = config.validate(cfg, num_devices=4, platform="tpu")
   assert cfg.model.attention == "splash"
-  program = train.build_step(cfg, devices)
+  program = step_lib.build_step(cfg, devices)
   hlo = program.lower().as_text()
   assert "tpu_custom_call" in hlo  # The Mosaic kernel (forward and backward), not the interpreter's HLO.
   program.lower().compile()  # The TPU compiler accepts it.

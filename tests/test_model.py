@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import make_config
-from maxlm import model
+from maxlm.model import attention, transformer
 
 
 def params_np(m):
@@ -78,7 +78,7 @@ def packed_batch(B=2, T=16, V=256, seed=0):
 ])
 def test_matches_float64_reference(overrides):
   cfg = make_config(**overrides).model
-  m = model.create(cfg, seed=3)
+  m = transformer.create(cfg, seed=3)
   tokens, positions, segment_ids = packed_batch(V=cfg.vocab_size)
   got = np.asarray(m(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids)))
   want = reference_logits(params_np(m), cfg, tokens, positions, segment_ids)
@@ -86,7 +86,7 @@ def test_matches_float64_reference(overrides):
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
-  m = model.create(make_config().model, seed=0)
+  m = transformer.create(make_config().model, seed=0)
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
   changed = tokens.at[:, 9:].set((tokens[:, 9:] + 17) % 256)
   a, b = m(tokens), m(changed)
@@ -95,7 +95,7 @@ def test_causal_future_tokens_do_not_change_past_logits():
 
 
 def test_packed_documents_do_not_attend_across_segments():
-  m = model.create(make_config().model, seed=0)
+  m = transformer.create(make_config().model, seed=0)
   tokens, positions, segment_ids = map(jnp.asarray, packed_batch())
   packed = m(tokens[1:], positions[1:], segment_ids[1:])[0]
   # Each document alone, at its own positions, gives the same logits as inside the packed row.
@@ -111,7 +111,7 @@ def test_packed_documents_do_not_attend_across_segments():
 def _loss_and_grads(overrides: tuple):
   cfg = make_config(**{"model.num_layers": 3, **dict(overrides)}).model
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
-  m = model.create(cfg, seed=1)
+  m = transformer.create(cfg, seed=1)
   graphdef, params = nnx.split(m)
 
   def loss(p):
@@ -137,7 +137,7 @@ def test_scan_and_remat_give_the_same_loss_and_gradients(variant):
 
 def test_bfloat16_compute_keeps_float32_params():
   cfg = make_config(**{"model.compute_dtype": "bfloat16"}).model
-  m = model.create(cfg, seed=0)
+  m = transformer.create(cfg, seed=0)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.split(m)[1]))
   logits = m(jnp.zeros((1, 8), jnp.int32))
   assert logits.dtype == jnp.bfloat16
@@ -161,7 +161,7 @@ def test_block_causal_attention_equals_the_full_masked_softmax():
     loss = lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v)))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-  got, want = loss_and_grads(lambda q, k, v: model.xla_attention(q, k, v, segments)), loss_and_grads(full)
+  got, want = loss_and_grads(lambda q, k, v: attention.xla_attention(q, k, v, segments)), loss_and_grads(full)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for g, w in zip(got[1], want[1]):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import cli_env, make_config
-from maxlm import train
+from maxlm.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -83,7 +83,7 @@ def read(path):
 def reference(tmp_path_factory):
   """Per-step losses of one process with 8 devices."""
   assert jax.device_count() == 8
-  records = train.run(make_config(num_devices=8, **RUN), str(tmp_path_factory.mktemp("one_process")))
+  records = loop.run(make_config(num_devices=8, **RUN), str(tmp_path_factory.mktemp("one_process")))
   return {r["step"]: r["loss"] for r in records}
 
 
@@ -139,8 +139,8 @@ def test_a_dead_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
 
 
 def test_process_discovery_from_flags_and_cluster_variables():
-  from maxlm import distributed
-  from maxlm.config import ConfigError
+  from maxlm.parallel import distributed
+  from maxlm.errors import UserError
   assert distributed.detect(None, None, None, environ={}) is None
   assert distributed.detect("10.0.0.2:8476", 4, 3, environ={}) == "explicit"
   assert distributed.detect("10.0.0.2:8476", 1, 0, environ={}) is None
@@ -148,9 +148,9 @@ def test_process_discovery_from_flags_and_cluster_variables():
            "SLURM_LOCALID": "3"}
   assert distributed.detect(None, None, None, environ=slurm) == "SLURM"
   assert distributed.detect(None, None, None, environ={**slurm, "SLURM_NTASKS": "1"}) is None
-  with pytest.raises(ConfigError, match="--num_processes, --process_id missing"):
+  with pytest.raises(UserError, match="--num_processes, --process_id missing"):
     distributed.detect("10.0.0.2:8476", None, None, environ={})
-  with pytest.raises(ConfigError, match="use HOST:PORT"):
+  with pytest.raises(UserError, match="use HOST:PORT"):
     distributed.detect("10.0.0.2", 2, 0, environ={})
 
 

@@ -7,7 +7,8 @@ import optax
 from flax import nnx
 
 from conftest import make_config
-from maxlm import model, optim
+from maxlm.model import transformer
+from maxlm.training import optim
 
 
 def test_cosine_schedule():
@@ -36,7 +37,7 @@ def _decayed(params, mask):
 
 def test_weight_decay_mask():
   cfg = make_config(**{"model.tie_embeddings": False, "model.qk_norm": True}).model
-  _, params = nnx.split(model.create(cfg, 0))
+  _, params = nnx.split(transformer.create(cfg, 0))
   decayed = _decayed(params, optim.decay_mask(params, decay_embeddings=False))
   assert decayed["blocks/attn/q_proj/value"] and decayed["blocks/mlp/down_proj/value"] and decayed["lm_head/value"]
   assert not decayed["embed/value"]
@@ -47,7 +48,7 @@ def test_weight_decay_mask():
 def test_weight_decay_applies_only_to_masked_leaves():
   o = make_config(**{"optim.weight_decay": 0.5, "optim.warmup_steps": 0, "optim.schedule": "constant",
                      "optim.lr": 0.1, "optim.clip_norm": 0.0}).optim
-  _, params = nnx.split(model.create(make_config().model, 0))
+  _, params = nnx.split(transformer.create(make_config().model, 0))
   tx, _ = optim.make(o, 10)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)

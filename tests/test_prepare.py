@@ -14,8 +14,8 @@ import grain
 import numpy as np
 import pytest
 
-from maxlm import corpus, prepare, tokenizer
-from maxlm.config import ConfigError
+from maxlm.data import corpus, dataset, prepare, tokenizer
+from maxlm.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB_JSON = os.path.join(sysconfig.get_paths()["stdlib"], "json")
@@ -40,8 +40,8 @@ def texts(tmp_path):
 
 def decoded_documents(tok, directory):
   out = []
-  for split in prepare.SPLITS:
-    tokens, index, manifest = prepare.load_split(directory, split)
+  for split in dataset.SPLITS:
+    tokens, index, manifest = dataset.load_split(directory, split)
     assert manifest["eos_appended"]
     for a, b in zip(index[:-1], index[1:]):
       doc = tokens[a:b].tolist()
@@ -88,10 +88,10 @@ def test_existing_outputs(tok, texts, tmp_path):
   before = os.stat(os.path.join(out, "train", "tokens.bin")).st_mtime_ns
   prepare.prepare([src], tok.path, out, filters="none")  # Same inputs and settings: nothing to do.
   assert os.stat(os.path.join(out, "train", "tokens.bin")).st_mtime_ns == before
-  with pytest.raises(ConfigError, match="holds a different dataset"):
+  with pytest.raises(UserError, match="holds a different dataset"):
     prepare.prepare([src], tok.path, out, val_fraction=0.5, filters="none")
   os.makedirs(tmp_path / "other")
-  with pytest.raises(ConfigError, match="is not a prepared dataset"):
+  with pytest.raises(UserError, match="is not a prepared dataset"):
     prepare.prepare([src], tok.path, str(tmp_path / "other"), filters="none")
 
 
@@ -100,8 +100,8 @@ def test_an_interrupted_prepare_is_never_taken_for_a_dataset(tok, texts, tmp_pat
   out = str(tmp_path / "out")
   os.makedirs(out + ".partial/train")  # What a killed prepare leaves behind.
   (tmp_path / "out.partial" / "train" / "tokens.bin").write_bytes(b"\x01\x02")
-  with pytest.raises(ConfigError, match="a prepare was interrupted: rerun it"):
-    prepare.load_split(out, "train")
+  with pytest.raises(UserError, match="a prepare was interrupted: rerun it"):
+    dataset.load_split(out, "train")
   prepare.prepare([src], tok.path, out, filters="none")
   assert not os.path.exists(out + ".partial")
   assert sorted(t for _, t in decoded_documents(tok, out)) == sorted(docs)
@@ -110,7 +110,7 @@ def test_an_interrupted_prepare_is_never_taken_for_a_dataset(tok, texts, tmp_pat
 def test_nothing_usable_is_an_error_and_leaves_nothing(tok, tmp_path):
   (tmp_path / "in").mkdir()
   (tmp_path / "in" / "bin.txt").write_bytes(b"\x00\x00")
-  with pytest.raises(ConfigError, match="no usable training documents"):
+  with pytest.raises(UserError, match="no usable training documents"):
     prepare.prepare([str(tmp_path / "in")], tok.path, str(tmp_path / "out"), filters="none")
   assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
 
@@ -137,9 +137,9 @@ def prepared(tok, texts, tmp_path):
 
 
 def test_packed_rows_cover_every_token_once_with_correct_segments(prepared):
-  from maxlm import data
-  src = data.PackedSource(prepared, "train", seq_len=16, seed=5)
-  tokens, offsets, _ = prepare.load_split(prepared, "train")
+  from maxlm.data import pipeline
+  src = pipeline.PackedSource(prepared, "train", seq_len=16, seed=5)
+  tokens, offsets, _ = dataset.load_split(prepared, "train")
   order = np.random.default_rng([5, 104729, 0]).permutation(len(offsets) - 1)
   stream = np.concatenate([tokens[offsets[d]:offsets[d + 1]] for d in order])
   docs_at = np.repeat(np.arange(len(order)), np.diff(offsets)[order])  # stream position -> document rank
@@ -163,7 +163,7 @@ def test_packed_rows_cover_every_token_once_with_correct_segments(prepared):
 
 def test_a_long_document_is_spread_over_the_epoch(tok, tmp_path):
   """A document much longer than the rest must not fill consecutive batches: rows are read shuffled."""
-  from maxlm import data
+  from maxlm.data import pipeline
   src_dir = tmp_path / "src"
   src_dir.mkdir()
   words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta", "omega"], 20_000)
@@ -171,8 +171,8 @@ def test_a_long_document_is_spread_over_the_epoch(tok, tmp_path):
   for i in range(20):
     (src_dir / f"short{i}.txt").write_text(f"short document number {i} " * 40)
   prepare.prepare([str(src_dir)], tok.path, str(tmp_path / "ds"), val_fraction=0.0, dedup="none", filters="none")
-  src = data.PackedSource(str(tmp_path / "ds"), "train", seq_len=16, seed=0)
-  tokens, offsets, _ = prepare.load_split(str(tmp_path / "ds"), "train")
+  src = pipeline.PackedSource(str(tmp_path / "ds"), "train", seq_len=16, seed=0)
+  tokens, offsets, _ = dataset.load_split(str(tmp_path / "ds"), "train")
   lengths = np.diff(offsets)
   assert lengths.max() > 0.75 * offsets[-1]  # one document is most of the data: ~1000 rows in a row
   order = np.random.default_rng([0, 104729, 0]).permutation(len(lengths))  # epoch 0's document order
@@ -187,10 +187,10 @@ def test_a_long_document_is_spread_over_the_epoch(tok, tmp_path):
 
 
 def test_packed_batches_same_for_any_process_count(prepared):
-  from maxlm import data
-  src = grain.MapDataset.source(data.PackedSource(prepared, "train", seq_len=16, seed=0))
-  one = [next(it) for it in [iter(data.batches(src, 4, 0, 1))] for _ in range(3)]
-  parts = [iter(data.batches(src, 4, p, 2)) for p in range(2)]
+  from maxlm.data import pipeline
+  src = grain.MapDataset.source(pipeline.PackedSource(prepared, "train", seq_len=16, seed=0))
+  one = [next(it) for it in [iter(pipeline.batches(src, 4, 0, 1))] for _ in range(3)]
+  parts = [iter(pipeline.batches(src, 4, p, 2)) for p in range(2)]
   for step in range(3):
     halves = [next(p) for p in parts]
     for k in one[step]:
@@ -201,13 +201,13 @@ def test_training_on_a_prepared_dataset(prepared, tok, tmp_path):
   import jax
 
   from conftest import make_config
-  from maxlm import train
-  with pytest.raises(ConfigError, match="600-token vocabulary but model.vocab_size=256"):
-    train.run(make_config(**{"data.source": "prepared", "data.path": prepared, "data.seq_len": 16,
+  from maxlm.training import loop
+  with pytest.raises(UserError, match="600-token vocabulary but model.vocab_size=256"):
+    loop.run(make_config(**{"data.source": "prepared", "data.path": prepared, "data.seq_len": 16,
                              "checkpoint.every_steps": 0}), str(tmp_path / "bad"), devices=jax.devices()[:1])
-  with pytest.raises(ConfigError, match="is not a prepared dataset"):
+  with pytest.raises(UserError, match="is not a prepared dataset"):
     make_config(**{"data.source": "prepared", "data.path": str(tmp_path)})
-  records = train.run(make_config(**{"data.source": "prepared", "data.path": prepared, "data.seq_len": 16,
+  records = loop.run(make_config(**{"data.source": "prepared", "data.path": prepared, "data.seq_len": 16,
                                      "model.vocab_size": 640, "train.steps": 30, "train.eval_every": 30,
                                      "train.log_every": 10, "checkpoint.every_steps": 0,
                                      "metrics.tensorboard": False}), str(tmp_path / "run"),
@@ -216,9 +216,9 @@ def test_training_on_a_prepared_dataset(prepared, tok, tmp_path):
 
 
 def test_epochs_continue_without_replaying_order(prepared):
-  from maxlm import data
-  src = data.PackedSource(prepared, "train", seq_len=16, seed=0)
-  it = iter(data.batches(grain.MapDataset.source(src), 1, 0, 1))
+  from maxlm.data import pipeline
+  src = pipeline.PackedSource(prepared, "train", seq_len=16, seed=0)
+  it = iter(pipeline.batches(grain.MapDataset.source(src), 1, 0, 1))
   rows = [next(it)["inputs"][0] for _ in range(2 * src.rows_per_epoch)]
   first, second = rows[:src.rows_per_epoch], rows[src.rows_per_epoch:]
   assert any(not np.array_equal(a, b) for a, b in zip(first, second))  # epoch 2 comes in a new order
@@ -228,8 +228,8 @@ def test_epochs_continue_without_replaying_order(prepared):
 def test_rows_read_from_many_threads_equal_rows_read_in_order(prepared):
   """Grain reads records from a thread pool; epoch switches (the cached document order) must be safe."""
   import concurrent.futures
-  from maxlm import data
-  reference = data.PackedSource(prepared, "train", seq_len=16, seed=0)
+  from maxlm.data import pipeline
+  reference = pipeline.PackedSource(prepared, "train", seq_len=16, seed=0)
   n = reference.rows_per_epoch
   indices = np.random.default_rng(0).permutation(6 * n)  # jumps between 6 epochs at every read
   want = {i: reference[int(i)]["inputs"] for i in indices}
@@ -237,7 +237,7 @@ def test_rows_read_from_many_threads_equal_rows_read_in_order(prepared):
   sys.setswitchinterval(1e-6)  # switch threads as often as possible: a torn cache update shows up at once
   try:
     for _ in range(5):
-      src = data.PackedSource(prepared, "train", seq_len=16, seed=0)
+      src = pipeline.PackedSource(prepared, "train", seq_len=16, seed=0)
       with concurrent.futures.ThreadPoolExecutor(16) as pool:
         got = dict(zip(indices, pool.map(lambda i: src[int(i)]["inputs"], indices)))
       for i in indices:
@@ -248,7 +248,7 @@ def test_rows_read_from_many_threads_equal_rows_read_in_order(prepared):
 
 def test_mixture_proportions_and_checks(tok, tmp_path):
   from conftest import make_config
-  from maxlm import data
+  from maxlm.data import pipeline
   for name, word in (("a", "zzz"), ("b", "kkk")):
     (tmp_path / name).mkdir()
     for i in range(40):
@@ -258,7 +258,7 @@ def test_mixture_proportions_and_checks(tok, tmp_path):
   paths = f"{tmp_path}/ds_a,{tmp_path}/ds_b"
   cfg = make_config(**{"data.source": "prepared", "data.path": paths, "data.weights": "3,1", "data.seq_len": 16,
                        "model.vocab_size": 600, "train.global_batch": 8})
-  train, _ = data.train_and_eval(cfg)
+  train, _ = pipeline.train_and_eval(cfg)
   only_a = set(tok.encode("zzz zzz")) - set(tok.encode("kkk kkk"))
   only_b = set(tok.encode("kkk kkk")) - set(tok.encode("zzz zzz"))
   rows = np.concatenate([next(train)["inputs"] for _ in range(100)])
@@ -266,7 +266,7 @@ def test_mixture_proportions_and_checks(tok, tmp_path):
   from_b = np.mean([bool(only_b & set(r.tolist())) for r in rows])
   assert abs(from_a - 0.75) < 0.03 and abs(from_b - 0.25) < 0.03 and from_a + from_b == pytest.approx(1.0)
   for weights, message in (("1", "one positive weight per dataset"), ("1,x", "comma-separated numbers")):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
       make_config(**{"data.source": "prepared", "data.path": paths, "data.weights": weights})
 
 

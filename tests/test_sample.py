@@ -9,18 +9,20 @@ import pytest
 from flax import nnx
 
 from conftest import make_config
-from maxlm import mesh as mesh_lib, model, sample
+from maxlm.interop import sample
+from maxlm.model import transformer
+from maxlm.parallel import mesh as mesh_lib
 
 
 @pytest.fixture(scope="module")
 def m():
-  return model.create(make_config(**{"model.init_std": 1.0}).model, seed=0)  # peaked logits: distinct tokens
+  return transformer.create(make_config(**{"model.init_std": 1.0}).model, seed=0)  # peaked logits: distinct tokens
 
 
 @pytest.fixture(scope="module")
 def spread():
   """Logits spread enough that top-k and top-p cut somewhere between 1 token and the whole vocabulary."""
-  return model.create(make_config(**{"model.init_std": 0.3, "model.tie_embeddings": False}).model, seed=1)
+  return transformer.create(make_config(**{"model.init_std": 0.3, "model.tie_embeddings": False}).model, seed=1)
 
 
 N = 8  # new tokens in every generate call: the tests share compilations
@@ -41,7 +43,7 @@ def full_logits(m, seq):
      "model.rope_scaling.type": "llama3", "model.rope_scaling.original_max_len": 8, "model.rope_theta": 50.0},
 ])
 def test_kv_cache_decoding_equals_full_recomputation(overrides):
-  m = model.create(make_config(**{"model.init_std": 0.5, **overrides}).model, seed=2)
+  m = transformer.create(make_config(**{"model.init_std": 0.5, **overrides}).model, seed=2)
   rng = np.random.default_rng(0)
   rows = [rng.integers(0, 256, 12).tolist(), rng.integers(0, 256, 12).tolist()]
   lengths = [5, 2]  # prompt lengths; the rest of each row is fed one token at a time

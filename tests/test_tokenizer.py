@@ -11,8 +11,8 @@ import sysconfig
 import pytest
 import sentencepiece as spm
 
-from maxlm import corpus, tokenizer
-from maxlm.config import ConfigError
+from maxlm.data import corpus, tokenizer
+from maxlm.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB_JSON = os.path.join(sysconfig.get_paths()["stdlib"], "json")  # ~100 KB of Python every install has
@@ -57,7 +57,7 @@ def test_existing_sentencepiece_models_load_as_they_are(tmp_path):
 
 def test_not_a_model_is_a_clear_error(tmp_path):
   (tmp_path / "x.model").write_text("not a model")
-  with pytest.raises(ConfigError, match="not a readable SentencePiece model"):
+  with pytest.raises(UserError, match="not a readable SentencePiece model"):
     tokenizer.Tokenizer(str(tmp_path / "x.model"))
 
 
@@ -78,9 +78,9 @@ def test_reader_counts_bad_input(tmp_path):
 
 def test_reader_input_errors(tmp_path):
   (tmp_path / "data.csv").write_text("a,b\n")
-  with pytest.raises(ConfigError, match="unsupported file type"):
+  with pytest.raises(UserError, match="unsupported file type"):
     corpus.expand([str(tmp_path / "data.csv")])
-  with pytest.raises(ConfigError, match="matches no"):
+  with pytest.raises(UserError, match="matches no"):
     corpus.expand([str(tmp_path / "*.txt")])
 
 

@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import cli_env, make_config
-from maxlm import mesh as mesh_lib, optim, train
+from maxlm.parallel import mesh as mesh_lib
+from maxlm.training import loop, optim, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = {"train.steps": 6, "train.log_every": 1, "train.eval_every": 0, "metrics.tensorboard": False,
@@ -25,7 +26,7 @@ def losses(records):
 
 def run(tmp_path, name, devices, **overrides):
   cfg = make_config(num_devices=len(devices), **{**STEPS, **overrides})
-  return train.run(cfg, str(tmp_path / name), devices=devices)
+  return loop.run(cfg, str(tmp_path / name), devices=devices)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_parameters_and_optimizer_state_follow_the_rules(devices):
   cfg = make_config(num_devices=8, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   mesh = mesh_lib.build_mesh([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor], devices)
   tx, _ = optim.make(cfg.optim, cfg.train.steps)
-  _, abstract, init = train.init_state(cfg.model, tx, mesh, seed=0)
+  _, abstract, init = step_lib.init_state(cfg.model, tx, mesh, seed=0)
   state = init()
   assert jax.tree.map(lambda a: a.sharding, abstract) == jax.tree.map(lambda a: a.sharding, state)
   q = state.params["blocks"]["attn"]["q_proj"]
@@ -122,11 +123,11 @@ def random_batch(B, T, *, keep, seed, V=256):
 
 def test_masked_cross_entropy_and_z_loss_match_numpy():
   from flax import nnx
-  from maxlm import model
+  from maxlm.model import transformer
   cfg = make_config().model
-  graphdef, params = nnx.split(model.create(cfg, 0))
+  graphdef, params = nnx.split(transformer.create(cfg, 0))
   batch = random_batch(2, 8, keep=0.5, seed=0)
-  objective, sums = train.loss_terms(params, graphdef, batch, z_loss=0.01)
+  objective, sums = step_lib.loss_terms(params, graphdef, batch, z_loss=0.01)
 
   logits = np.asarray(nnx.merge(graphdef, params)(batch["inputs"]), np.float64)
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -140,12 +141,12 @@ def test_masked_cross_entropy_and_z_loss_match_numpy():
 
 @pytest.mark.parametrize("z_loss, chunk, tied", [(0.0, 0, True), (0.01, 4, True), (0.01, 4, False)])
 def test_fused_cross_entropy_matches_autodiff_of_the_full_logits(z_loss, chunk, tied):
-  """maxlm/loss.py writes the gradient by hand; plain jax.grad through the full logits is the reference."""
+  """maxlm/model/loss.py writes the gradient by hand; plain jax.grad through the full logits is the reference."""
   from flax import nnx
   import jax.numpy as jnp
-  from maxlm import model
+  from maxlm.model import transformer
   cfg = make_config(**{"data.seq_len": 16, "model.tie_embeddings": tied}).model
-  graphdef, params = nnx.split(model.create(cfg, 0))
+  graphdef, params = nnx.split(transformer.create(cfg, 0))
   batch = random_batch(4, 16, keep=0.7, seed=1)
 
   def reference(params):
@@ -156,7 +157,7 @@ def test_fused_cross_entropy_matches_autodiff_of_the_full_logits(z_loss, chunk, 
     return jnp.sum(nll * mask) + z_loss * jnp.sum(lse**2 * mask), jnp.sum(nll * mask)
 
   (want, want_nll), want_grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(params)
-  fused = jax.jit(jax.value_and_grad(train.loss_terms, has_aux=True), static_argnums=(1, 3, 4))
+  fused = jax.jit(jax.value_and_grad(step_lib.loss_terms, has_aux=True), static_argnums=(1, 3, 4))
   (got, sums), got_grads = fused(params, graphdef, batch, z_loss, chunk)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   np.testing.assert_allclose(sums["nll_sum"], want_nll, rtol=1e-6)
@@ -171,7 +172,7 @@ def test_chunked_cross_entropy_needs_less_memory():
   def temp_bytes(chunk):
     cfg = make_config(**{"model.vocab_size": 8192, "data.seq_len": 256, "train.global_batch": 4,
                          "train.loss_chunk": chunk, "metrics.peak_tflops": 1.0})
-    return train.setup(cfg, jax.devices()[:1]).step.memory_analysis().temp_size_in_bytes
+    return loop.setup(cfg, jax.devices()[:1]).step.memory_analysis().temp_size_in_bytes
 
   full_logits = 4 * 256 * 8192 * 4
   assert temp_bytes(0) > 2 * full_logits  # logits and their cotangent, at least
@@ -181,13 +182,13 @@ def test_chunked_cross_entropy_needs_less_memory():
 def test_profile_steps_write_a_trace(tmp_path):
   cfg = make_config(**{"train.steps": 4, "train.eval_every": 0, "checkpoint.every_steps": 0,
                        "metrics.tensorboard": False, "metrics.peak_tflops": 1.0, "metrics.profile_steps": "2-3"})
-  train.run(cfg, str(tmp_path), devices=jax.devices()[:1])
+  loop.run(cfg, str(tmp_path), devices=jax.devices()[:1])
   traces = [f for d, _, fs in os.walk(tmp_path / "profile") for f in fs if f.endswith(".xplane.pb")]
   assert len(traces) == 1
 
 
 @pytest.mark.parametrize("spec", ["3-2", "x", "0", "2-"])
 def test_bad_profile_steps(spec):
-  from maxlm.config import ConfigError
-  with pytest.raises(ConfigError, match="metrics.profile_steps"):
+  from maxlm.errors import UserError
+  with pytest.raises(UserError, match="metrics.profile_steps"):
     make_config(**{"metrics.profile_steps": spec})

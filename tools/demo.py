@@ -17,7 +17,12 @@ import sysconfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from maxlm import config, corpus, distributed, hostmem, prepare, sample, tokenizer, train  # noqa: E402
+from maxlm import config  # noqa: E402
+from maxlm.data import corpus, dataset, prepare, tokenizer  # noqa: E402
+from maxlm.errors import UserError  # noqa: E402
+from maxlm.interop import sample  # noqa: E402
+from maxlm.parallel import distributed  # noqa: E402
+from maxlm.training import checkpoint, hostmem, loop  # noqa: E402
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 PROMPTS = ["def ", "import ", "class Config", "    return "]
@@ -47,7 +52,7 @@ def main() -> None:
   hostmem.keep_freed_memory()  # As `maxlm train` does, before any JAX computation.
 
   name = (f"py{sys.version_info.major}.{sys.version_info.minor}-{args.max_files or 'all'}-val{args.val_fraction}"
-          f"-v{prepare.FORMAT_VERSION}")
+          f"-v{dataset.FORMAT_VERSION}")
   cache = os.path.join(args.cache, name)
   os.makedirs(cache, exist_ok=True)
   files = stdlib_files(args.max_files)
@@ -55,26 +60,26 @@ def main() -> None:
   if not os.path.exists(tok_path):
     log.info("training a tokenizer on %d standard-library files", len(files))
     tokenizer.train(corpus.documents(files, corpus.collections.Counter()), vocab_size=4096, output=tok_path)
-  dataset = os.path.join(cache, "stdlib")
-  manifest = prepare.prepare(files, tok_path, dataset, val_fraction=args.val_fraction, dedup="near",
+  data_dir = os.path.join(cache, "stdlib")
+  manifest = prepare.prepare(files, tok_path, data_dir, val_fraction=args.val_fraction, dedup="near",
                              workers=prepare.default_workers(), progress=True)
   log.info("corpus: %s; removed %s (see %s/curation_report.md)",
            ", ".join(f"{k} {v['documents']} files / {v['tokens']:,} tokens" for k, v in manifest["splits"].items()),
            ", ".join(f"{manifest['curation'][k]} {k.replace('_', ' ')}"
-                     for k in ("exact_duplicates", "near_duplicates", "filtered")), dataset)
+                     for k in ("exact_duplicates", "near_duplicates", "filtered")), data_dir)
 
   distributed.skip_unusable_tpu()  # `make test` installs libtpu into the same venv; on a CPU host it is no use here.
   import jax
 
-  cfg = config.load([f"--config={REPO}/configs/demo.py", f"--config.data.path={dataset}", *overrides])
+  cfg = config.load([f"--config={REPO}/configs/demo.py", f"--config.data.path={data_dir}", *overrides])
   cfg = config.validate(cfg, num_devices=jax.device_count(), platform=jax.devices()[0].platform)
-  records = train.run(cfg, args.workdir)
+  records = loop.run(cfg, args.workdir)
   evals = [r["eval_loss"] for r in records if "eval_loss" in r]
   print(f"\nfinal train loss {records[-1]['loss']:.3f}, eval loss {evals[-1]:.3f}, "
         f"MFU {100 * records[-1]['mfu']:.1f}% ({records[-1]['tokens_per_sec']:,.0f} tokens/s)")
 
   # The same code path as `maxlm sample --workdir=... --temperature=0.8 --top_k=20`.
-  model = train.restore_model(cfg, args.workdir)
+  model = checkpoint.restore_model(cfg, args.workdir)
   results = sample.complete(model, tokenizer.Tokenizer(tok_path), PROMPTS, max_new_tokens=40, temperature=0.8,
                             top_k=20, seed=0)
   print("samples (temperature 0.8, top-k 20):")
@@ -85,6 +90,6 @@ def main() -> None:
 if __name__ == "__main__":
   try:
     main()
-  except config.ConfigError as e:
+  except UserError as e:
     print(f"demo: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -10,7 +10,7 @@ prints them all (prefixed `+ `) without running any.
 
 Commands: create, copy, install, run, up (= create, copy, install, run), logs, fetch, delete. `--queued` uses a
 queued resource named `<name>-qr` holding the node `<name>` (create waits until it is ACTIVE; delete --force
-removes both). `maxlm train` finds its peers by itself on a TPU VM (maxlm/distributed.py), so the same
+removes both). `maxlm train` finds its peers by itself on a TPU VM (maxlm/parallel/distributed.py), so the same
 command runs on every worker. With several workers, --workdir must be a directory all of them share (NFS,
 Filestore, or a bucket mounted at the same path): every process writes its shards of each checkpoint there.
 """

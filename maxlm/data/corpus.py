@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 
-from maxlm.config import ConfigError
+from maxlm.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -33,12 +33,12 @@ def expand(paths: Sequence[str]) -> list[str]:
       found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(SUFFIXES))
     elif os.path.isfile(path):
       if not path.endswith(SUFFIXES):
-        raise ConfigError(f"--input {path}: unsupported file type; use {', '.join(SUFFIXES)}")
+        raise UserError(f"--input {path}: unsupported file type; use {', '.join(SUFFIXES)}")
       found = [path]
     else:
       found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p) and p.endswith(SUFFIXES))
     if not found:
-      raise ConfigError(f"--input {path}: matches no {'/'.join(SUFFIXES)} file")
+      raise UserError(f"--input {path}: matches no {'/'.join(SUFFIXES)} file")
     files.extend(found)
   return list(dict.fromkeys(files))  # A file named twice is read once.
 
@@ -86,7 +86,7 @@ def _parquet(path: str, skipped: collections.Counter, text_field: str) -> Iterat
     import pyarrow as pa
     import pyarrow.parquet as pq
   except ImportError:
-    raise ConfigError(f"--input {path}: reading Parquet needs pyarrow; pip install 'pyarrow>=16'") from None
+    raise UserError(f"--input {path}: reading Parquet needs pyarrow; pip install 'pyarrow>=16'") from None
   try:
     parquet = pq.ParquetFile(path)
   except (pa.ArrowException, OSError):

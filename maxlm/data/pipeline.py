@@ -20,8 +20,8 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from maxlm import prepare
-from maxlm.config import ConfigError
+from maxlm.data import dataset
+from maxlm.errors import UserError
 
 TRAIN, EVAL = 0, 1
 ENDLESS = 2**40  # Length of every source: indices never wrap, so no epoch replays an earlier one's order.
@@ -72,7 +72,7 @@ class TokenFileSource:
     cut = int(n * (1 - eval_fraction))
     self.start, self.stop = (0, cut) if split == TRAIN else (cut, n)
     if self.stop - self.start < seq_len + 1:
-      raise ConfigError(f"data.path={path!r}: the {'train' if split == TRAIN else 'eval'} split has {self.stop - self.start} "
+      raise UserError(f"data.path={path!r}: the {'train' if split == TRAIN else 'eval'} split has {self.stop - self.start} "
                        f"tokens, fewer than data.seq_len+1={seq_len + 1}")
     self._tokens = None
 
@@ -110,11 +110,11 @@ class PackedSource:
 
   def __init__(self, directory: str, split: str, seq_len: int, seed: int):
     self.directory, self.split, self.seq_len, self.seed = os.path.abspath(directory), split, seq_len, seed
-    self._tokens, self.offsets, self.manifest = prepare.load_split(directory, split)
+    self._tokens, self.offsets, self.manifest = dataset.load_split(directory, split)
     self.lengths = np.diff(self.offsets)
     total = int(self.offsets[-1])
     if total < seq_len + 1:
-      raise ConfigError(f"data.path={directory!r}: the {split} split has {total} tokens, fewer than "
+      raise UserError(f"data.path={directory!r}: the {split} split has {total} tokens, fewer than "
                         f"data.seq_len+1={seq_len + 1}")
     self.rows_per_epoch = (total - 1) // seq_len
     self._layout_cache = None  # (epoch, document order, document-start offsets, row-shuffle seed) of the last epoch
@@ -143,7 +143,7 @@ class PackedSource:
 
   def tokens(self) -> np.ndarray:
     if self._tokens is None:  # After unpickling in a worker process.
-      self._tokens = prepare.load_split(self.directory, self.split)[0]
+      self._tokens = dataset.load_split(self.directory, self.split)[0]
     return self._tokens
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -206,11 +206,11 @@ def examples(cfg: ml_collections.ConfigDict, split: int) -> grain.MapDataset:
 def _check_prepared(sources: list[PackedSource], vocab_size: int) -> None:
   tokenizers = {s.manifest["tokenizer"]["sha256"] for s in sources}
   if len(tokenizers) > 1:
-    raise ConfigError(f"data.path: the datasets {[s.directory for s in sources]} were made with different "
+    raise UserError(f"data.path: the datasets {[s.directory for s in sources]} were made with different "
                       "tokenizers: prepare them with the same one")
   data_vocab = sources[0].manifest["tokenizer"]["vocab_size"]
   if data_vocab > vocab_size:
-    raise ConfigError(f"data.path={sources[0].directory!r} was tokenized with a {data_vocab}-token vocabulary but "
+    raise UserError(f"data.path={sources[0].directory!r} was tokenized with a {data_vocab}-token vocabulary but "
                       f"model.vocab_size={vocab_size}: set model.vocab_size >= {data_vocab}")
 
 
@@ -218,7 +218,7 @@ def _check_token_ids(source: TokenFileSource, vocab_size: int) -> None:
   """Fails fast when the token file holds ids the model cannot embed (checks a sample of windows)."""
   sample = np.concatenate([source[i] for i in range(64)])
   if sample.max() >= vocab_size:
-    raise ConfigError(f"data.path={source.path!r} holds token id {int(sample.max())} >= model.vocab_size="
+    raise UserError(f"data.path={source.path!r} holds token id {int(sample.max())} >= model.vocab_size="
                       f"{vocab_size}: set model.vocab_size to the tokenizer's vocabulary size")
 
 

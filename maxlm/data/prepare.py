@@ -1,19 +1,15 @@
 """`maxlm data prepare`: raw text -> curated, tokenized documents in a random-access format, once.
 
-Output directory:
-  manifest.json        tokenizer (hash, ids, vocab), per-split and per-source counts, skipped inputs, curation
-                       counts (per dedup kind and per quality rule, with the thresholds used)
-  curation_report.md   what curation removed and why, with samples
-  {train,val}/tokens.bin   every document's token ids followed by EOS, concatenated (uint16 or uint32)
-  {train,val}/index.npy    int64 offsets: document i is tokens[index[i]:index[i+1]]
+The output is a prepared dataset (the format: maxlm/data/dataset.py) with a `curation_report.md`: what
+curation removed and why, with samples.
 
 A document goes to `val` when the first 8 bytes of the SHA-256 of its text, read as a fraction of 2^64,
 fall below `val_fraction`: the split depends on the text only, not on input order or process count.
 
 Curation, per document in input order: exact dedup (`dedup="exact"` or `"near"`: the first document with a
-given normalized text is kept), quality filters (`filters`, see maxlm/quality.py), then near dedup
+given normalized text is kept), quality filters (`filters`, see maxlm/data/quality.py), then near dedup
 (`dedup="near"`: dropped when a document kept earlier has estimated Jaccard similarity >= `near_threshold`,
-see maxlm/dedup.py). So of a cluster of near duplicates the first in input order is kept.
+see maxlm/data/dedup.py). So of a cluster of near duplicates the first in input order is kept.
 
 Reading and curation decisions run in this process; tokenization, quality statistics and MinHash signatures
 run in `workers` processes on batches of documents, and results are consumed in input order, so the output
@@ -43,14 +39,12 @@ from typing import NamedTuple
 import numpy as np
 import tqdm
 
-from maxlm import corpus, dedup as dedup_lib, quality
-from maxlm.config import ConfigError
-from maxlm.tokenizer import Tokenizer
+from maxlm.data import corpus, dataset, dedup as dedup_lib, quality
+from maxlm.errors import UserError
+from maxlm.data.tokenizer import Tokenizer
 
 log = logging.getLogger("maxlm")
 
-SPLITS = ("train", "val")
-FORMAT_VERSION = 3  # 2: exact dedup and its report. 3: near dedup, quality filters, per-rule counts.
 DEDUP = ("exact", "near", "none")
 FILTERS = ("default", "prose", "code", "none")
 REPORT_SAMPLES = 5  # documents per reason (and near-duplicate clusters) in curation_report.md
@@ -63,10 +57,6 @@ def default_workers() -> int:
   return max(1, min(len(os.sched_getaffinity(0)), 32))
 
 
-def token_dtype(vocab_size: int) -> str:
-  return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
 def in_val(text: str, val_fraction: float) -> bool:
   digest = hashlib.sha256(text.encode("utf-8")).digest()
   return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
@@ -77,17 +67,17 @@ def prepare(inputs: Sequence[str], tokenizer_path: str, output: str, *, val_frac
             shingle_words: int = dedup_lib.SHINGLE_WORDS, workers: int = 1, progress: bool = False) -> dict:
   """Writes the prepared dataset to `output`; returns its manifest. `workers` never changes the output."""
   if not 0 <= val_fraction < 1:
-    raise ConfigError(f"--val-fraction={val_fraction}: use a fraction in [0, 1)")
+    raise UserError(f"--val-fraction={val_fraction}: use a fraction in [0, 1)")
   if dedup not in DEDUP:
-    raise ConfigError(f"--dedup={dedup}: choose one of {', '.join(DEDUP)}")
+    raise UserError(f"--dedup={dedup}: choose one of {', '.join(DEDUP)}")
   if filters not in FILTERS:
-    raise ConfigError(f"--filters={filters}: choose one of {', '.join(FILTERS)}")
+    raise UserError(f"--filters={filters}: choose one of {', '.join(FILTERS)}")
   if not 0 < near_threshold <= 1:
-    raise ConfigError(f"--near-threshold={near_threshold}: use a Jaccard similarity in (0, 1], e.g. 0.8")
+    raise UserError(f"--near-threshold={near_threshold}: use a Jaccard similarity in (0, 1], e.g. 0.8")
   if not 1 <= shingle_words <= 64:
-    raise ConfigError(f"--shingle-words={shingle_words}: use 1..64 words (5 is usual)")
+    raise UserError(f"--shingle-words={shingle_words}: use 1..64 words (5 is usual)")
   if workers < 1:
-    raise ConfigError(f"--workers={workers}: use 1 or more processes")
+    raise UserError(f"--workers={workers}: use 1 or more processes")
   tok = Tokenizer(tokenizer_path)
   files = corpus.expand(inputs)
   arguments = {"inputs": list(inputs), "files": [_fingerprint(f) for f in files], "val_fraction": val_fraction,
@@ -98,20 +88,20 @@ def prepare(inputs: Sequence[str], tokenizer_path: str, output: str, *, val_frac
   if os.path.exists(existing):
     with open(existing) as f:
       manifest = json.load(f)
-    if manifest.get("arguments") == arguments and manifest.get("format_version") == FORMAT_VERSION:
+    if manifest.get("arguments") == arguments and manifest.get("format_version") == dataset.FORMAT_VERSION:
       log.info("%s already holds this dataset; nothing to do", output)
       return manifest
-    raise ConfigError(f"--output={output} holds a different dataset (other inputs, settings or format version): "
+    raise UserError(f"--output={output} holds a different dataset (other inputs, settings or format version): "
                       "choose another --output, or delete it")
   if os.path.exists(output):
-    raise ConfigError(f"--output={output} exists and is not a prepared dataset: choose another --output")
+    raise UserError(f"--output={output} exists and is not a prepared dataset: choose another --output")
 
   partial = output.rstrip("/") + ".partial"
   shutil.rmtree(partial, ignore_errors=True)  # Left by an interrupted run.
-  dtype = token_dtype(tok.vocab_size)
+  dtype = dataset.token_dtype(tok.vocab_size)
   rule_sets = [name for name in quality.RULE_SETS if filters in (name, "default")]
   curator = _Curator(files, dedup, near_threshold if dedup == "near" else None, rule_sets)
-  writers = {split: _SplitWriter(os.path.join(partial, split), dtype) for split in SPLITS}
+  writers = {split: dataset.SplitWriter(os.path.join(partial, split), dtype) for split in dataset.SPLITS}
   skipped = collections.Counter()
   options = {"tokenizer_path": tokenizer_path, "dtype": dtype, "val_fraction": val_fraction, "dedup": dedup,
              "shingle_words": shingle_words}
@@ -125,14 +115,14 @@ def prepare(inputs: Sequence[str], tokenizer_path: str, output: str, *, val_frac
   splits = {split: w.close() for split, w in writers.items()}
   if splits["train"]["documents"] == 0:
     shutil.rmtree(partial)
-    raise ConfigError(f"--input {' '.join(inputs)}: no usable training documents (skipped: {dict(skipped)}, "
+    raise UserError(f"--input {' '.join(inputs)}: no usable training documents (skipped: {dict(skipped)}, "
                       f"curation: {curator.totals()}); see --filters and --dedup")
   curation = curator.summary()
   if dedup == "near":
     bands, rows = dedup_lib.choose_bands(near_threshold)
     curation["near_dedup"] = {"threshold": near_threshold, "shingle_words": shingle_words,
                               "num_perm": dedup_lib.NUM_PERM, "bands": bands, "rows": rows}
-  manifest = {"format_version": FORMAT_VERSION, "tokenizer": {**tok.info(), "path": tokenizer_path},
+  manifest = {"format_version": dataset.FORMAT_VERSION, "tokenizer": {**tok.info(), "path": tokenizer_path},
               "token_dtype": dtype, "eos_appended": True, "arguments": arguments, "splits": splits,
               "sources": curator.sources, "skipped": dict(sorted(skipped.items())), "curation": curation}
   with open(os.path.join(partial, "manifest.json"), "w") as f:
@@ -300,7 +290,7 @@ class _Curator:
     lines = ["# Curation report", "", "| removed | documents |", "| --- | ---: |"]
     lines += [f"| {reason} | {count} |" for reason, count in sorted({**skipped, **totals}.items())]
     for name, counts in self.rule_counts.items():
-      lines += ["", f"## Quality filters: {name} rules (maxlm/quality.py)", "",
+      lines += ["", f"## Quality filters: {name} rules (maxlm/data/quality.py)", "",
                 "| rule | drop when | dropped |", "| --- | --- | ---: |"]
       for rule in quality.RULE_SETS[name]:
         lines.append(f"| {rule.name} | {rule.stat} {'<' if rule.bound == 'min' else '>'} {rule.value:g} | "
@@ -360,39 +350,3 @@ def _fingerprint(path: str) -> dict:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return {"path": path, "sha256": h.hexdigest()}
-
-
-class _SplitWriter:
-  """Appends documents to tokens.bin and keeps their offsets for index.npy."""
-
-  def __init__(self, directory: str, dtype: str):
-    os.makedirs(directory, exist_ok=True)
-    self.directory, self.dtype = directory, dtype
-    self.tokens = open(os.path.join(directory, "tokens.bin"), "wb")
-    self.offsets = [0]
-
-  def add(self, ids: np.ndarray) -> None:
-    self.tokens.write(np.asarray(ids, self.dtype).tobytes())
-    self.offsets.append(self.offsets[-1] + len(ids))
-
-  def close(self) -> dict:
-    self.tokens.close()
-    np.save(os.path.join(self.directory, "index.npy"), np.asarray(self.offsets, np.int64))
-    return {"documents": len(self.offsets) - 1, "tokens": self.offsets[-1]}
-
-
-def load_split(directory: str, split: str) -> tuple[np.memmap, np.ndarray, dict]:
-  """(tokens memmap, document offsets, manifest) of one split of a prepared dataset."""
-  path = os.path.join(directory, "manifest.json")
-  if not os.path.exists(path):
-    partial = " (a prepare was interrupted: rerun it)" if os.path.isdir(directory.rstrip("/") + ".partial") else ""
-    raise ConfigError(f"{directory}: no manifest.json, not a prepared dataset{partial}; make one with maxlm data "
-                      "prepare")
-  with open(path) as f:
-    manifest = json.load(f)
-  base = os.path.join(directory, split)
-  index = np.load(os.path.join(base, "index.npy"))
-  if index[-1] == 0:  # An empty split (e.g. --val-fraction 0): numpy cannot map an empty file.
-    return np.zeros(0, manifest["token_dtype"]), index, manifest
-  tokens = np.memmap(os.path.join(base, "tokens.bin"), dtype=manifest["token_dtype"], mode="r")
-  return tokens, index, manifest

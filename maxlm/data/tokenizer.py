@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import sentencepiece as spm
 
 from maxlm import config
-from maxlm.config import ConfigError
+from maxlm.errors import UserError
 
 MODEL_TYPES = ("bpe", "unigram")
 
@@ -30,7 +30,7 @@ class Tokenizer:
         self.model_bytes = f.read()
       self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
     except (OSError, RuntimeError) as e:
-      raise ConfigError(f"{path}: not a readable SentencePiece model ({' '.join(str(e).split())})") from None
+      raise UserError(f"{path}: not a readable SentencePiece model ({' '.join(str(e).split())})") from None
     self.path = path
 
   @property
@@ -91,9 +91,9 @@ def train(texts: Iterator[str], *, vocab_size: int, output: str, model_type: str
           max_sentences: int = 2_000_000, threads: int = 2) -> Tokenizer:
   """Trains on the lines of `texts` and writes `output` (a .model file)."""
   if model_type not in MODEL_TYPES:
-    raise ConfigError(f"--model-type={model_type}: choose one of {', '.join(MODEL_TYPES)}")
+    raise UserError(f"--model-type={model_type}: choose one of {', '.join(MODEL_TYPES)}")
   if not output.endswith(".model"):
-    raise ConfigError(f"--output={output}: name the tokenizer file *.model")
+    raise UserError(f"--output={output}: name the tokenizer file *.model")
   lines = (line for text in texts for line in text.split("\n") if line.strip())
   model = io.BytesIO()
   try:
@@ -104,7 +104,7 @@ def train(texts: Iterator[str], *, vocab_size: int, output: str, model_type: str
         input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=threads,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=0.9995, minloglevel=2)
   except RuntimeError as e:  # e.g. a vocabulary larger than the text can fill
-    raise ConfigError(f"tokenizer training failed: {' '.join(str(e).split())}") from None
+    raise UserError(f"tokenizer training failed: {' '.join(str(e).split())}") from None
   with open(output + ".tmp", "wb") as f:  # Written whole, then renamed: never a half-written model.
     f.write(model.getvalue())
   os.replace(output + ".tmp", output)

@@ -1,6 +1,6 @@
 """`maxlm eval`: held-out loss, perplexity and bits per byte of a run on a prepared dataset's `val` split.
 
-Rows are the training pipeline's eval rows (`data.PackedSource`, same seed): documents shuffled, concatenated
+Rows are the training pipeline's eval rows (`pipeline.PackedSource`, same seed): documents shuffled, concatenated
 and cut into rows of seq_len + 1 tokens (read in a shuffled order), each row's targets the next seq_len
 tokens. A target counts when its input token is in the same document (the `loss_mask`), so the first token
 of every document is never a target and every other token, EOS included, is a target exactly once in a
@@ -32,8 +32,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from maxlm import checkpoint, data, mesh as mesh_lib, tokenizer, train
-from maxlm.config import MESH_AXES, ConfigError
+from maxlm.data import pipeline, tokenizer
+from maxlm.parallel import mesh as mesh_lib
+from maxlm.training import checkpoint, step as step_lib
+from maxlm.errors import UserError
 
 log = logging.getLogger("maxlm")
 
@@ -58,23 +60,23 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step
   parameters: step None) on `dataset`'s val split, as a JSON-ready dict."""
   devices = list(jax.devices() if devices is None else devices)
   if jax.process_count() > 1:
-    raise ConfigError("maxlm eval runs in a single process")
+    raise UserError("maxlm eval runs in a single process")
   batch_size = batch_size or cfg.train.global_batch
   seq_len = seq_len or cfg.data.seq_len
   if batch_size < 1 or seq_len < 1 or (batches is not None and batches < 1):
-    raise ConfigError("--batches, --batch_size and --seq_len must be positive")
-  source = data.PackedSource(dataset, "val", seq_len, cfg.data.seed if seed is None else seed)
+    raise UserError("--batches, --batch_size and --seq_len must be positive")
+  source = pipeline.PackedSource(dataset, "val", seq_len, cfg.data.seed if seed is None else seed)
   data_vocab = source.manifest["tokenizer"]["vocab_size"]
   if data_vocab > cfg.model.vocab_size:
-    raise ConfigError(f"--data={dataset} was tokenized with a {data_vocab}-token vocabulary, more than the model's "
+    raise UserError(f"--data={dataset} was tokenized with a {data_vocab}-token vocabulary, more than the model's "
                       f"{cfg.model.vocab_size}")
   tok = tokenizer.from_manifest(dataset)
   if tok is None:
-    raise ConfigError(f"--data={dataset}: the tokenizer its manifest names ({source.manifest['tokenizer']['path']}) "
+    raise UserError(f"--data={dataset}: the tokenizer its manifest names ({source.manifest['tokenizer']['path']}) "
                       "is missing or changed; bits per byte needs it")
   model_tok, _ = tokenizer.for_run(workdir)
   if model_tok is not None and tok.info()["sha256"] != model_tok.info()["sha256"]:
-    raise ConfigError(f"--data={dataset} was tokenized with {tok.path}, not with the model's tokenizer "
+    raise UserError(f"--data={dataset} was tokenized with {tok.path}, not with the model's tokenizer "
                       f"{model_tok.path}: prepare the data with the model's tokenizer")
   nbytes_V = token_bytes(tok, cfg.model.vocab_size)
 
@@ -82,15 +84,15 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step
   dp = len(devices)
   padded = -(-batch_size // dp) * dp  # Rows per batch, a multiple of the devices; extra rows are masked.
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  cfg.mesh.update(data=dp, fsdp=1, tensor=1)
+  cfg.mesh.update(data=dp, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   _, step = checkpoint.params_location(workdir, step)
-  m = train.restore_model(cfg, workdir, devices, step)
-  mesh = mesh_lib.build_mesh([cfg.mesh[a] for a in MESH_AXES], devices)
+  m = checkpoint.restore_model(cfg, workdir, devices, step)
+  mesh = mesh_lib.from_config(cfg.mesh, devices)
   graphdef, params = nnx.split(m)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   with jax.set_mesh(mesh):
     chunk = cfg.train.loss_chunk if cfg.train.loss_chunk and seq_len % cfg.train.loss_chunk == 0 else 0
-    sums = jax.jit(functools.partial(train.eval_step, graphdef=graphdef, loss_chunk=chunk))
+    sums = jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef, loss_chunk=chunk))
     nats, targets, total_bytes = 0.0, 0, 0
     for begin in range(0, rows, batch_size):
       batch = _batch(source, range(begin, min(begin + batch_size, rows)), padded, seq_len)
@@ -104,11 +106,11 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step
           "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / max(total_bytes, 1)}
 
 
-def _batch(source: data.PackedSource, indices: range, rows: int, seq_len: int) -> dict[str, np.ndarray]:
+def _batch(source: pipeline.PackedSource, indices: range, rows: int, seq_len: int) -> dict[str, np.ndarray]:
   examples = [source[i] for i in indices]
-  batch = {k: np.zeros((rows, seq_len), np.int32) for k in train.BATCH_KEYS}
+  batch = {k: np.zeros((rows, seq_len), np.int32) for k in step_lib.BATCH_KEYS}
   batch["segment_ids"][:] = 1  # Padding rows: one segment, every target masked.
   for r, example in enumerate(examples):
-    for k in train.BATCH_KEYS:
+    for k in step_lib.BATCH_KEYS:
       batch[k][r] = example[k]
   return batch

@@ -3,7 +3,7 @@
 `from_hf` reads `config.json` and the safetensors weights of a `LlamaForCausalLM` or `MistralForCausalLM`
 directory and writes a maxlm workdir: `config.json` (the maxlm config), `config.py` (the same as a config
 file for `maxlm train`, with `train.init_from` pointing here), `params/` (an Orbax checkpoint of the
-parameters, see `maxlm.checkpoint.save_params`), `tokenizer.model` when the directory has a SentencePiece
+parameters, see `maxlm.training.checkpoint.save_params`), `tokenizer.model` when the directory has a SentencePiece
 model, and `hf/`: the small Hugging Face files (config, tokenizer and generation configs, `tokenizer.json`),
 kept verbatim for provenance and carried back out by `to_hf`.
 
@@ -46,8 +46,10 @@ import numpy as np
 from safetensors import safe_open  # framework="numpy" below: the conversion never imports torch
 
 from configs import base
-from maxlm import checkpoint, config, tokenizer
-from maxlm.config import ConfigError
+from maxlm import config
+from maxlm.data import tokenizer
+from maxlm.training import checkpoint
+from maxlm.errors import UserError
 
 log = logging.getLogger("maxlm")
 
@@ -119,11 +121,11 @@ def architecture(hf: dict) -> str:
 
 
 def model_config_from_hf(hf: dict) -> dict:
-  """maxlm `model.*` values for a Hugging Face config.json; anything maxlm cannot reproduce is a ConfigError."""
+  """maxlm `model.*` values for a Hugging Face config.json; anything maxlm cannot reproduce is a UserError."""
   arch = architecture(hf)
   if arch not in ARCHITECTURES:
     why = REFUSED.get(arch, "only Llama-family decoders with the Llama layout are")
-    raise ConfigError(f"config.json: architecture {arch} is not supported ({why}); maxlm converts "
+    raise UserError(f"config.json: architecture {arch} is not supported ({why}); maxlm converts "
                       f"{' and '.join(ARCHITECTURES)}")
   D, H = hf["hidden_size"], hf["num_attention_heads"]
   refuse = []
@@ -154,7 +156,7 @@ def model_config_from_hf(hf: dict) -> dict:
   elif rope_type != "default":
     refuse.append(f"rope scaling type {rope_type!r} (maxlm supports default RoPE and llama3 scaling)")
   if refuse:
-    raise ConfigError(f"config.json ({arch}) is not supported: {'; '.join(refuse)}")
+    raise UserError(f"config.json ({arch}) is not supported: {'; '.join(refuse)}")
   return {"vocab_size": hf["vocab_size"], "d_model": D, "num_layers": hf["num_hidden_layers"], "num_heads": H,
           "num_kv_heads": hf.get("num_key_value_heads") or H, "mlp_dim": hf["intermediate_size"],
           "rope_theta": float(theta), "rope_scaling": scaling, "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
@@ -167,7 +169,7 @@ def hf_config(cfg: ml_collections.ConfigDict, dtype: str, token_ids: dict) -> di
   torch_dtype) are used because every transformers version reads them; 5.x maps them to rope_parameters."""
   m = cfg.model
   if m.qk_norm:
-    raise ConfigError("model.qk_norm=true has no Llama equivalent: this model cannot be exported as a "
+    raise UserError("model.qk_norm=true has no Llama equivalent: this model cannot be exported as a "
                       "LlamaForCausalLM")
   r = m.rope_scaling
   scaling = None
@@ -204,23 +206,23 @@ class _Weights:
                glob.glob(os.path.join(hf_dir, "*.pth"))]
       hint = (f" (found {', '.join(sorted(found)[:3])}: load it in transformers and save_pretrained() it again, which "
               "writes safetensors)") if found else ""
-      raise ConfigError(f"--hf_dir={hf_dir}: no safetensors weights (model.safetensors or "
+      raise UserError(f"--hf_dir={hf_dir}: no safetensors weights (model.safetensors or "
                         f"model.safetensors.index.json){hint}")
     self.files, self.where = {}, {}
     for name in files:
       path = os.path.join(hf_dir, name)
       if not os.path.isfile(path):
-        raise ConfigError(f"--hf_dir={hf_dir}: model.safetensors.index.json names {name}, which is missing")
+        raise UserError(f"--hf_dir={hf_dir}: model.safetensors.index.json names {name}, which is missing")
       try:
         self.files[name] = safe_open(path, framework="numpy")
       except Exception as e:  # noqa: BLE001  A truncated or foreign file: say which.
-        raise ConfigError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
       for key in self.files[name].keys():
         self.where[key] = name
     if weight_map is not None:
       missing = sorted(set(weight_map) - set(self.where))
       if missing:
-        raise ConfigError(f"--hf_dir={hf_dir}: the index names {missing[0]} in {weight_map[missing[0]]}, which "
+        raise UserError(f"--hf_dir={hf_dir}: the index names {missing[0]} in {weight_map[missing[0]]}, which "
                           "does not hold it")
 
   def shape(self, name: str) -> tuple[int, ...]:
@@ -245,32 +247,32 @@ def _check_weights(weights: _Weights, m: ml_collections.ConfigDict, hf_dir: str)
   extra = sorted(k for k in weights.where if k not in expected and not ignorable.match(k))
   if extra:
     why = " (projection biases are not supported)" if any(k.endswith(".bias") for k in extra) else ""
-    raise ConfigError(f"--hf_dir={hf_dir}: unexpected tensor {extra[0]}{why}"
+    raise UserError(f"--hf_dir={hf_dir}: unexpected tensor {extra[0]}{why}"
                       f"{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}")
   for name, shape in expected.items():
     if name not in weights.where:
       hint = " (config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else ""
-      raise ConfigError(f"--hf_dir={hf_dir}: tensor {name} is missing{hint}")
+      raise UserError(f"--hf_dir={hf_dir}: tensor {name} is missing{hint}")
     if weights.shape(name) != shape:
-      raise ConfigError(f"--hf_dir={hf_dir}: tensor {name} has shape {list(weights.shape(name))}, but config.json "
+      raise UserError(f"--hf_dir={hf_dir}: tensor {name} has shape {list(weights.shape(name))}, but config.json "
                         f"implies {list(shape)}")
     if weights.dtype(name) not in DTYPES:
-      raise ConfigError(f"--hf_dir={hf_dir}: tensor {name} has dtype {weights.dtype(name)}; only float32, float16 "
+      raise UserError(f"--hf_dir={hf_dir}: tensor {name} has dtype {weights.dtype(name)}; only float32, float16 "
                         "and bfloat16 weights are supported (no quantized checkpoints)")
 
 
 def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   """Imports a Hugging Face Llama/Mistral directory into a new maxlm workdir; returns a summary."""
   if param_dtype not in config.CHOICES["model.param_dtype"]:
-    raise ConfigError(f"--param_dtype={param_dtype}: choose one of {', '.join(config.CHOICES['model.param_dtype'])}")
+    raise UserError(f"--param_dtype={param_dtype}: choose one of {', '.join(config.CHOICES['model.param_dtype'])}")
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
-    raise ConfigError(f"--hf_dir={hf_dir}: no config.json; pass a Hugging Face model directory")
+    raise UserError(f"--hf_dir={hf_dir}: no config.json; pass a Hugging Face model directory")
   with open(path) as f:
     hf = json.load(f)
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and os.listdir(workdir):
-    raise ConfigError(f"--workdir={workdir} exists and is not empty: choose a new directory")
+    raise UserError(f"--workdir={workdir} exists and is not empty: choose a new directory")
   mapped = model_config_from_hf(hf)
   cfg = base.get_config()
   cfg.model.update({k: v for k, v in mapped.items() if k != "rope_scaling"})
@@ -280,8 +282,8 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   cfg.train.init_from = workdir
   try:
     resolved = config.validate(cfg, num_devices=1, check_paths=False)
-  except ConfigError as e:
-    raise ConfigError(f"config.json maps to an invalid maxlm model: {e}") from None
+  except UserError as e:
+    raise UserError(f"config.json maps to an invalid maxlm model: {e}") from None
   weights = _Weights(hf_dir)
   _check_weights(weights, cfg.model, hf_dir)
   sp_path = os.path.join(hf_dir, "tokenizer.model")
@@ -357,7 +359,7 @@ def parse_size(text: str) -> int:
   """'5GB' -> 5·10^9 bytes (also KB, MB, GiB, ..., or a plain number of bytes)."""
   match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?)B?\s*", text.upper())
   if not match:
-    raise ConfigError(f"--max_shard_size={text}: use a size like 5GB, 500MB or 2GiB")
+    raise UserError(f"--max_shard_size={text}: use a size like 5GB, 500MB or 2GiB")
   number, unit, binary = match.groups()
   return int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
 
@@ -375,9 +377,9 @@ def to_hf(workdir: str, out: str, *, step: int | None = None, dtype: str = "floa
   """Exports a workdir's parameters (newest checkpoint, `step`, or imported params) as a Hugging Face
   LlamaForCausalLM directory; returns a summary."""
   if dtype not in EXPORT_DTYPES:
-    raise ConfigError(f"--dtype={dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
+    raise UserError(f"--dtype={dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
   if max_shard_bytes < 1:
-    raise ConfigError("--max_shard_size must be positive")
+    raise UserError("--max_shard_size must be positive")
   cfg = config.load_workdir(workdir)
   directory, found_step = checkpoint.params_location(workdir, step)
   tok, _ = tokenizer.for_run(workdir)
@@ -392,7 +394,7 @@ def to_hf(workdir: str, out: str, *, step: int | None = None, dtype: str = "floa
   hf = hf_config(cfg, dtype, token_ids)
   out = os.path.abspath(out)
   if os.path.exists(out) and os.listdir(out):
-    raise ConfigError(f"--out={out} exists and is not empty: choose a new directory")
+    raise UserError(f"--out={out} exists and is not empty: choose a new directory")
   partial = out.rstrip("/") + ".partial"
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)

@@ -3,7 +3,7 @@
 Prompts of different lengths share a batch right-padded to the longest, P tokens. Cache slot s of a row holds
 its token at position s, and a query at position p attends slots 0..p, so the padding a prefill writes
 after a short prompt is overwritten by that row's generated tokens before any query can see it
-(`maxlm.model.cached_attention`). Row b's first new token comes from the prefill logits at position
+(`maxlm.model.attention.cached_attention`). Row b's first new token comes from the prefill logits at position
 len_b - 1; each later one from a one-token decode step at position len_b + i. Everything runs in one jitted
 function with static shapes: it compiles once per (batch size, P rounded up to a multiple of 32,
 max_new_tokens); temperature, top-k, top-p, EOS and the seed are traced values and never recompile. The
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxlm.config import ConfigError
-from maxlm.tokenizer import Tokenizer
+from maxlm.errors import UserError
+from maxlm.data.tokenizer import Tokenizer
 
 PROMPT_BUCKET = 32  # Prompt buffers are padded to a multiple of this: fewer compilations, same tokens.
 
@@ -120,7 +120,7 @@ def complete(model: nnx.Module, tok: Tokenizer, prompts: list[str], *, add_bos: 
   `tokens` are the new ids (EOS included when it ended the row) and `completion` their text without EOS."""
   ids = [([tok.sp.bos_id()] if add_bos else []) + tok.encode(p) for p in prompts]
   if min(map(len, ids)) == 0:
-    raise ConfigError("--prompt: an empty prompt gives the model nothing to continue")
+    raise UserError("--prompt: an empty prompt gives the model nothing to continue")
   eos = tok.sp.eos_id()
   outputs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      seed=seed, eos_id=eos, vocab=tok.vocab_size)

@@ -77,3 +77,18 @@ def measure_matmul_tflops(dtype=jnp.float32, n: int = 2048, repeats: int = 5, de
     f(a, a).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def peak_tflops_per_device(configured: float, compute_dtype: str, devices) -> tuple[float, str]:
+  """(per-device peak TFLOP/s for MFU, where it comes from): `metrics.peak_tflops` when set (`configured` > 0),
+  else the datasheet figure, else (CPU) a matmul measured now in the compute dtype."""
+  if configured > 0:
+    return configured, "metrics.peak_tflops from the config"
+  datasheet = device_peak_tflops(devices[0])
+  if datasheet is not None:
+    return datasheet, f"datasheet bf16 peak of {devices[0].device_kind}"
+  measured = measure_matmul_tflops(jnp.dtype(compute_dtype), device=devices[0])
+  # Fake CPU devices share the host's cores, so each gets an equal share of the host's rate.
+  local = sum(d.process_index == jax.process_index() for d in devices)
+  return measured / local, (f"MEASURED peak: {measured * 1e3:.1f} GFLOP/s for a 2048^3 {compute_dtype} "
+                            f"matmul on {devices[0].platform}, shared by {local} local device(s)")

@@ -1,4 +1,4 @@
-"""Fused attention kernels behind `model.attention`, with the signature of `model.xla_attention`:
+"""Fused attention kernels behind `model.attention`, with the signature of `attention.xla_attention`:
 
   (q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT) -> out_BxTxHxDh, causal, within segments.
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from maxlm.mesh import logical_to_spec
+from maxlm.parallel.mesh import logical_to_spec
 
 
 def cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, implementation: str = "cudnn"):

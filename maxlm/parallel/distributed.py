@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 
-from maxlm.config import ConfigError
+from maxlm.errors import UserError
 
 log = logging.getLogger("maxlm")
 
@@ -88,18 +88,18 @@ def use_platforms(platforms: str, environ=os.environ) -> None:
 def detect(coordinator: str | None, num_processes: int | None, process_id: int | None,
            environ=os.environ) -> str | None:
   """How this run's processes find each other ("explicit", "SLURM", "Open MPI", "Cloud TPU"), or None for one
-  process. Raises ConfigError for an incomplete or inconsistent set of flags."""
+  process. Raises UserError for an incomplete or inconsistent set of flags."""
   given = {"--coordinator": coordinator, "--num_processes": num_processes, "--process_id": process_id}
   if any(v is not None for v in given.values()):
     missing = [k for k, v in given.items() if v is None]
     if missing:
-      raise ConfigError(f"{', '.join(missing)} missing: pass --coordinator=HOST:PORT, --num_processes=N and "
+      raise UserError(f"{', '.join(missing)} missing: pass --coordinator=HOST:PORT, --num_processes=N and "
                         "--process_id=I together (the same HOST:PORT and N on every process)")
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
-      raise ConfigError(f"--coordinator={coordinator!r}: use HOST:PORT, e.g. --coordinator=10.0.0.2:8476")
+      raise UserError(f"--coordinator={coordinator!r}: use HOST:PORT, e.g. --coordinator=10.0.0.2:8476")
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ConfigError(f"--process_id={process_id} --num_processes={num_processes}: need 0 <= process_id < "
+      raise UserError(f"--process_id={process_id} --num_processes={num_processes}: need 0 <= process_id < "
                         "num_processes")
     return "explicit" if num_processes > 1 else None
   for name, variables in CLUSTERS.items():

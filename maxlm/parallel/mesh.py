@@ -31,7 +31,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from maxlm.config import MESH_AXES
+from maxlm.config import DCN_AXES, MESH_AXES
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -54,6 +54,23 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_mlp": "tensor",
     "act_vocab": "tensor",
 }
+
+
+def from_config(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of a resolved config's `mesh` group (`config.validate` fills the -1 sizes) over `devices`."""
+  return build_mesh(mesh_sizes(mesh_cfg), devices, mesh_sizes(mesh_cfg, dcn=True))
+
+
+def mesh_sizes(mesh_cfg, dcn: bool = False) -> list[int]:
+  """Per-slice (ICI) sizes of the mesh axes, or with `dcn` their sizes across slices (1 for `tensor`)."""
+  if dcn:
+    return [mesh_cfg.get(f"dcn_{a}", 1) if a in DCN_AXES else 1 for a in MESH_AXES]
+  return [mesh_cfg[a] for a in MESH_AXES]
+
+
+def axis_sizes(mesh_cfg) -> dict[str, int]:
+  """Whole-mesh size of each axis (in-slice size times slices) of a resolved config's `mesh` group."""
+  return {a: ici * dcn for a, ici, dcn in zip(MESH_AXES, mesh_sizes(mesh_cfg), mesh_sizes(mesh_cfg, dcn=True))}
 
 
 def build_mesh(sizes: Sequence[int], devices: Sequence[jax.Device] | None = None,
@@ -89,7 +106,7 @@ def logical_to_spec(names: Sequence[str | None]) -> P:
   """PartitionSpec for an array whose dimensions carry these logical names (None = replicated)."""
   unknown = [n for n in names if n is not None and n not in RULES]
   if unknown:
-    raise KeyError(f"logical axis names {unknown} have no rule in maxlm.mesh.RULES")
+    raise KeyError(f"logical axis names {unknown} have no rule in maxlm.parallel.mesh.RULES")
   return P(*(None if n is None else RULES[n] for n in names))
 
 

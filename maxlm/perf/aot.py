@@ -2,7 +2,7 @@
 
 For `--topology=v5e:4x4` the devices come from `jax.experimental.topologies` (libtpu's compiler, no TPU
 needed: this runs on a CPU-only host); without it, the local devices of any backend. The step is
-`train.build_step`, the same jitted function with the same shardings that `maxlm train` runs.
+`maxlm.training.step.build_step`, the same jitted function with the same shardings that `maxlm train` runs.
 
 Per-device memory is XLA's buffer assignment (`compiled.memory_analysis()`):
 
@@ -27,8 +27,9 @@ import time
 
 import ml_collections
 
-from maxlm import config, flops
-from maxlm.config import ConfigError
+from maxlm import config
+from maxlm.model import flops
+from maxlm.errors import UserError
 
 GIB = 2**30
 # Datasheet HBM per chip. Matched against `device.device_kind`, longest key first.
@@ -42,16 +43,16 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   """The devices of a TPU topology such as `v5e:2x2` or `v5p:2x2x2`, from libtpu, on any host."""
   import importlib.util
   if importlib.util.find_spec("libtpu") is None:
-    raise ConfigError("--topology needs libtpu for the TPU compiler: pip install -e '.[tpu]' (works on a CPU host)")
+    raise UserError("--topology needs libtpu for the TPU compiler: pip install -e '.[tpu]' (works on a CPU host)")
   from jax.experimental import topologies
   try:
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
   except Exception as e:  # noqa: BLE001  libtpu's errors vary; the name is what the user can fix.
     if "lockfile" in str(e):
-      raise ConfigError(f"--topology={name}: another process on this host is using libtpu (/tmp/libtpu_lockfile); "
+      raise UserError(f"--topology={name}: another process on this host is using libtpu (/tmp/libtpu_lockfile); "
                         "wait for it to exit, or compile on another host (any CPU host with libtpu works)") from None
-    raise ConfigError(f"--topology={name}: libtpu does not know it ({' '.join(str(e).split())[:200]}); use "
+    raise UserError(f"--topology={name}: libtpu does not know it ({' '.join(str(e).split())[:200]}); use "
                       "GENERATION:SHAPE, e.g. v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:2x2") from None
 
 
@@ -83,7 +84,8 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
   """Compiles the train step of a loaded (not yet validated) config; returns the memory report."""
   import jax
 
-  from maxlm import mesh as mesh_lib, train
+  from maxlm.parallel import mesh as mesh_lib
+  from maxlm.training import step as step_lib
 
   devices = topology_devices(topology, num_slices) if topology else jax.devices()
   cfg = config.validate(cfg, num_devices=len(devices), process_count=len({d.process_index for d in devices}),
@@ -92,8 +94,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
   report = {
       "topology": topology or "local", "num_slices": num_slices, "device_kind": devices[0].device_kind,
       "num_devices": len(devices), "processes": len({d.process_index for d in devices}),
-      "mesh": dict(zip(config.MESH_AXES, (i * d for i, d in zip(train.mesh_sizes(cfg.mesh),
-                                                                 train.mesh_sizes(cfg.mesh, dcn=True))))),
+      "mesh": mesh_lib.axis_sizes(cfg.mesh),
       "params_m": flops.param_count(cfg.model) / 1e6, "global_batch": cfg.train.global_batch,
       "seq_len": cfg.data.seq_len, "microbatches": cfg.train.microbatches, "remat": cfg.model.remat,
       "attention": cfg.model.attention,
@@ -102,7 +103,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
   }
   t0 = time.perf_counter()
   try:
-    compiled = train.build_step(cfg, devices).lower().compile()
+    compiled = step_lib.build_step(cfg, devices).lower().compile()
   except Exception as e:  # noqa: BLE001  Only the compiler's out-of-memory verdict is a result; the rest are bugs.
     text = " ".join(str(e).split())
     if not any(m in text for m in OOM_MARKERS):

@@ -1,10 +1,10 @@
-"""`maxlm bench`: the production train step (`train.setup`) timed on this machine.
+"""`maxlm bench`: the production train step (`maxlm.training.loop.setup`) timed on this machine.
 
 Reports, for one resolved config: compile time; the median step time over `steps` timed steps after
 `warmup` (each step blocked on, so a step's time is its own) and the mean step time of the same number
 of steps dispatched back to back (what a training loop sees); tokens/s per device; model TFLOP/s per
-device from `maxlm/flops.py` (`6·N_matmul + 6·L·H·Dh·T` per token, remat not counted); MFU against the
-device peak (datasheet bf16 for accelerators, a measured matmul on CPU: see `train.peak_tflops_per_device`);
+device from `maxlm/model/flops.py` (`6·N_matmul + 6·L·H·Dh·T` per token, remat not counted); MFU against the
+device peak (datasheet bf16 for accelerators, a measured matmul on CPU: see `flops.peak_tflops_per_device`);
 and memory: the device allocator's peak where the backend reports one (GPU, TPU), else the compiled
 step's own figure (arguments + outputs + temporaries - aliased), plus the host's peak RSS.
 
@@ -26,7 +26,8 @@ import time
 import jax
 import ml_collections
 
-from maxlm import flops, train
+from maxlm.model import flops
+from maxlm.training import loop, step as step_lib
 
 TABLE_HEADER = ("| date | device | jax | config | params | tokens/step | step ms (median) | step ms (pipelined) | "
                 "tokens/s/device | TFLOP/s/device | MFU | peak memory GiB | peak source |\n"
@@ -35,9 +36,9 @@ TABLE_HEADER = ("| date | device | jax | config | params | tokens/step | step ms
 
 def measure(cfg: ml_collections.ConfigDict, *, steps: int, warmup: int, name: str, devices=None) -> dict:
   """Times `steps` train steps after `warmup` steps; returns the result record (see the module doc)."""
-  session = train.setup(cfg, devices)
+  session = loop.setup(cfg, devices)
   n_dev = session.mesh.size
-  state, controls = session.init(), train.controls()
+  state, controls = session.program.init(), step_lib.controls()
   batches = [session.next_batch() for _ in range(min(steps, 8))]  # Loaded up front: the step is timed, not data.
   jax.block_until_ready(batches)
   for i in range(warmup):
@@ -129,7 +130,7 @@ def write(result: dict, results_dir: str) -> str:
   r = result
   append_table_rows(
       os.path.join(results_dir, "mfu.md"),
-      "# `maxlm bench` results\n\nOne row per run, appended by `maxlm bench` (see maxlm/bench.py for what "
+      "# `maxlm bench` results\n\nOne row per run, appended by `maxlm bench` (see maxlm/perf/bench.py for what "
       "each column means).\n\n" + TABLE_HEADER,
       [f"| {r['date']} | {r['devices']}× {r['device']} | {r['jax']} | {r['config']} | {r['params_m']:.1f}M | "
        f"{r['tokens_per_step']} | {1e3 * r['step_time_s_median']:.1f} | {1e3 * r['step_time_s_pipelined']:.1f} | "

@@ -41,8 +41,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from configs import base
-from maxlm import mesh as mesh_lib, model
-from maxlm.config import ConfigError
+from maxlm.errors import UserError
+from maxlm.model import transformer
+from maxlm.parallel import mesh as mesh_lib
 
 log = logging.getLogger("maxlm")
 
@@ -176,7 +177,7 @@ def _everywhere(ok: bool) -> bool:
 def _check_model_matches(meta: dict, model_cfg: ml_collections.ConfigDict, step: int) -> None:
   diffs = model_differences(meta["config"]["model"], model_cfg)
   if diffs:
-    raise ConfigError(f"the checkpoint at step {step} was saved for a different model ({'; '.join(diffs)}): "
+    raise UserError(f"the checkpoint at step {step} was saved for a different model ({'; '.join(diffs)}): "
                       "use the saved model config, or a new --workdir")
 
 
@@ -232,7 +233,7 @@ def _nested(paths: Sequence[tuple[str, ...]], leaves: Sequence) -> dict:
 def abstract_params(model_cfg: ml_collections.ConfigDict, mesh=None) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, parameters as `jax.ShapeDtypeStruct`s with their shardings on `mesh`); nothing is allocated.
   Without a mesh the structs carry no sharding, and `restore_params` reads them as host NumPy arrays."""
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: model.create(model_cfg, 0)))
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: transformer.create(model_cfg, 0)))
   if mesh is None:
     return graphdef, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
   shardings = mesh_lib.tree_shardings(params, mesh)
@@ -260,14 +261,14 @@ def params_location(workdir: str, step: int | None = None) -> tuple[str, int | N
   steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) if os.path.isdir(checkpoints) else []
   if step is not None:
     if step not in steps:
-      raise ConfigError(f"--step={step}: {workdir} has no checkpoint at that step (it has: "
+      raise UserError(f"--step={step}: {workdir} has no checkpoint at that step (it has: "
                         f"{', '.join(map(str, steps)) or 'none'})")
     return os.path.join(checkpoints, str(step), "state"), step
   if steps:
     return os.path.join(checkpoints, str(steps[-1]), "state"), steps[-1]
   if os.path.isdir(os.path.join(workdir, PARAMS_DIR)):
     return os.path.join(workdir, PARAMS_DIR), None
-  raise ConfigError(f"--workdir={workdir} has no checkpoints and no imported parameters: train with "
+  raise UserError(f"--workdir={workdir} has no checkpoints and no imported parameters: train with "
                     "checkpoint.every_steps > 0, or import a model with maxlm convert from-hf")
 
 
@@ -286,7 +287,7 @@ def restore_params(directory: str, abstract_params, names: Sequence[str] | None 
     restored = checkpointer.restore(os.path.abspath(directory), args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))["params"]
   except (ValueError, KeyError, FileNotFoundError) as e:
-    raise ConfigError(f"{directory}: cannot read the parameters of this model config ({' '.join(str(e).split())[:300]})"
+    raise UserError(f"{directory}: cannot read the parameters of this model config ({' '.join(str(e).split())[:300]})"
                       ) from None
   values = []
   for i in chosen:
@@ -303,6 +304,19 @@ def saved_model_config(workdir: str) -> dict:
   """The model config a workdir was trained or imported with (its config.json)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise ConfigError(f"--workdir={workdir} has no config.json: not a maxlm run or imported model")
+    raise UserError(f"--workdir={workdir} has no config.json: not a maxlm run or imported model")
   with open(path) as f:
     return json.load(f)["model"]
+
+
+def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None, step: int | None = None
+                  ) -> transformer.Transformer:
+  """The model of a workdir for sampling and evaluation: the parameters only (no optimizer state) of its
+  newest checkpoint (or of `step`), or its imported parameters; placed on `cfg.mesh` over `devices`."""
+  mesh = mesh_lib.from_config(cfg.mesh, devices)
+  directory, _ = params_location(workdir, step)
+  diffs = model_differences(saved_model_config(workdir), cfg.model)
+  if diffs:
+    raise UserError(f"--workdir={workdir} holds a different model ({'; '.join(diffs)})")
+  graphdef, abstract = abstract_params(cfg.model, mesh)
+  return nnx.merge(graphdef, restore_params(directory, abstract))

@@ -14,7 +14,7 @@ import ctypes
 import os
 import platform
 
-from maxlm import distributed
+from maxlm.parallel import distributed
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # <malloc.h>
 LIMIT = 2**31 - 1  # mallopt takes a C int: blocks above 2 GiB are still mapped and unmapped.

@@ -1,0 +1,1 @@
+"""Using trained models: Hugging Face import/export (`hf`), KV-cache sampling (`sample`), evaluation (`evaluate`)."""

@@ -1,0 +1,164 @@
+"""The train step: a pure function `train_step(state, batch, controls) -> (state, metrics)`, and the program
+that jits it with explicit shardings over a mesh (`build_step`), shared by training, `maxlm bench` and
+`maxlm compile`.
+
+The loss is the token-mean cross-entropy over `loss_mask`; with gradient accumulation the step sums
+per-token losses and gradients over microbatches and divides once by the total token count, so 4
+microbatches of B/4 rows give the gradient of one batch of B rows. The old state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from maxlm.model import loss, transformer
+from maxlm.parallel import mesh as mesh_lib
+from maxlm.training import optim
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+CONTROLS = ("loss_scale", "lr_scale", "max_loss")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+def init_state(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh, seed: int):
+  """(graphdef, abstract state with shardings, init) where `init()` creates the state already sharded."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: transformer.create(model_cfg, seed)))
+
+  def init() -> TrainState:
+    _, params = nnx.split(transformer.create(model_cfg, seed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init)
+  shardings = mesh_lib.tree_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return graphdef, abstract, jax.jit(init, out_shardings=shardings)
+
+
+def loss_terms(params, graphdef, batch, z_loss: float, chunk: int = 0):
+  """Summed masked cross-entropy (+ z-loss) and the sums needed to normalise it. The output projection and
+  softmax run `chunk` positions at a time (0: all T at once), fused with their gradient (maxlm/model/loss.py)."""
+  net = nnx.merge(graphdef, params)
+  x_BxTxD = net.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+  mask_BxT = batch["loss_mask"].astype(jnp.float32)
+  objective, nll_sum, z_sum = loss.cross_entropy(x_BxTxD, net.output_projection(), batch["targets"], mask_BxT,
+                                                 z_loss, chunk)
+  return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask_BxT)}
+
+
+def _microbatches(batch, n: int):
+  """[B, ...] -> [n, B/n, ...] with row j·n + i in microbatch i.
+
+  Each device holds contiguous rows, so striding keeps every microbatch evenly spread over the devices.
+  """
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def train_step(state: TrainState, batch, controls, *, graphdef, tx, lr_schedule, microbatches: int,
+               z_loss: float, loss_chunk: int, guard: bool):
+  """One optimizer step. `controls` are per-step scalars from the host:
+
+  loss_scale: multiplies the loss and gradients (1; NaN or 100 only for fault injection),
+  lr_scale:   multiplies the update (the stability guard lowers it after a rollback),
+  max_loss:   with `guard`, a step whose loss exceeds it or is not finite keeps the old state.
+  """
+  grad_fn = jax.grad(loss_terms, has_aux=True)
+  if microbatches == 1:
+    grads, sums = grad_fn(state.params, graphdef, batch, z_loss, loss_chunk)
+  else:
+    def accumulate(carry, mb):
+      mb = {k: mesh_lib.constrain(v, ("act_batch", "act_seq")) for k, v in mb.items()}
+      g, s = grad_fn(state.params, graphdef, mb, z_loss, loss_chunk)
+      return jax.tree.map(lambda c, x: c + x.astype(c.dtype), carry, (g, s)), None
+
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+             {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0})
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, microbatches))
+  tokens = jnp.maximum(sums["tokens"], 1.0)
+  scale = controls["loss_scale"]
+  grads = jax.tree.map(lambda g: g * (scale / tokens), grads)
+  loss, grad_norm = sums["nll_sum"] * scale / tokens, optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: u * controls["lr_scale"].astype(u.dtype), updates)
+  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step) * controls["lr_scale"]}
+  if z_loss:
+    metrics["z_loss"] = sums["z_sum"] / tokens
+  if guard:
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= controls["max_loss"])
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    metrics["applied"] = ok
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, graphdef, loss_chunk: int):
+  _, sums = loss_terms(params, graphdef, batch, 0.0, loss_chunk)
+  return sums["nll_sum"], sums["tokens"]
+
+
+@dataclasses.dataclass
+class StepProgram:
+  """The jitted train and eval steps of a config on a mesh, with the abstract inputs to lower them for; no data,
+  nothing run. `loop.setup` compiles it for training; `maxlm compile` (maxlm/perf/aot.py) for memory figures."""
+  mesh: jax.sharding.Mesh
+  abstract_state: TrainState  # shapes, dtypes and shardings of the state
+  init: Callable[[], TrainState]  # a fresh state, created sharded
+  batch_sharding: jax.sharding.NamedSharding
+  step: Callable  # jitted (state, global batch, controls) -> (state, metrics); donates `state`
+  eval: Callable  # jitted (params, global batch) -> (nll sum, token count)
+  abstract_batch: dict  # a global batch as ShapeDtypeStructs
+  abstract_controls: dict
+  start_from: Callable[[nnx.State], TrainState]  # a step-0 state from given (sharded) params, fresh optimizer
+
+  def lower(self):
+    with jax.set_mesh(self.mesh):
+      return self.step.lower(self.abstract_state, self.abstract_batch, self.abstract_controls)
+
+
+def build_step(cfg: ml_collections.ConfigDict, devices) -> StepProgram:
+  """The train step of a validated, resolved config over `devices` (local ones, or a TPU topology's)."""
+  t = cfg.train
+  mesh = mesh_lib.from_config(cfg.mesh, devices)
+  tx, lr_schedule = optim.make(cfg.optim, t.steps)
+  # Outside a mesh context: NNX would read the logical names on parameters as mesh axes.
+  graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, t.seed)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct((t.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
+                    for k in BATCH_KEYS}
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  with jax.set_mesh(mesh):
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
+                          microbatches=t.microbatches, z_loss=t.z_loss, loss_chunk=t.loss_chunk,
+                          guard=t.guard.policy != "none"),
+        in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk),
+                      in_shardings=(shardings.params, batch_sharding))
+  controls = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in CONTROLS}
+  start_from = jax.jit(lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                                 opt_state=tx.init(params)), out_shardings=shardings)
+  return StepProgram(mesh=mesh, abstract_state=abstract_state, init=init, batch_sharding=batch_sharding,
+                     step=step_fn, eval=eval_fn, abstract_batch=abstract_batch, abstract_controls=controls,
+                     start_from=start_from)
+
+
+def controls(loss_scale: float = 1.0, lr_scale: float = 1.0, max_loss: float = np.inf) -> dict[str, np.float32]:
+  """The per-step scalars of `train_step` (defaults: a plain step, nothing injected or guarded)."""
+  return {"loss_scale": np.float32(loss_scale), "lr_scale": np.float32(lr_scale), "max_loss": np.float32(max_loss)}
+
