@@ -26,15 +26,19 @@ from maxlm.perf import aot
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (config, topology, num_slices, overrides): the config as shipped, then what makes it fit where it does not.
 ROWS = [
-    ("gpt2_124m", "v5e:2x2", 1, []),
-    ("gpt2_124m", "v5e:2x2", 1, ["--config.train.microbatches=32"]),
-    ("llama_1b", "v5e:2x2", 1, []),
-    ("llama_1b", "v5e:2x2", 1, ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.train.microbatches=32"]),
-    ("llama_1b", "v5e:4x4", 1, ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.train.microbatches=8"]),
-    ("llama_1b", "v5e:2x2", 2, ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.dcn_data=2",
-                                "--config.train.microbatches=16"]),
-    ("llama3_8b", "v5p:2x2x2", 1, []),
-    ("llama3_8b", "v5p:2x2x2", 1, ["--config.train.microbatches=64"]),
+  ("gpt2_124m", "v5e:2x2", 1, []),
+  ("gpt2_124m", "v5e:2x2", 1, ["--config.train.microbatches=32"]),
+  ("llama_1b", "v5e:2x2", 1, []),
+  ("llama_1b", "v5e:2x2", 1, ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.train.microbatches=32"]),
+  ("llama_1b", "v5e:4x4", 1, ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.train.microbatches=8"]),
+  (
+    "llama_1b",
+    "v5e:2x2",
+    2,
+    ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.dcn_data=2", "--config.train.microbatches=16"],
+  ),
+  ("llama3_8b", "v5p:2x2x2", 1, []),
+  ("llama3_8b", "v5p:2x2x2", 1, ["--config.train.microbatches=64"]),
 ]
 
 
@@ -56,9 +60,14 @@ def main() -> None:
 
 
 def write(rows: list[dict]) -> dict:
-  result = {"benchmark": "aot_memory", "date": datetime.date.today().isoformat(), "jax": jax.__version__,
-            "host": f"{platform.machine()}, {os.cpu_count()} cores, CPU only", "python": sys.version.split()[0],
-            "rows": rows}
+  result = {
+    "benchmark": "aot_memory",
+    "date": datetime.date.today().isoformat(),
+    "jax": jax.__version__,
+    "host": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+    "python": sys.version.split()[0],
+    "rows": rows,
+  }
   out = os.path.join(REPO, "benchmarks", "results")
   with open(os.path.join(out, "aot_memory.json"), "w") as f:
     json.dump(result, f, indent=2)
@@ -69,9 +78,11 @@ def write(rows: list[dict]) -> dict:
 
 def table(result: dict) -> str:
   gib = aot.GIB
-  lines = ["| config | topology | overrides | mesh (data, fsdp, tensor) | args | temps | XLA peak | peak (checked) "
-           "| HBM/device | fits | compile s |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = [
+    "| config | topology | overrides | mesh (data, fsdp, tensor) | args | temps | XLA peak | peak (checked) "
+    "| HBM/device | fits | compile s |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
   for r in result["rows"]:
     where = r["topology"] + (f" ×{r['num_slices']} slices" if r["num_slices"] > 1 else "")
     mesh = ", ".join(str(v) for v in r["mesh"].values())
@@ -81,10 +92,13 @@ def table(result: dict) -> str:
     else:  # "... HLO temporaries (27.29G) exceeds available HBM (15.75G)."
       need, have = (part.split("(")[-1].split(")")[0] for part in r["compiler_error"].split(" exceeds ")[:2])
       figures = f"— | {need} | — | compiler: > {have} available"
-    lines.append(f"| {r['config']} | {where} | {r['overrides'] or 'as shipped'} | {mesh} | {figures} | "
-                 f"{r['hbm_bytes'] / gib:.0f} | {'yes' if r['fits'] else '**no**'} | {r['compile_s']:.0f} |")
-  return "\n".join(lines) + (f"\n\nGiB per device; {result['date']}, jax {result['jax']}, compiled on "
-                             f"{result['host']} with libtpu.\n")
+    lines.append(
+      f"| {r['config']} | {where} | {r['overrides'] or 'as shipped'} | {mesh} | {figures} | "
+      f"{r['hbm_bytes'] / gib:.0f} | {'yes' if r['fits'] else '**no**'} | {r['compile_s']:.0f} |"
+    )
+  return "\n".join(lines) + (
+    f"\n\nGiB per device; {result['date']}, jax {result['jax']}, compiled on {result['host']} with libtpu.\n"
+  )
 
 
 if __name__ == "__main__":

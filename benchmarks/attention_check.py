@@ -67,8 +67,9 @@ def main() -> None:
   parser.add_argument("--results_dir", default=os.path.join(REPO, "benchmarks", "results"))
   args = parser.parse_args()
   backend = jax.default_backend()
-  candidates = {"gpu": {"cudnn": kernels.cudnn_attention}, "tpu": {"splash": kernels.splash_attention}}.get(backend, {
-      "splash (interpreted)": kernels.splash_attention})
+  candidates = {"gpu": {"cudnn": kernels.cudnn_attention}, "tpu": {"splash": kernels.splash_attention}}.get(
+    backend, {"splash (interpreted)": kernels.splash_attention}
+  )
   shapes = SHAPES if backend != "cpu" else [(2, 256, 4, 2, 32)]
   dtype = jnp.dtype(args.dtype if backend != "cpu" else "float32")
   rows = []
@@ -81,16 +82,24 @@ def main() -> None:
       f = fwd_bwd(kernel)
       (_, out), grads = f(q, k, v, segments)
       err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-      row[name] = {"max_abs_out_diff": err(out, ref_out),
-                   "max_abs_grad_diff": [err(g, r) for g, r in zip(grads, ref_grads)],
-                   "ms": 1e3 * median_time(f, (q, k, v, segments), args.repeats)}
+      row[name] = {
+        "max_abs_out_diff": err(out, ref_out),
+        "max_abs_grad_diff": [err(g, r) for g, r in zip(grads, ref_grads)],
+        "ms": 1e3 * median_time(f, (q, k, v, segments), args.repeats),
+      }
       row[name]["speedup_vs_xla"] = row["xla_ms"] / row[name]["ms"]
     rows.append(row)
     print(json.dumps(row), flush=True)
   device = jax.devices()[0]
-  result = {"benchmark": "attention_check", "date": datetime.date.today().isoformat(), "device": device.device_kind,
-            "jax": jax.__version__, "dtype": str(dtype), "rows": rows,
-            "note": "forward+backward of sum(out^2); diffs are against attention.xla_attention in the same dtype"}
+  result = {
+    "benchmark": "attention_check",
+    "date": datetime.date.today().isoformat(),
+    "device": device.device_kind,
+    "jax": jax.__version__,
+    "dtype": str(dtype),
+    "rows": rows,
+    "note": "forward+backward of sum(out^2); diffs are against attention.xla_attention in the same dtype",
+  }
   os.makedirs(args.results_dir, exist_ok=True)
   slug = bench.device_slug(device.device_kind)
   path = os.path.join(args.results_dir, f"attention_check_{slug}.json")

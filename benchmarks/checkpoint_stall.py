@@ -46,8 +46,11 @@ def main() -> None:
   parser.add_argument("--steps_between", type=int, default=3)
   args = parser.parse_args()
   hostmem.keep_freed_memory()  # As the `maxlm` command does.
-  cfg = config.validate(config.load([f"--config={REPO}/configs/{args.config}.py", "--config.metrics.peak_tflops=1"]),
-                        num_devices=jax.device_count(), platform=jax.devices()[0].platform)
+  cfg = config.validate(
+    config.load([f"--config={REPO}/configs/{args.config}.py", "--config.metrics.peak_tflops=1"]),
+    num_devices=jax.device_count(),
+    platform=jax.devices()[0].platform,
+  )
   session = loop.setup(cfg)
   state = session.program.init()
   step = functools.partial(timed_step, session)
@@ -87,13 +90,26 @@ def main() -> None:
   device = jax.devices()[0]
   save_call = statistics.median(calls[1:])
   result = {
-      "benchmark": "checkpoint_stall", "date": datetime.date.today().isoformat(), "device": device.device_kind,
-      "platform": device.platform, "devices": jax.device_count(), "host_cores": os.cpu_count(), "jax": jax.__version__,
-      "config": args.config, "params_m": flops.param_count(cfg.model) / 1e6, "step_time_s": step_time,
-      "first_save_call_s": calls[0], "save_call_s_median": save_call, "save_call_s_all": calls[1:], "save_call_pct_of_step": 100 * save_call / step_time,
-      "contention_s_median": statistics.median(contention[1:]), "contention_s_all": contention[1:],
-      "contention_pct_of_step": 100 * statistics.median(contention[1:]) / step_time,
-      "write_s_median": statistics.median(writes), "restore_s": restore_s, "checkpoint_dir_mb": size / 2**20,
+    "benchmark": "checkpoint_stall",
+    "date": datetime.date.today().isoformat(),
+    "device": device.device_kind,
+    "platform": device.platform,
+    "devices": jax.device_count(),
+    "host_cores": os.cpu_count(),
+    "jax": jax.__version__,
+    "config": args.config,
+    "params_m": flops.param_count(cfg.model) / 1e6,
+    "step_time_s": step_time,
+    "first_save_call_s": calls[0],
+    "save_call_s_median": save_call,
+    "save_call_s_all": calls[1:],
+    "save_call_pct_of_step": 100 * save_call / step_time,
+    "contention_s_median": statistics.median(contention[1:]),
+    "contention_s_all": contention[1:],
+    "contention_pct_of_step": 100 * statistics.median(contention[1:]) / step_time,
+    "write_s_median": statistics.median(writes),
+    "restore_s": restore_s,
+    "checkpoint_dir_mb": size / 2**20,
   }
   os.makedirs(f"{REPO}/benchmarks/results", exist_ok=True)
   path = f"{REPO}/benchmarks/results/checkpoint_stall_{device.platform}.json"

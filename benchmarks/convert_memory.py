@@ -66,18 +66,37 @@ class PeakMemory:
 def write_checkpoint(directory: str, L: int, D: int, F: int, V: int, H: int, K: int, shard_bytes: int) -> dict:
   """A random LlamaForCausalLM checkpoint in bf16 safetensors shards of about `shard_bytes`."""
   Dh = D // H
-  hf_cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,
-            "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": K,
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 5e5, "tie_word_embeddings": False,
-            "torch_dtype": "bfloat16"}
+  hf_cfg = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": V,
+    "hidden_size": D,
+    "intermediate_size": F,
+    "num_hidden_layers": L,
+    "num_attention_heads": H,
+    "num_key_value_heads": K,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 5e5,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+  }
   shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
   for i in range(L):
     p = f"model.layers.{i}."
-    shapes.update({p + "self_attn.q_proj.weight": (H * Dh, D), p + "self_attn.k_proj.weight": (K * Dh, D),
-                   p + "self_attn.v_proj.weight": (K * Dh, D), p + "self_attn.o_proj.weight": (D, H * Dh),
-                   p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                   p + "mlp.down_proj.weight": (D, F), p + "input_layernorm.weight": (D,),
-                   p + "post_attention_layernorm.weight": (D,)})
+    shapes.update(
+      {
+        p + "self_attn.q_proj.weight": (H * Dh, D),
+        p + "self_attn.k_proj.weight": (K * Dh, D),
+        p + "self_attn.v_proj.weight": (K * Dh, D),
+        p + "self_attn.o_proj.weight": (D, H * Dh),
+        p + "mlp.gate_proj.weight": (F, D),
+        p + "mlp.up_proj.weight": (F, D),
+        p + "mlp.down_proj.weight": (D, F),
+        p + "input_layernorm.weight": (D,),
+        p + "post_attention_layernorm.weight": (D,),
+      }
+    )
   rng = np.random.default_rng(0)
   shards, current, size = [], {}, 0
   for name, shape in shapes.items():
@@ -100,8 +119,12 @@ def write_checkpoint(directory: str, L: int, D: int, F: int, V: int, H: int, K: 
   params = sum(int(np.prod(s)) for s in shapes.values())
   # maxlm arrays: the embedding and head as they are, every per-layer tensor stacked over the L layers.
   largest_maxlm = max(V * D, L * max(F * D, H * Dh * D))
-  return {"params_m": params / 1e6, "largest_hf_tensor_params_m": max(int(np.prod(s)) for s in shapes.values()) / 1e6,
-          "largest_maxlm_array_params_m": largest_maxlm / 1e6, "bf16_mb": 2 * params / 2**20}
+  return {
+    "params_m": params / 1e6,
+    "largest_hf_tensor_params_m": max(int(np.prod(s)) for s in shapes.values()) / 1e6,
+    "largest_maxlm_array_params_m": largest_maxlm / 1e6,
+    "bf16_mb": 2 * params / 2**20,
+  }
 
 
 def main() -> None:
@@ -116,8 +139,16 @@ def main() -> None:
   root = tempfile.mkdtemp(prefix="convert_memory_")
   try:
     os.makedirs(f"{root}/hf")
-    model = write_checkpoint(f"{root}/hf", args.layers, args.d_model, args.mlp_dim, args.vocab, args.heads,
-                             args.kv_heads, shard_bytes=200 * 2**20)
+    model = write_checkpoint(
+      f"{root}/hf",
+      args.layers,
+      args.d_model,
+      args.mlp_dim,
+      args.vocab,
+      args.heads,
+      args.kv_heads,
+      shard_bytes=200 * 2**20,
+    )
     with PeakMemory() as imported:
       hf.from_hf(f"{root}/hf", f"{root}/run", param_dtype="float32")
     with PeakMemory() as exported:
@@ -126,12 +157,18 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
   device = jax.devices("cpu")[0]
   result = {
-      "benchmark": "convert_memory", "date": datetime.date.today().isoformat(), "platform": device.platform,
-      "host_cores": os.cpu_count(), "jax": jax.__version__, **model,
-      "f32_mb": 2 * model["bf16_mb"],
-      "import_bf16_to_f32_s": imported.seconds, "import_peak_anon_above_baseline_mb": imported.above_mb,
-      "export_f32_to_bf16_s": exported.seconds, "export_peak_anon_above_baseline_mb": exported.above_mb,
-      "largest_maxlm_array_f32_mb": 4 * model["largest_maxlm_array_params_m"] * 1e6 / 2**20,
+    "benchmark": "convert_memory",
+    "date": datetime.date.today().isoformat(),
+    "platform": device.platform,
+    "host_cores": os.cpu_count(),
+    "jax": jax.__version__,
+    **model,
+    "f32_mb": 2 * model["bf16_mb"],
+    "import_bf16_to_f32_s": imported.seconds,
+    "import_peak_anon_above_baseline_mb": imported.above_mb,
+    "export_f32_to_bf16_s": exported.seconds,
+    "export_peak_anon_above_baseline_mb": exported.above_mb,
+    "largest_maxlm_array_f32_mb": 4 * model["largest_maxlm_array_params_m"] * 1e6 / 2**20,
   }
   os.makedirs(f"{REPO}/benchmarks/results", exist_ok=True)
   with open(f"{REPO}/benchmarks/results/convert_memory_{device.platform}.json", "w") as f:

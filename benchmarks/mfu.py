@@ -21,26 +21,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (name, config, overrides). Batches are per step with no accumulation: the step is what is timed.
 PRESETS = {
-    "cpu": [
-        ("tiny", "tiny", []),
-        ("cpu_10m", "cpu_10m", []),
-        ("cpu_10m/chunked_loss", "cpu_10m", ["--config.train.loss_chunk=64"]),
-    ],
-    "gpu": [
-        ("gpt2_124m/xla", "gpt2_124m", ["--config.train.global_batch=16", "--config.train.microbatches=1",
-                                        "--config.model.attention=xla"]),
-        ("gpt2_124m/cudnn", "gpt2_124m", ["--config.train.global_batch=16", "--config.train.microbatches=1",
-                                          "--config.model.attention=cudnn"]),
-        ("gpt2_124m/cudnn_unrolled", "gpt2_124m", ["--config.train.global_batch=16", "--config.train.microbatches=1",
-                                                   "--config.model.attention=cudnn", "--config.model.scan_layers=false"]),
-        ("llama_1b/dots_no_batch", "llama_1b", ["--config.train.global_batch=8", "--config.model.remat=dots_no_batch"]),
-        ("llama_1b/no_remat", "llama_1b", ["--config.train.global_batch=4", "--config.model.remat=none"]),
-        ("llama_1b/full_remat", "llama_1b", ["--config.train.global_batch=16", "--config.model.remat=full"]),
-    ],
-    "tpu": [
-        ("gpt2_124m/splash", "gpt2_124m", ["--config.train.global_batch=32", "--config.train.microbatches=1"]),
-        ("llama_1b/splash", "llama_1b", ["--config.train.global_batch=16"]),
-    ],
+  "cpu": [
+    ("tiny", "tiny", []),
+    ("cpu_10m", "cpu_10m", []),
+    ("cpu_10m/chunked_loss", "cpu_10m", ["--config.train.loss_chunk=64"]),
+  ],
+  "gpu": [
+    (
+      "gpt2_124m/xla",
+      "gpt2_124m",
+      ["--config.train.global_batch=16", "--config.train.microbatches=1", "--config.model.attention=xla"],
+    ),
+    (
+      "gpt2_124m/cudnn",
+      "gpt2_124m",
+      ["--config.train.global_batch=16", "--config.train.microbatches=1", "--config.model.attention=cudnn"],
+    ),
+    (
+      "gpt2_124m/cudnn_unrolled",
+      "gpt2_124m",
+      [
+        "--config.train.global_batch=16",
+        "--config.train.microbatches=1",
+        "--config.model.attention=cudnn",
+        "--config.model.scan_layers=false",
+      ],
+    ),
+    ("llama_1b/dots_no_batch", "llama_1b", ["--config.train.global_batch=8", "--config.model.remat=dots_no_batch"]),
+    ("llama_1b/no_remat", "llama_1b", ["--config.train.global_batch=4", "--config.model.remat=none"]),
+    ("llama_1b/full_remat", "llama_1b", ["--config.train.global_batch=16", "--config.model.remat=full"]),
+  ],
+  "tpu": [
+    ("gpt2_124m/splash", "gpt2_124m", ["--config.train.global_batch=32", "--config.train.microbatches=1"]),
+    ("llama_1b/splash", "llama_1b", ["--config.train.global_batch=16"]),
+  ],
 }
 
 
@@ -57,8 +71,17 @@ def main() -> None:
     sys.exit(f"--only={args.only!r} names no variant of preset {args.preset}: {[v[0] for v in PRESETS[args.preset]]}")
   records = []
   for name, cfg, overrides in variants:
-    cmd = [sys.executable, "-m", "maxlm", "bench", f"--config={REPO}/configs/{cfg}.py", f"--steps={args.steps}",
-           f"--warmup={args.warmup}", f"--results_dir={args.results_dir}", *overrides]
+    cmd = [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "bench",
+      f"--config={REPO}/configs/{cfg}.py",
+      f"--steps={args.steps}",
+      f"--warmup={args.warmup}",
+      f"--results_dir={args.results_dir}",
+      *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
       print(f"{name}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -66,9 +89,12 @@ def main() -> None:
       continue
     record = {"variant": name, "overrides": overrides, **json.loads(proc.stdout.strip().splitlines()[-1])}
     records.append(record)
-    print(f"{name:28} {1e3 * record['step_time_s_median']:9.1f} ms {record['tokens_per_sec_per_device']:12,.0f} tok/s/dev "
-          f"{record['tflops_per_device']:8.3g} TFLOP/s  MFU {100 * record['mfu']:5.1f}%  "
-          f"mem {record['peak_memory_bytes'] / 2**30:6.2f} GiB", flush=True)
+    print(
+      f"{name:28} {1e3 * record['step_time_s_median']:9.1f} ms {record['tokens_per_sec_per_device']:12,.0f} tok/s/dev "
+      f"{record['tflops_per_device']:8.3g} TFLOP/s  MFU {100 * record['mfu']:5.1f}%  "
+      f"mem {record['peak_memory_bytes'] / 2**30:6.2f} GiB",
+      flush=True,
+    )
   path = os.path.join(args.results_dir, f"mfu_sweep_{args.preset}.json")
   with open(path, "w") as f:
     json.dump(records, f, indent=2)

@@ -35,7 +35,9 @@ def torch_side(shape: dict, batch: int, seq_len: int, steps: int, warmup: int, c
   import torch.nn.functional as F
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  D, H, K, F_, V, L = (shape[k] for k in ("d_model", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size", "num_layers"))
+  D, H, K, F_, V, L = (
+    shape[k] for k in ("d_model", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size", "num_layers")
+  )
   Dh = D // H
 
   class RMSNorm(nn.Module):
@@ -68,7 +70,11 @@ def torch_side(shape: dict, batch: int, seq_len: int, steps: int, warmup: int, c
   class MLP(nn.Module):
     def __init__(self):
       super().__init__()
-      self.gate, self.up, self.down = nn.Linear(D, F_, bias=False), nn.Linear(D, F_, bias=False), nn.Linear(F_, D, bias=False)
+      self.gate, self.up, self.down = (
+        nn.Linear(D, F_, bias=False),
+        nn.Linear(D, F_, bias=False),
+        nn.Linear(F_, D, bias=False),
+      )
 
     def forward(self, x):
       return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -112,8 +118,12 @@ def torch_side(shape: dict, batch: int, seq_len: int, steps: int, warmup: int, c
   n_params = sum(p.numel() for p in net.parameters())
   decay = [p for p in net.parameters() if p.dim() >= 2]
   no_decay = [p for p in net.parameters() if p.dim() < 2]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=3e-4, betas=(0.9, 0.95), fused=device == "cuda")
+  opt = torch.optim.AdamW(
+    [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+    lr=3e-4,
+    betas=(0.9, 0.95),
+    fused=device == "cuda",
+  )
   model = torch.compile(net) if compile_model else net
   torch.backends.cuda.matmul.allow_tf32 = True
   torch.backends.cudnn.allow_tf32 = True
@@ -149,11 +159,19 @@ def torch_side(shape: dict, batch: int, seq_len: int, steps: int, warmup: int, c
     loss = step()
   sync()
   pipelined = (time.perf_counter() - t0) / steps
-  return {"framework": f"torch {torch.__version__}", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-          "compiled": compile_model, "params": n_params, "first_loss": first_loss, "final_loss": float(loss),
-          "warmup_s": warmup_s, "step_time_s_median": statistics.median(times), "step_time_s_pipelined": pipelined,
-          "tokens_per_sec": batch * seq_len / statistics.median(times),
-          "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None}
+  return {
+    "framework": f"torch {torch.__version__}",
+    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    "compiled": compile_model,
+    "params": n_params,
+    "first_loss": first_loss,
+    "final_loss": float(loss),
+    "warmup_s": warmup_s,
+    "step_time_s_median": statistics.median(times),
+    "step_time_s_pipelined": pipelined,
+    "tokens_per_sec": batch * seq_len / statistics.median(times),
+    "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+  }
 
 
 def main() -> None:
@@ -176,14 +194,34 @@ def main() -> None:
   from maxlm import config  # JAX is imported, but no backend is started in this process.
   from maxlm.model import flops
   from maxlm.perf import bench
+
   raw = config.load([f"--config={REPO}/configs/{args.config}.py", *overrides])
-  shape = {k: raw.model[k] for k in ("d_model", "num_heads", "num_kv_heads", "mlp_dim", "vocab_size", "num_layers",
-                                     "norm_eps", "rope_theta", "tie_embeddings", "init_std")}
+  shape = {
+    k: raw.model[k]
+    for k in (
+      "d_model",
+      "num_heads",
+      "num_kv_heads",
+      "mlp_dim",
+      "vocab_size",
+      "num_layers",
+      "norm_eps",
+      "rope_theta",
+      "tie_embeddings",
+      "init_std",
+    )
+  }
   seq_len = raw.data.seq_len
   env = {**os.environ, "PYTHONPATH": REPO}
 
-  torch_cmd = [sys.executable, os.path.abspath(__file__), f"--batch={args.batch}", f"--steps={args.steps}",
-               f"--warmup={args.warmup}", f"--torch-side={json.dumps({'shape': shape, 'seq_len': seq_len})}"]
+  torch_cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    f"--batch={args.batch}",
+    f"--steps={args.steps}",
+    f"--warmup={args.warmup}",
+    f"--torch-side={json.dumps({'shape': shape, 'seq_len': seq_len})}",
+  ]
   if not args.compile:
     torch_cmd.append("--no-compile")
   torch_proc = subprocess.run(torch_cmd, capture_output=True, text=True, env=env)
@@ -192,8 +230,17 @@ def main() -> None:
   pt = json.loads(torch_proc.stdout.strip().splitlines()[-1])
 
   with tempfile.TemporaryDirectory() as tmp:
-    jax_cmd = [sys.executable, "-m", "maxlm", "bench", f"--config={REPO}/configs/{args.config}.py",
-               f"--steps={args.steps}", f"--warmup={args.warmup}", f"--results_dir={tmp}", *overrides]
+    jax_cmd = [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "bench",
+      f"--config={REPO}/configs/{args.config}.py",
+      f"--steps={args.steps}",
+      f"--warmup={args.warmup}",
+      f"--results_dir={tmp}",
+      *overrides,
+    ]
     jax_proc = subprocess.run(jax_cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if jax_proc.returncode:
       sys.exit(f"the maxlm side failed:\n{jax_proc.stderr[-3000:]}")
@@ -206,11 +253,19 @@ def main() -> None:
   for side in (pt, mx):
     side["model_tflops"] = flops_per_step / side["step_time_s_median"] / 1e12
   result = {
-      "benchmark": "nanogpt_compare", "date": datetime.date.today().isoformat(), "config": args.config,
-      "device": mx["device"], "batch": args.batch, "seq_len": seq_len, "params": expected,
-      "flops_per_step": flops_per_step, "peak_tflops_per_device": mx["peak_tflops_per_device"],
-      "torch": pt, "maxlm": mx, "maxlm_over_torch": mx["tokens_per_sec_per_device"] / pt["tokens_per_sec"],
-      "loss_at_init_ln_v": math.log(raw.model.vocab_size),
+    "benchmark": "nanogpt_compare",
+    "date": datetime.date.today().isoformat(),
+    "config": args.config,
+    "device": mx["device"],
+    "batch": args.batch,
+    "seq_len": seq_len,
+    "params": expected,
+    "flops_per_step": flops_per_step,
+    "peak_tflops_per_device": mx["peak_tflops_per_device"],
+    "torch": pt,
+    "maxlm": mx,
+    "maxlm_over_torch": mx["tokens_per_sec_per_device"] / pt["tokens_per_sec"],
+    "loss_at_init_ln_v": math.log(raw.model.vocab_size),
   }
   os.makedirs(args.results_dir, exist_ok=True)
   slug = bench.device_slug(mx["device"])
@@ -219,8 +274,10 @@ def main() -> None:
     json.dump(result, f, indent=2)
   peak = mx["peak_tflops_per_device"]
   for name, side, tps in (("PyTorch", pt, pt["tokens_per_sec"]), ("maxlm", mx, mx["tokens_per_sec_per_device"])):
-    print(f"{name:8} {1e3 * side['step_time_s_median']:9.1f} ms/step {tps:12,.0f} tokens/s "
-          f"{side['model_tflops']:8.3g} TFLOP/s  MFU {100 * side['model_tflops'] / peak:5.1f}%")
+    print(
+      f"{name:8} {1e3 * side['step_time_s_median']:9.1f} ms/step {tps:12,.0f} tokens/s "
+      f"{side['model_tflops']:8.3g} TFLOP/s  MFU {100 * side['model_tflops'] / peak:5.1f}%"
+    )
   print(f"maxlm / PyTorch tokens/s = {result['maxlm_over_torch']:.2f}; wrote {path}")
 
 

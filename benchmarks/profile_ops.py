@@ -31,8 +31,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_x
 import jax  # noqa: E402  (after XLA_FLAGS)
 from jax.profiler import ProfileData  # noqa: E402
 
-from maxlm import config  # noqa: E402
-from maxlm.perf import bench
+from maxlm import config, provenance  # noqa: E402
 from maxlm.training import hostmem, loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -124,22 +123,37 @@ def summarize(hlo: Hlo, totals: dict[str, list[int]], steps: int, step_time_s: f
       g["gflop"] += flop * runs / 1e9
       g["ops"] += runs
   if not matched:
-    raise SystemExit("profile_ops: no trace event names an HLO instruction (on CPU, XLA_FLAGS needs "
-                     "--xla_cpu_enable_xprof_traceme=true before JAX starts)")
-  matmuls = [{"source": s, "shape": shape, "ops_per_step": round(g["ops"]), "ms_per_step": g["ms"],
-              "gflop_per_step": g["gflop"], "gflops_while_running": g["gflop"] / g["ms"] * 1e3 if g["ms"] else 0.0}
-             for (s, shape), g in groups.items()]
+    raise SystemExit(
+      "profile_ops: no trace event names an HLO instruction (on CPU, XLA_FLAGS needs "
+      "--xla_cpu_enable_xprof_traceme=true before JAX starts)"
+    )
+  matmuls = [
+    {
+      "source": s,
+      "shape": shape,
+      "ops_per_step": round(g["ops"]),
+      "ms_per_step": g["ms"],
+      "gflop_per_step": g["gflop"],
+      "gflops_while_running": g["gflop"] / g["ms"] * 1e3 if g["ms"] else 0.0,
+    }
+    for (s, shape), g in groups.items()
+  ]
   matmuls.sort(key=lambda m: -m["ms_per_step"])
   matmul_ms, matmul_gflop = kinds["matmul"], sum(m["gflop_per_step"] for m in matmuls)
   return {
-      "step_time_ms": 1e3 * step_time_s, "op_ms_per_step": sum(kinds.values()),
-      "kinds_ms_per_step": dict(kinds.most_common()),
-      "matmul_gflop_per_step": matmul_gflop,
-      "matmul_gflops_while_running": matmul_gflop / matmul_ms * 1e3 if matmul_ms else 0.0,
-      "matmuls": matmuls[:top],
-      "other_ops": sorted(({"kind": k, "source": src, "shape": shape, "ops_per_step": round(o["ops"]),
-                            "ms_per_step": o["ms"]} for (k, src, shape), o in others.items()),
-                          key=lambda o: -o["ms_per_step"])[:top],
+    "step_time_ms": 1e3 * step_time_s,
+    "op_ms_per_step": sum(kinds.values()),
+    "kinds_ms_per_step": dict(kinds.most_common()),
+    "matmul_gflop_per_step": matmul_gflop,
+    "matmul_gflops_while_running": matmul_gflop / matmul_ms * 1e3 if matmul_ms else 0.0,
+    "matmuls": matmuls[:top],
+    "other_ops": sorted(
+      (
+        {"kind": k, "source": src, "shape": shape, "ops_per_step": round(o["ops"]), "ms_per_step": o["ms"]}
+        for (k, src, shape), o in others.items()
+      ),
+      key=lambda o: -o["ms_per_step"],
+    )[:top],
   }
 
 
@@ -170,24 +184,39 @@ def main() -> None:
   result = summarize(Hlo(session.step.as_text()), totals, args.steps, sorted(times)[len(times) // 2], args.top)
   name = os.path.splitext(os.path.basename(config_path))[0]
   device = jax.devices()[0]
-  result = {"benchmark": "profile_ops", "date": datetime.date.today().isoformat(), "config": name,
-            "overrides": [o for o in overrides if not o.startswith("--config=")], "device": device.device_kind,
-            "platform": device.platform, "host": bench.host_description(), "jax": jax.__version__,
-            "flops_per_step_model": session.flops_per_step, "traced_steps": args.steps, **result}
+  result = {
+    "benchmark": "profile_ops",
+    "date": datetime.date.today().isoformat(),
+    "config": name,
+    "overrides": [o for o in overrides if not o.startswith("--config=")],
+    "device": device.device_kind,
+    "platform": device.platform,
+    "host": provenance.host_description(),
+    "jax": jax.__version__,
+    "flops_per_step_model": session.flops_per_step,
+    "traced_steps": args.steps,
+    **result,
+  }
   os.makedirs(args.results_dir, exist_ok=True)
   path = os.path.join(args.results_dir, f"profile_{device.platform}_{name}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
-  print(f"{name} on {device.device_kind}: step {result['step_time_ms']:.0f} ms; op time per step by kind "
-        "(ops run side by side, so this may exceed the step):")
+  print(
+    f"{name} on {device.device_kind}: step {result['step_time_ms']:.0f} ms; op time per step by kind "
+    "(ops run side by side, so this may exceed the step):"
+  )
   for kind, ms in result["kinds_ms_per_step"].items():
     print(f"  {kind:20} {ms:8.1f} ms  {100 * ms / result['op_ms_per_step']:5.1f}%")
-  print(f"matmuls: {result['matmul_gflop_per_step']:.1f} GFLOP per step (model count "
-        f"{session.flops_per_step / 1e9:.1f}), {result['matmul_gflops_while_running']:.1f} GFLOP/s while running")
+  print(
+    f"matmuls: {result['matmul_gflop_per_step']:.1f} GFLOP per step (model count "
+    f"{session.flops_per_step / 1e9:.1f}), {result['matmul_gflops_while_running']:.1f} GFLOP/s while running"
+  )
   print(f"{'ms/step':>8} {'ops':>4} {'GFLOP':>7} {'GFLOP/s':>8}  source, output shape")
   for m in result["matmuls"]:
-    print(f"{m['ms_per_step']:8.1f} {m['ops_per_step']:4d} {m['gflop_per_step']:7.2f} "
-          f"{m['gflops_while_running']:8.1f}  {m['source']} {m['shape']}")
+    print(
+      f"{m['ms_per_step']:8.1f} {m['ops_per_step']:4d} {m['gflop_per_step']:7.2f} "
+      f"{m['gflops_while_running']:8.1f}  {m['source']} {m['shape']}"
+    )
   print(f"{'ms/step':>8} {'ops':>4}  other ops: kind, source, output shape")
   for o in result["other_ops"]:
     print(f"{o['ms_per_step']:8.1f} {o['ops_per_step']:4d}  {o['kind']}, {o['source']} {o['shape']}")

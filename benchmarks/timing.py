@@ -6,7 +6,8 @@ import time
 
 import jax
 
-from maxlm.training import loop, step as step_lib
+from maxlm.training import loop
+from maxlm.training import step as step_lib
 
 
 def timed_step(session: loop.Session, state: step_lib.TrainState) -> tuple[step_lib.TrainState, float]:

@@ -1,10 +1,43 @@
 """The config schema: every key maxlm reads, with its default. Named configs override what differs.
 
 Override any key on the command line: `--config.model.num_layers=4`. Keys are validated at load
-(maxlm/config.py): unknown keys, wrong types and inconsistent shapes exit with code 2.
+(maxlm/config.py): unknown keys, wrong types, values outside `CHOICES` and inconsistent shapes exit with code 2.
 """
 
 import ml_collections
+
+# Keys that take one of a fixed set of values, written only here: validation reads `CHOICES`, and the tables of the
+# code that acts on them (attention implementations, remat policies, schedules) are tested to match them.
+PARAM_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on GPU/TPU, float32 on CPU.
+# auto: splash on TPU (data.seq_len % 128 == 0), cudnn on GPU with bfloat16, else xla; xla: block-causal einsums
+# (any platform); cudnn: cuDNN flash attention (GPU, bfloat16); splash: Pallas splash attention (TPU).
+ATTENTION = ("auto", "xla", "cudnn", "splash")
+ROPE_SCALING = (
+  "none",
+  "llama3",
+)  # llama3: Llama 3.1/3.2 (long wavelengths stretched by `factor`, smooth band between).
+# none: keep every activation for the backward pass; full: recompute each block's forward in the backward pass;
+# dots: keep only matmul outputs; dots_no_batch: keep only matmul outputs without a batch dimension (weights-like).
+REMAT = ("none", "full", "dots", "dots_no_batch")
+DATA_SOURCES = ("synthetic", "tokens", "prepared")  # learnable walk | flat token file | maxlm data prepare output.
+TOKEN_DTYPES = ("uint16", "uint32")
+SCHEDULES = ("cosine", "wsd", "constant")  # warmup + cosine | warmup-stable-decay | warmup + flat.
+# none: no checks; skip: reject a non-finite or spiking update and go on; rollback: reject it, then restore the last
+# checkpoint and skip the data that led there.
+GUARD_POLICIES = ("none", "skip", "rollback")
+
+CHOICES = {
+  "model.param_dtype": PARAM_DTYPES,
+  "model.compute_dtype": COMPUTE_DTYPES,
+  "model.attention": ATTENTION,
+  "model.rope_scaling.type": ROPE_SCALING,
+  "model.remat": REMAT,
+  "data.source": DATA_SOURCES,
+  "data.token_dtype": TOKEN_DTYPES,
+  "optim.schedule": SCHEDULES,
+  "train.guard.policy": GUARD_POLICIES,
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.mlp_dim = 192  # SwiGLU hidden width F.
   m.rope_theta = 10_000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5).
   m.rope_scaling = r = ml_collections.ConfigDict()  # RoPE frequency scaling for long context (HF rope_scaling).
-  r.type = "none"  # none | llama3 (Llama 3.1/3.2: long wavelengths stretched by `factor`, smooth band between).
+  r.type = "none"  # One of ROPE_SCALING.
   r.factor = 8.0  # llama3: frequencies with wavelength > original_max_len / low_freq_factor are divided by this.
   r.low_freq_factor = 1.0  # llama3: bounds the stretched band (see above).
   r.high_freq_factor = 4.0  # llama3: wavelengths < original_max_len / high_freq_factor are kept; > low_freq_factor.
@@ -29,24 +62,28 @@ def get_config() -> ml_collections.ConfigDict:
   m.qk_norm = False  # RMSNorm on queries and keys (per head) before RoPE.
   m.norm_eps = 1e-5  # RMSNorm epsilon.
   m.init_std = 0.02  # Std of the normal init of embeddings; projections use 1/sqrt(fan_in).
-  m.param_dtype = "float32"  # Stored (master) parameter dtype: float32 | bfloat16.
-  m.compute_dtype = "auto"  # Matmul/activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16.
-  m.attention = "auto"  # Attention kernel: auto (splash on TPU, cudnn on GPU with bf16, else xla) | xla | cudnn | splash.
+  m.param_dtype = "float32"  # Stored (master) parameter dtype, one of PARAM_DTYPES.
+  m.compute_dtype = "auto"  # Matmul/activation dtype, one of COMPUTE_DTYPES.
+  m.attention = "auto"  # Attention implementation, one of ATTENTION.
   m.scan_layers = True  # jax.lax.scan over layers (fast compile); False unrolls. Parameter layout is the same.
-  m.remat = "none"  # Rematerialisation per block: none | full | dots | dots_no_batch.
+  m.remat = "none"  # Rematerialisation per block, one of REMAT.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Pure data-parallel axis (replicated params); -1 fills the remaining devices.
   c.mesh.fsdp = 1  # Data parallel with parameters and optimizer state sharded (ZeRO-3); -1 fills.
   c.mesh.tensor = 1  # Tensor (Megatron) parallel over heads, MLP width and vocab; -1 fills.
-  c.mesh.dcn_data = 1  # Slices the data axis spans over DCN (multi-slice TPU; processes off TPU); mesh.data is per slice.
+  c.mesh.dcn_data = (
+    1  # Slices the data axis spans over DCN (multi-slice TPU; processes off TPU); mesh.data is per slice.
+  )
   c.mesh.dcn_fsdp = 1  # Slices the fsdp axis spans over DCN; dcn_data*dcn_fsdp = number of slices (or 1).
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "synthetic"  # synthetic (learnable walk) | tokens (flat token file) | prepared (maxlm data prepare).
-  d.path = ""  # source=tokens: a file of little-endian ints (data.token_dtype); prepared: dataset dir(s), comma-separated.
+  d.source = "synthetic"  # Where training rows come from, one of DATA_SOURCES.
+  d.path = (
+    ""  # source=tokens: a file of little-endian ints (data.token_dtype); prepared: dataset dir(s), comma-separated.
+  )
   d.weights = ""  # source=prepared with several datasets: mixing weights, comma-separated (empty = equal).
-  d.token_dtype = "uint16"  # Element type of the token file: uint16 | uint32.
+  d.token_dtype = "uint16"  # Element type of the token file, one of TOKEN_DTYPES.
   d.eval_fraction = 0.01  # source=tokens: last fraction of the file held out for eval.
   d.seq_len = 64  # Tokens per training row T.
   d.seed = 0  # Data order seed (independent of the parameter init seed train.seed).
@@ -54,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 3e-3  # Peak learning rate.
-  o.schedule = "cosine"  # cosine (warmup + cosine) | wsd (warmup-stable-decay) | constant (warmup + flat).
+  o.schedule = "cosine"  # Learning-rate schedule, one of SCHEDULES.
   o.warmup_steps = 20  # Linear warmup from 0 to optim.lr.
   o.decay_fraction = 0.2  # wsd: fraction of train.steps spent in the final linear decay.
   o.min_lr_ratio = 0.1  # Final learning rate as a fraction of optim.lr (cosine and wsd).
@@ -70,7 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.global_batch = 16  # Rows per step over all devices; divisible by microbatches × (mesh.data × mesh.fsdp).
   t.microbatches = 1  # Gradient accumulation: the step runs global_batch/microbatches rows at a time.
   t.seed = 0  # Parameter init seed.
-  t.init_from = ""  # A maxlm workdir (imported or trained) whose parameters start a run without checkpoints; fresh optimizer.
+  t.init_from = (
+    ""  # A maxlm workdir (imported or trained) whose parameters start a run without checkpoints; fresh optimizer.
+  )
   t.z_loss = 0.0  # Weight of the z-loss term mean(logsumexp(logits)^2) (PaLM uses 1e-4).
   t.loss_chunk = 0  # Positions per cross-entropy chunk (divides data.seq_len); 0 = the full [B, T, V] logits at once.
   t.log_every = 10  # Steps between metrics.jsonl / progress updates.
@@ -80,7 +119,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.inject_spike_at_step = 0  # Fault injection: multiply this step's loss and gradients by 100 (0 = off).
 
   t.guard = g = ml_collections.ConfigDict()  # Stability guard: a rejected step never changes the state.
-  g.policy = "skip"  # none | skip (reject the update) | rollback (reject, then restore the last checkpoint).
+  g.policy = "skip"  # One of GUARD_POLICIES.
   g.spike_z = 6.0  # A loss above mean + spike_z·std of the last `window` accepted losses is a spike (0 = off).
   g.window = 50  # Accepted steps in the spike statistics; detection starts once the window is full.
   g.max_rollbacks = 3  # rollback: give up (exit 1) after this many rollbacks in one run.

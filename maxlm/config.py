@@ -8,6 +8,7 @@ the type of the base default.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -23,35 +24,60 @@ from maxlm.errors import UserError
 MESH_AXES = ("data", "fsdp", "tensor")
 DCN_AXES = ("data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
 
-CHOICES = {
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.compute_dtype": ("auto", "float32", "bfloat16"),
-    "model.attention": ("auto", "xla", "cudnn", "splash"),
-    "model.rope_scaling.type": ("none", "llama3"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "data.source": ("synthetic", "tokens", "prepared"),
-    "data.token_dtype": ("uint16", "uint32"),
-    "optim.schedule": ("cosine", "wsd", "constant"),
-    "train.guard.policy": ("none", "skip", "rollback"),
-}
-
 # (key, lowest allowed value); a key listed here must be >= its bound.
 MINIMA = {
-    "model.vocab_size": 1, "model.d_model": 1, "model.num_layers": 1, "model.num_heads": 1,
-    "model.num_kv_heads": 1, "model.mlp_dim": 1, "model.rope_theta": 1e-9, "model.norm_eps": 0.0,
-    "model.init_std": 0.0, "model.rope_scaling.factor": 1.0, "model.rope_scaling.low_freq_factor": 1e-9,
-    "model.rope_scaling.original_max_len": 1, "model.max_position_embeddings": 0, "data.seq_len": 1, "data.num_workers": 0, "optim.lr": 0.0,
-    "optim.warmup_steps": 0, "optim.decay_fraction": 0.0, "optim.min_lr_ratio": 0.0,
-    "optim.weight_decay": 0.0, "optim.clip_norm": 0.0, "optim.eps": 0.0, "train.steps": 1,
-    "train.global_batch": 1, "train.microbatches": 1, "train.z_loss": 0.0, "train.loss_chunk": 0, "train.log_every": 1,
-    "train.eval_every": 0, "train.eval_batches": 1, "metrics.peak_tflops": 0.0, "checkpoint.every_steps": 0,
-    "checkpoint.every_minutes": 0.0, "checkpoint.keep": 1, "checkpoint.keep_every": 0,
-    "train.inject_nan_at_step": 0, "train.inject_spike_at_step": 0, "train.guard.spike_z": 0.0,
-    "train.guard.window": 2, "train.guard.max_rollbacks": 0, "train.guard.rollback_lr_scale": 0.0,
-    "train.guard.rollback_lr_steps": 0, "mesh.dcn_data": 1, "mesh.dcn_fsdp": 1,
+  "model.vocab_size": 1,
+  "model.d_model": 1,
+  "model.num_layers": 1,
+  "model.num_heads": 1,
+  "model.num_kv_heads": 1,
+  "model.mlp_dim": 1,
+  "model.rope_theta": 1e-9,
+  "model.norm_eps": 0.0,
+  "model.init_std": 0.0,
+  "model.rope_scaling.factor": 1.0,
+  "model.rope_scaling.low_freq_factor": 1e-9,
+  "model.rope_scaling.original_max_len": 1,
+  "model.max_position_embeddings": 0,
+  "data.seq_len": 1,
+  "data.num_workers": 0,
+  "optim.lr": 0.0,
+  "optim.warmup_steps": 0,
+  "optim.decay_fraction": 0.0,
+  "optim.min_lr_ratio": 0.0,
+  "optim.weight_decay": 0.0,
+  "optim.clip_norm": 0.0,
+  "optim.eps": 0.0,
+  "train.steps": 1,
+  "train.global_batch": 1,
+  "train.microbatches": 1,
+  "train.z_loss": 0.0,
+  "train.loss_chunk": 0,
+  "train.log_every": 1,
+  "train.eval_every": 0,
+  "train.eval_batches": 1,
+  "metrics.peak_tflops": 0.0,
+  "checkpoint.every_steps": 0,
+  "checkpoint.every_minutes": 0.0,
+  "checkpoint.keep": 1,
+  "checkpoint.keep_every": 0,
+  "train.inject_nan_at_step": 0,
+  "train.inject_spike_at_step": 0,
+  "train.guard.spike_z": 0.0,
+  "train.guard.window": 2,
+  "train.guard.max_rollbacks": 0,
+  "train.guard.rollback_lr_scale": 0.0,
+  "train.guard.rollback_lr_steps": 0,
+  "mesh.dcn_data": 1,
+  "mesh.dcn_fsdp": 1,
 }
-MAXIMA = {"optim.decay_fraction": 1.0, "optim.min_lr_ratio": 1.0, "optim.b1": 1.0, "optim.b2": 1.0,
-          "data.eval_fraction": 0.5}
+MAXIMA = {
+  "optim.decay_fraction": 1.0,
+  "optim.min_lr_ratio": 1.0,
+  "optim.b1": 1.0,
+  "optim.b2": 1.0,
+  "data.eval_fraction": 0.5,
+}
 
 
 def load(args: Sequence[str], flag_values: flags.FlagValues | None = None) -> ml_collections.ConfigDict:
@@ -93,10 +119,38 @@ def _explain_flag_error(error: Exception, args: Sequence[str]) -> str:
   known = _flat_keys(base.get_config())
   for arg in args:
     if arg.startswith("--config.") and "=" in arg:
-      key = arg[len("--config."):].split("=", 1)[0]
+      key = arg[len("--config.") :].split("=", 1)[0]
       if key not in known:
         return _unknown_key_message(key, known)
+  path = _config_argument(args)
+  problem = _config_file_problem(path) if path and os.path.isfile(path) else None
+  if problem:
+    return f"--config={path}: cannot load: {problem}"
   return f"bad argument: {_one_line(error)}"
+
+
+def _config_argument(args: Sequence[str]) -> str | None:
+  """The file of `--config=FILE[:ARG]` (or `--config FILE`) in `args`."""
+  for i, arg in enumerate(args):
+    value = arg[len("--config=") :] if arg.startswith("--config=") else None
+    if arg == "--config" and i + 1 < len(args):
+      value = args[i + 1]
+    if value is not None:
+      return value if os.path.isfile(value) else value.rsplit(":", 1)[0]
+  return None
+
+
+def _config_file_problem(path: str) -> str | None:
+  """Why the config file itself cannot be used (it does not run, or has no get_config), or None."""
+  try:
+    spec = importlib.util.spec_from_file_location("maxlm_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001  Whatever the file raises is the user's to fix.
+    return _one_line(e)
+  if not callable(getattr(module, "get_config", None)):
+    return "it defines no get_config() (see configs/tiny.py)"
+  return None
 
 
 def _unknown_key_message(key: str, known: Sequence[str]) -> str:
@@ -115,8 +169,15 @@ def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, ob
   return out
 
 
-def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
-             platform: str = "cpu", num_slices: int = 1, check_paths: bool = True) -> ml_collections.ConfigDict:
+def validate(
+  cfg: ml_collections.ConfigDict,
+  *,
+  num_devices: int,
+  process_count: int = 1,
+  platform: str = "cpu",
+  num_slices: int = 1,
+  check_paths: bool = True,
+) -> ml_collections.ConfigDict:
   """Checks `cfg` against the schema and itself; returns a resolved copy (mesh sizes filled, dtype chosen).
 
   `num_slices`: how many groups the DCN axes split the devices into (`maxlm.parallel.mesh.num_granules`): TPU
@@ -132,7 +193,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
     if key not in values:
       raise UserError(f"config key '{key}' is missing: named configs must start from configs/base.get_config()")
     _check_type(key, values[key], default)
-  for key, options in CHOICES.items():
+  for key, options in base.CHOICES.items():
     if values[key] not in options:
       raise UserError(f"{key}={values[key]!r} is not one of {', '.join(options)}")
   for key, low in MINIMA.items():
@@ -145,37 +206,47 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
   resolved = ml_collections.ConfigDict(cfg.to_dict())
   m = resolved.model
   if m.d_model % m.num_heads:
-    raise UserError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}: "
-                      "choose num_heads dividing d_model")
+    raise UserError(
+      f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}: choose num_heads dividing d_model"
+    )
   if (m.d_model // m.num_heads) % 2:
-    raise UserError(f"head_dim = model.d_model/model.num_heads = {m.d_model // m.num_heads} is odd: RoPE needs an "
-                      "even head_dim")
+    raise UserError(
+      f"head_dim = model.d_model/model.num_heads = {m.d_model // m.num_heads} is odd: RoPE needs an even head_dim"
+    )
   if m.num_heads % m.num_kv_heads:
-    raise UserError(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
-                      "choose num_kv_heads dividing num_heads")
+    raise UserError(
+      f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
+      "choose num_kv_heads dividing num_heads"
+    )
   r = m.rope_scaling
   if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
-    raise UserError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must be > low_freq_factor="
-                      f"{r.low_freq_factor}")
+    raise UserError(
+      f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must be > low_freq_factor={r.low_freq_factor}"
+    )
   if m.compute_dtype == "auto":
     m.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
   _resolve_attention(m, platform, resolved.data.seq_len)
 
   dcn = int(np.prod([resolved.mesh[f"dcn_{a}"] for a in DCN_AXES]))
   if dcn > 1 and dcn != num_slices:
-    raise UserError(f"mesh.dcn_data*mesh.dcn_fsdp={dcn} but the devices form {num_slices} slice(s) (TPU slices, "
-                      "or processes elsewhere): make the product match, or set both to 1")
+    raise UserError(
+      f"mesh.dcn_data*mesh.dcn_fsdp={dcn} but the devices form {num_slices} slice(s) (TPU slices, "
+      "or processes elsewhere): make the product match, or set both to 1"
+    )
   if dcn == 1 and platform == "tpu" and num_slices > 1:
-    raise UserError(f"the devices span {num_slices} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
-                      f"mesh.dcn_data*mesh.dcn_fsdp={num_slices}")
+    raise UserError(
+      f"the devices span {num_slices} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
+      f"mesh.dcn_data*mesh.dcn_fsdp={num_slices}"
+    )
   sizes = resolve_mesh_sizes(resolved.mesh, num_devices // dcn)
   for axis, size in zip(MESH_AXES, sizes):
     resolved.mesh[axis] = size
   tensor = resolved.mesh.tensor
   for key in ("num_heads", "num_kv_heads", "mlp_dim"):
     if m[key] % tensor:
-      raise UserError(f"model.{key}={m[key]} is not divisible by mesh.tensor={tensor}: "
-                        f"choose mesh.tensor dividing {key}")
+      raise UserError(
+        f"model.{key}={m[key]} is not divisible by mesh.tensor={tensor}: choose mesh.tensor dividing {key}"
+      )
 
   t = resolved.train
   dp = resolved.mesh.data * resolved.mesh.fsdp * dcn
@@ -184,23 +255,31 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
     raise UserError(f"train.global_batch={t.global_batch} is not divisible by train.microbatches={t.microbatches}")
   micro = t.global_batch // t.microbatches
   if micro % dp:
-    raise UserError(f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
-                      f"{dp_keys}={dp}: make global_batch a multiple of {dp * t.microbatches}")
+    raise UserError(
+      f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
+      f"{dp_keys}={dp}: make global_batch a multiple of {dp * t.microbatches}"
+    )
   if t.loss_chunk and resolved.data.seq_len % t.loss_chunk:
-    raise UserError(f"train.loss_chunk={t.loss_chunk} does not divide data.seq_len={resolved.data.seq_len}: "
-                      "choose a divisor of seq_len, or 0 for no chunking")
+    raise UserError(
+      f"train.loss_chunk={t.loss_chunk} does not divide data.seq_len={resolved.data.seq_len}: "
+      "choose a divisor of seq_len, or 0 for no chunking"
+    )
   if t.global_batch % process_count:
     raise UserError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
 
   profile_steps(resolved.metrics.profile_steps)  # Raises on a malformed range.
   if t.guard.policy == "rollback" and resolved.checkpoint.every_steps == 0:
-    raise UserError("train.guard.policy='rollback' needs checkpoints: set checkpoint.every_steps > 0, or use "
-                      "train.guard.policy='skip'")
+    raise UserError(
+      "train.guard.policy='rollback' needs checkpoints: set checkpoint.every_steps > 0, or use "
+      "train.guard.policy='skip'"
+    )
   if not check_paths:
     return resolved
   if t.init_from and not os.path.isdir(t.init_from):
-    raise UserError(f"train.init_from={t.init_from!r}: no such directory; pass a maxlm workdir (a trained run, or "
-                      "a model imported with maxlm convert from-hf)")
+    raise UserError(
+      f"train.init_from={t.init_from!r}: no such directory; pass a maxlm workdir (a trained run, or "
+      "a model imported with maxlm convert from-hf)"
+    )
   d = resolved.data
   if d.source == "tokens":
     if not d.path:
@@ -213,16 +292,17 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int, process_count:
       raise UserError("data.source='prepared' needs data.path: pass --config.data.path=DIR[,DIR...]")
     for path in paths:
       if not os.path.isfile(os.path.join(path, "manifest.json")):
-        raise UserError(f"data.path: {path!r} is not a prepared dataset (no manifest.json): make one with "
-                          "maxlm data prepare, or pass its directory")
+        raise UserError(
+          f"data.path: {path!r} is not a prepared dataset (no manifest.json): make one with "
+          "maxlm data prepare, or pass its directory"
+        )
     if d.weights:
       try:
         weights = [float(w) for w in d.weights.split(",")]
       except ValueError:
         raise UserError(f"data.weights={d.weights!r}: use comma-separated numbers, e.g. 0.7,0.3") from None
       if len(weights) != len(paths) or min(weights) <= 0:
-        raise UserError(f"data.weights={d.weights!r}: give one positive weight per dataset in data.path "
-                          f"({len(paths)})")
+        raise UserError(f"data.weights={d.weights!r}: give one positive weight per dataset in data.path ({len(paths)})")
   return resolved
 
 
@@ -236,13 +316,17 @@ def _resolve_attention(m: ml_collections.ConfigDict, platform: str, seq_len: int
       m.attention = "xla"  # TPU tiles are 128-aligned.
     return
   if m.attention == "cudnn" and (platform != "gpu" or m.compute_dtype != "bfloat16"):
-    raise UserError(f"model.attention='cudnn' needs a GPU and model.compute_dtype='bfloat16' (have {platform}, "
-                      f"{m.compute_dtype}): use model.attention='auto' or 'xla'")
+    raise UserError(
+      f"model.attention='cudnn' needs a GPU and model.compute_dtype='bfloat16' (have {platform}, "
+      f"{m.compute_dtype}): use model.attention='auto' or 'xla'"
+    )
   if m.attention == "splash" and platform == "gpu":
     raise UserError("model.attention='splash' is a TPU kernel: use model.attention='auto' or 'cudnn' on a GPU")
   if m.attention == "splash" and platform == "tpu" and seq_len % 128:
-    raise UserError(f"model.attention='splash' needs data.seq_len divisible by 128 (have {seq_len}): change "
-                      "seq_len or use model.attention='xla'")
+    raise UserError(
+      f"model.attention='splash' needs data.seq_len divisible by 128 (have {seq_len}): change "
+      "seq_len or use model.attention='xla'"
+    )
 
 
 def profile_steps(spec: str) -> tuple[int, int] | None:
@@ -267,11 +351,7 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
   written take their defaults.
   """
   path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"--workdir={workdir} has no config.json: pass a maxlm run or a model imported with "
-                      "maxlm convert from-hf")
-  with open(path) as f:
-    saved = json.load(f)
+  saved = read_saved(workdir)
 
   def merged(defaults: dict, values: dict) -> dict:
     return {k: merged(v, values.get(k, {})) if isinstance(v, dict) else values.get(k, v) for k, v in defaults.items()}
@@ -287,13 +367,29 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
     raise UserError(f"{path}: {e}") from None
 
 
+def read_saved(workdir: str, flag: str = "--workdir") -> dict:
+  """The resolved config a run or an imported model saved (`<workdir>/config.json`), as a dict of groups; `flag`
+  names where the directory came from in messages."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    why = "no such directory" if not os.path.isdir(workdir) else "no config.json"
+    raise UserError(f"{flag}={workdir}: {why}; pass a maxlm run or a model imported with maxlm convert from-hf")
+  try:
+    with open(path, "rb") as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({_one_line(e)}): the run's config was damaged; restore it") from None
+  if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+    raise UserError(f"{path} is not a maxlm config (a JSON object of groups such as model, data, train)")
+  return saved
+
+
 def lineage(workdir: str) -> Iterator[tuple[str, dict]]:
   """(workdir, its saved config) for the workdir and the chain of `train.init_from` it started from."""
   seen = set()
   while workdir and os.path.abspath(workdir) not in seen and os.path.isfile(os.path.join(workdir, "config.json")):
     seen.add(os.path.abspath(workdir))
-    with open(os.path.join(workdir, "config.json")) as f:
-      saved = json.load(f)
+    saved = read_saved(workdir)
     yield workdir, saved
     workdir = saved.get("train", {}).get("init_from", "")
 
@@ -308,8 +404,9 @@ def _check_type(key: str, value: object, default: object) -> None:
   else:
     ok = isinstance(value, type(default))
   if not ok:
-    raise UserError(f"{key}={value!r} has type {type(value).__name__}; expected {type(default).__name__} "
-                      f"like the default {default!r}")
+    raise UserError(
+      f"{key}={value!r} has type {type(value).__name__}; expected {type(default).__name__} like the default {default!r}"
+    )
 
 
 def resolve_mesh_sizes(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -326,10 +423,14 @@ def resolve_mesh_sizes(mesh_cfg: ml_collections.ConfigDict, num_devices: int) ->
     fixed *= s if s != -1 else 1
   if fill:
     if num_devices % fixed:
-      raise UserError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: the fixed "
-                        f"axes' product {fixed} must divide the device count")
+      raise UserError(
+        f"mesh sizes {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: the fixed "
+        f"axes' product {fixed} must divide the device count"
+      )
     sizes[MESH_AXES.index(fill[0])] = num_devices // fixed
   elif fixed != num_devices:
-    raise UserError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} multiply to {fixed} but there are {num_devices} "
-                      "devices: make the product match, or set one axis to -1")
+    raise UserError(
+      f"mesh sizes {dict(zip(MESH_AXES, sizes))} multiply to {fixed} but there are {num_devices} "
+      "devices: make the product match, or set one axis to -1"
+    )
   return tuple(sizes)

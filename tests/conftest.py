@@ -32,8 +32,11 @@ def cli_env(num_devices: int = 1) -> dict[str, str]:
   libtpu lets one process per host hold it; a test that compiles for a TPU topology in this process (test_kernels)
   holds it until pytest exits, so subprocesses that compile for one too may load it alongside.
   """
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
-          "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+  return {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+  }
 
 
 @pytest.fixture

@@ -13,19 +13,36 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_writes_a_record_and_appends_a_row(tmp_path):
-  args = [sys.executable, "-m", "maxlm", "bench", "--config=configs/tiny.py", "--steps=2", "--warmup=1",
-          f"--results_dir={tmp_path}", "--config.train.loss_chunk=16"]
+  args = [
+    sys.executable,
+    "-m",
+    "maxlm",
+    "bench",
+    "--config=configs/tiny.py",
+    "--steps=2",
+    "--warmup=1",
+    f"--results_dir={tmp_path}",
+    "--config.train.loss_chunk=16",
+  ]
   proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=cli_env())
   assert proc.returncode == 0, proc.stderr
   record = json.loads((tmp_path / "bench_cpu_tiny.json").read_text())
   from maxlm.perf import bench
+
   bench.write(record, str(tmp_path))  # A second run appends a row under the same header.
   assert record == json.loads(proc.stdout.strip().splitlines()[-1])
   assert record["config"] == "tiny" and record["timed_steps"] == 2 and record["loss_chunk"] == 16
   assert record["tokens_per_step"] == 16 * 64
   assert record["flops_per_token"] == 737280.0  # tiny's hand count (tests/test_flops.py)
-  for key in ("step_time_s_median", "step_time_s_pipelined", "tokens_per_sec_per_device", "tflops_per_device", "mfu",
-              "peak_memory_bytes", "compile_s"):
+  for key in (
+    "step_time_s_median",
+    "step_time_s_pipelined",
+    "tokens_per_sec_per_device",
+    "tflops_per_device",
+    "mfu",
+    "peak_memory_bytes",
+    "compile_s",
+  ):
     assert record[key] > 0, key
   assert abs(record["tflops_per_device"] / record["peak_tflops_per_device"] - record["mfu"]) < 1e-12
   rows = [line for line in (tmp_path / "mfu.md").read_text().splitlines() if line.startswith("| 20")]
@@ -34,16 +51,36 @@ def test_bench_writes_a_record_and_appends_a_row(tmp_path):
 
 
 def test_bench_config_error_is_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "maxlm", "bench", "--config=configs/tiny.py", "--steps=0"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120, env=cli_env())
+  proc = subprocess.run(
+    [sys.executable, "-m", "maxlm", "bench", "--config=configs/tiny.py", "--steps=0"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=cli_env(),
+  )
   assert proc.returncode == 2 and proc.stderr.startswith("maxlm bench: error:") and "Traceback" not in proc.stderr
 
 
 def test_nanogpt_comparison_runs_both_sides_on_the_same_shape(tmp_path):
   pytest.importorskip("torch")
-  proc = subprocess.run([sys.executable, "benchmarks/nanogpt_compare.py", "--config=tiny", "--batch=4", "--steps=1",
-                         "--warmup=1", "--no-compile", f"--results_dir={tmp_path}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=600, env=cli_env())
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "benchmarks/nanogpt_compare.py",
+      "--config=tiny",
+      "--batch=4",
+      "--steps=1",
+      "--warmup=1",
+      "--no-compile",
+      f"--results_dir={tmp_path}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=cli_env(),
+  )
   assert proc.returncode == 0, proc.stderr
   result = json.loads((tmp_path / "nanogpt_compare_cpu_tiny.json").read_text())
   assert result["torch"]["params"] == result["params"] == 115_008  # The script refuses differing shapes.
@@ -57,9 +94,21 @@ def test_nanogpt_comparison_runs_both_sides_on_the_same_shape(tmp_path):
 def test_profile_ops_accounts_for_the_step_matmuls(tmp_path, scan):
   """The trace joined to the HLO finds every matmul of the step: their FLOPs (counted once per event, so a
   scanned layer's dot counts per layer) match the model's analytic count."""
-  proc = subprocess.run([sys.executable, "benchmarks/profile_ops.py", "--config=configs/tiny.py", "--steps=1",
-                         f"--config.model.scan_layers={str(scan).lower()}", f"--results_dir={tmp_path}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300, env=cli_env())
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "benchmarks/profile_ops.py",
+      "--config=configs/tiny.py",
+      "--steps=1",
+      f"--config.model.scan_layers={str(scan).lower()}",
+      f"--results_dir={tmp_path}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=cli_env(),
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads((tmp_path / "profile_cpu_tiny.json").read_text())
   assert r["matmul_gflop_per_step"] * 1e9 == pytest.approx(r["flops_per_step_model"], rel=0.1)

@@ -13,13 +13,20 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import cli_env, make_config
-from maxlm.training import loop
 from maxlm.errors import UserError
+from maxlm.training import loop
+
+from conftest import cli_env, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = {"train.steps": 8, "train.log_every": 1, "train.eval_every": 0, "metrics.tensorboard": False,
-       "metrics.peak_tflops": 1.0, "checkpoint.every_steps": 2}
+RUN = {
+  "train.steps": 8,
+  "train.log_every": 1,
+  "train.eval_every": 0,
+  "metrics.tensorboard": False,
+  "metrics.peak_tflops": 1.0,
+  "checkpoint.every_steps": 2,
+}
 
 
 def losses_by_step(workdir):
@@ -41,9 +48,20 @@ def reference(tmp_path_factory):
 
 
 def cli(workdir, *extra):
-  return [sys.executable, "-m", "maxlm", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-          "--config.train.steps=24", "--config.train.log_every=1", "--config.train.eval_every=0",
-          "--config.checkpoint.every_steps=4", "--config.metrics.tensorboard=false", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "maxlm",
+    "train",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    "--config.train.steps=24",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+    "--config.checkpoint.every_steps=4",
+    "--config.metrics.tensorboard=false",
+    *extra,
+  ]
 
 
 def complete_checkpoints(workdir):
@@ -81,8 +99,9 @@ def test_hard_kill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, cli
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, cli_reference):
-  proc = subprocess.Popen(cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env=cli_env())
+  proc = subprocess.Popen(
+    cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env()
+  )
   wait_for_step(tmp_path, 7, proc)
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
@@ -94,10 +113,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cli_reference):
   assert losses_by_step(tmp_path) == cli_reference
 
 
-@pytest.mark.parametrize("resume_mesh, num_devices", [
+@pytest.mark.parametrize(
+  "resume_mesh, num_devices",
+  [
     ({"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 2}, 4),
     ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}, 1),
-])
+  ],
+)
 def test_restore_onto_another_mesh(tmp_path, devices, reference, caplog, resume_mesh, num_devices):
   run(tmp_path, devices, **{"train.steps": 8, "checkpoint.every_steps": 4, "mesh.data": 1, "mesh.fsdp": 8})
   # Drop the final checkpoint so the resumed run has steps 5-8 to compute on the new mesh.
@@ -132,14 +154,20 @@ def test_checkpoint_of_another_model_is_a_config_error(tmp_path):
 
 
 def test_cli_reports_a_model_mismatch_in_one_line(tmp_path):
-  subprocess.run(cli(tmp_path, "--config.train.steps=2"), cwd=REPO, check=True, capture_output=True, timeout=300,
-                 env=cli_env())
-  proc = subprocess.run(cli(tmp_path, "--config.model.num_layers=3"), cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env=cli_env())
+  subprocess.run(
+    cli(tmp_path, "--config.train.steps=2"), cwd=REPO, check=True, capture_output=True, timeout=300, env=cli_env()
+  )
+  proc = subprocess.run(
+    cli(tmp_path, "--config.model.num_layers=3"), cwd=REPO, capture_output=True, text=True, timeout=300, env=cli_env()
+  )
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith("maxlm train: error: the checkpoint at step 2 was "
-                                                         "saved for a different model (model.num_layers: saved 2, "
-                                                         "now 3)")
+  assert (
+    proc.stderr.strip()
+    .splitlines()[-1]
+    .startswith(
+      "maxlm train: error: the checkpoint at step 2 was saved for a different model (model.num_layers: saved 2, now 3)"
+    )
+  )
   assert "Traceback" not in proc.stderr
 
 
@@ -157,14 +185,17 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, caplog):
 
 def test_every_minutes_saves_between_step_multiples(tmp_path):
   # 0.0001 minutes: every step is past due, so a save follows every step, not just multiples of 50.
-  run(tmp_path, **{"train.steps": 5, "checkpoint.every_steps": 50, "checkpoint.every_minutes": 0.0001,
-                   "checkpoint.keep": 10})
+  run(
+    tmp_path,
+    **{"train.steps": 5, "checkpoint.every_steps": 50, "checkpoint.every_minutes": 0.0001, "checkpoint.keep": 10},
+  )
   assert sorted(map(int, os.listdir(tmp_path / "checkpoints"))) == [1, 2, 3, 4, 5]
 
 
 def test_checkpoint_missing_an_item_falls_back(tmp_path, reference, caplog):
   run(tmp_path)  # checkpoints at 4, 6, 8
   import shutil
+
   shutil.rmtree(tmp_path / "checkpoints" / "8" / "data")
   with caplog.at_level(logging.INFO, logger="maxlm"):
     records = run(tmp_path)
@@ -173,8 +204,9 @@ def test_checkpoint_missing_an_item_falls_back(tmp_path, reference, caplog):
 
 
 def test_sigint_stops_like_sigterm(tmp_path):
-  proc = subprocess.Popen(cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env=cli_env())
+  proc = subprocess.Popen(
+    cli(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env()
+  )
   wait_for_step(tmp_path, 5, proc)
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=120)

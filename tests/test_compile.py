@@ -12,17 +12,31 @@ import pytest
 from conftest import cli_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu not installed: pip install -e '.[dev,tpu]' (make test does)")
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu not installed: pip install -e '.[dev,tpu]' (make test does)",
+)
 GIB = 2**30
 # 1.3B parameters, one layer, replicated over 4 devices: ~16 bytes/parameter of f32 state alone exceeds 16 GiB.
-OVERSIZED = ["--config.model.d_model=4096", "--config.model.num_heads=32", "--config.model.num_kv_heads=8",
-             "--config.model.mlp_dim=16384", "--config.model.vocab_size=262144", "--config.model.num_layers=1"]
+OVERSIZED = [
+  "--config.model.d_model=4096",
+  "--config.model.num_heads=32",
+  "--config.model.num_kv_heads=8",
+  "--config.model.mlp_dim=16384",
+  "--config.model.vocab_size=262144",
+  "--config.model.num_layers=1",
+]
 
 
 def compile_cli(*args, num_devices=1):
-  return subprocess.run([sys.executable, "-m", "maxlm", "compile", "--config=configs/tiny.py", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300, env=cli_env(num_devices))
+  return subprocess.run(
+    [sys.executable, "-m", "maxlm", "compile", "--config=configs/tiny.py", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=cli_env(num_devices),
+  )
 
 
 @needs_libtpu
@@ -61,28 +75,45 @@ def test_an_oversized_config_does_not_fit():
 def test_an_unknown_topology_is_a_config_error():
   proc = compile_cli("--topology=v5litepod-4")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
-      "maxlm compile: error: --topology=v5litepod-4: libtpu does not know it")
+    "maxlm compile: error: --topology=v5litepod-4: libtpu does not know it"
+  )
 
 
 @needs_libtpu
 def test_libtpu_held_by_another_process_is_named():
   """A TPU job on the host holds libtpu's lockfile; the error says so instead of blaming the topology name."""
   holder = subprocess.Popen(
-      [sys.executable, "-c", "from jax.experimental import topologies; import sys\n"
-       "try: topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu')\n"
-       "except Exception as e:  # Held already, e.g. by this pytest process after test_kernels.\n"
-       "  assert 'lockfile' in str(e), e\n"
-       "print('held', flush=True); sys.stdin.read()"],
-      cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-c",
+      "from jax.experimental import topologies; import sys\n"
+      "try: topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu')\n"
+      "except Exception as e:  # Held already, e.g. by this pytest process after test_kernels.\n"
+      "  assert 'lockfile' in str(e), e\n"
+      "print('held', flush=True); sys.stdin.read()",
+    ],
+    cwd=REPO,
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   try:
     assert holder.stdout.readline().strip() == "held"
     env = {k: v for k, v in cli_env().items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
-    proc = subprocess.run([sys.executable, "-m", "maxlm", "compile", "--config=configs/tiny.py", "--topology=v5e:2x2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+      [sys.executable, "-m", "maxlm", "compile", "--config=configs/tiny.py", "--topology=v5e:2x2"],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env,
+    )
   finally:
     holder.communicate("", timeout=60)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
-      "maxlm compile: error: --topology=v5e:2x2: another process on this host is using libtpu"), proc.stderr[-2000:]
+    "maxlm compile: error: --topology=v5e:2x2: another process on this host is using libtpu"
+  ), proc.stderr[-2000:]
 
 
 def test_compiles_for_the_local_devices():

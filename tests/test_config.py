@@ -7,9 +7,10 @@ import sys
 import pytest
 
 from configs import base
-from conftest import make_config
 from maxlm import config
 from maxlm.errors import UserError
+
+from conftest import make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,24 +21,49 @@ def test_named_configs_load_and_validate():
     config.validate(cfg, num_devices=8)
 
 
+def test_choice_lists_match_the_code_that_acts_on_them():
+  from maxlm.model import attention, transformer
+  from maxlm.training import optim
+
+  assert set(attention.IMPLEMENTATIONS) == set(base.ATTENTION) - {"auto"}  # auto is resolved by validate
+  assert set(transformer.REMAT_POLICIES) == set(base.REMAT) - {"none"}  # none: no jax.checkpoint at all
+  assert set(optim.SCHEDULES) == set(base.SCHEDULES)
+  flat = config._flat_keys(base.get_config())
+  for key, choices in base.CHOICES.items():
+    assert flat[key] in choices, key
+  with pytest.raises(UserError, match=r"model.remat='some' is not one of none, full, dots, dots_no_batch"):
+    make_config(**{"model.remat": "some"})
+
+
 def test_llama3_8b_has_the_real_shapes():
   from maxlm.model import flops
+
   cfg = config.validate(config.load([f"--config={REPO}/configs/llama3_8b.py"]), num_devices=1)
   assert 8.0e9 < flops.param_count(cfg.model) < 8.1e9  # Llama 3 8B: 8.03B parameters.
 
 
 def test_overrides_are_typed():
-  cfg = config.load([f"--config={REPO}/configs/tiny.py", "--config.model.num_layers=3", "--config.optim.lr=1e-2",
-                     "--config.model.qk_norm=true", "--config.model.remat=full"])
+  cfg = config.load(
+    [
+      f"--config={REPO}/configs/tiny.py",
+      "--config.model.num_layers=3",
+      "--config.optim.lr=1e-2",
+      "--config.model.qk_norm=true",
+      "--config.model.remat=full",
+    ]
+  )
   assert (cfg.model.num_layers, cfg.optim.lr, cfg.model.qk_norm, cfg.model.remat) == (3, 1e-2, True, "full")
 
 
-@pytest.mark.parametrize("args, expected", [
+@pytest.mark.parametrize(
+  "args, expected",
+  [
     (["--config.model.num_layer=3"], "unknown config key 'model.num_layer': did you mean 'model.num_layers'?"),
     (["--config.modle.num_layers=3"], "unknown config key 'modle.num_layers': did you mean 'model.num_layers'?"),
     (["--config.model.num_layers=abc"], "--config.model.num_layers=abc"),
     (["--config.model.qk_norm=maybe"], "--config.model.qk_norm=maybe"),
-])
+  ],
+)
 def test_bad_overrides(args, expected):
   with pytest.raises(UserError) as e:
     config.load([f"--config={REPO}/configs/tiny.py", *args])
@@ -50,7 +76,9 @@ def test_missing_config_file():
     config.load(["--config=configs/nope.py"])
 
 
-@pytest.mark.parametrize("overrides, expected", [
+@pytest.mark.parametrize(
+  "overrides, expected",
+  [
     ({"model.d_model": 100, "model.num_heads": 3}, "model.d_model=100 is not divisible by model.num_heads=3"),
     ({"model.num_heads": 4, "model.num_kv_heads": 3}, "model.num_heads=4 is not divisible by model.num_kv_heads=3"),
     ({"model.d_model": 60, "model.num_heads": 4}, "RoPE needs an even head_dim"),
@@ -61,14 +89,18 @@ def test_missing_config_file():
     ({"mesh.dcn_fsdp": 0}, "mesh.dcn_fsdp=0 must be >= 1"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one mesh axis may fill"),
     ({"mesh.data": -1, "mesh.fsdp": 3}, "cannot fill 8 devices"),
-    ({"mesh.data": 2, "mesh.tensor": 4, "model.num_kv_heads": 2}, "model.num_kv_heads=2 is not divisible by mesh.tensor=4"),
+    (
+      {"mesh.data": 2, "mesh.tensor": 4, "model.num_kv_heads": 2},
+      "model.num_kv_heads=2 is not divisible by mesh.tensor=4",
+    ),
     ({"model.remat": "some"}, "model.remat='some' is not one of none, full, dots, dots_no_batch"),
     ({"model.num_layers": 2.5}, "model.num_layers=2.5 has type float; expected int"),
     ({"optim.lr": "fast"}, "optim.lr='fast' has type str; expected float"),
     ({"train.steps": 0}, "train.steps=0 must be >= 1"),
     ({"data.source": "tokens"}, "data.source='tokens' needs data.path"),
     ({"data.source": "tokens", "data.path": "/nonexistent.bin"}, "no such file"),
-])
+  ],
+)
 def test_validation_errors(overrides, expected):
   with pytest.raises(UserError) as e:
     make_config(num_devices=8, **overrides)
@@ -91,19 +123,25 @@ def test_mesh_fill_and_dtype_resolution():
   assert gpu.model.compute_dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("args, expected", [
+@pytest.mark.parametrize(
+  "args, expected",
+  [
     (["--config=configs/tiny.py", "--config.model.num_layer=3", "--workdir=W"], "did you mean 'model.num_layers'?"),
-    (["--config", "configs/tiny.py", "--config.model.d_model=65", "--workdir", "W"],
-     "model.d_model=65 is not divisible"),
+    (
+      ["--config", "configs/tiny.py", "--config.model.d_model=65", "--workdir", "W"],
+      "model.d_model=65 is not divisible",
+    ),
     (["--config=configs/tiny.py"], "missing --workdir"),
     (["--workdir=W"], "missing --config"),
     (["--config=configs/nope.py", "--workdir=W"], "--config=configs/nope.py: no such file"),
     (["--config=configs/tiny.py", "--wrkdir=W"], "bad argument: Unknown command line flag 'wrkdir'"),
-])
+  ],
+)
 def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
   args = [a.replace("W", f"{tmp_path}/run") if "W" in a and "=" in a or a == "W" else a for a in args]
-  proc = subprocess.run([sys.executable, "-m", "maxlm", "train", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "maxlm", "train", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and expected in lines[0], proc.stderr
@@ -113,7 +151,12 @@ def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
 
 def test_cli_refuses_a_workdir_that_holds_a_run(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-  proc = subprocess.run([sys.executable, "-m", "maxlm", "train", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "maxlm", "train", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2 and "holds a run without checkpoints to resume from" in proc.stderr
   assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # Nothing lost.

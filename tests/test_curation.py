@@ -27,8 +27,9 @@ STDLIB_JSON = os.path.join(sysconfig.get_paths()["stdlib"], "json")
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("tok") / "tok.model")
-  return tokenizer.train(corpus.documents(corpus.expand([STDLIB_JSON]), collections.Counter()), vocab_size=600,
-                         output=out)
+  return tokenizer.train(
+    corpus.documents(corpus.expand([STDLIB_JSON]), collections.Counter()), vocab_size=600, output=out
+  )
 
 
 def words(count: int, length: int = 5, start: int = 1000) -> list[str]:
@@ -46,14 +47,14 @@ def words(count: int, length: int = 5, start: int = 1000) -> list[str]:
 def prose(count: int = 80, start: int = 1000) -> str:
   """A document that passes every prose rule: distinct words, two stop words, one sentence per line."""
   ws = words(count, start=start)
-  return "\n".join(" ".join(["The", *ws[i:i + 10], "and", "so."]) for i in range(0, count, 10)) + "\n"
+  return "\n".join(" ".join(["The", *ws[i : i + 10], "and", "so."]) for i in range(0, count, 10)) + "\n"
 
 
 def decoded(tok, directory):
   out = []
   for split in dataset.SPLITS:
     tokens, index, _ = dataset.load_split(directory, split)
-    out += [tok.decode(tokens[a:b - 1].tolist()) for a, b in zip(index[:-1], index[1:])]
+    out += [tok.decode(tokens[a : b - 1].tolist()) for a, b in zip(index[:-1], index[1:])]
   return sorted(out)
 
 
@@ -62,7 +63,7 @@ def decoded(tok, directory):
 
 def shingles(text: str, k: int = 5) -> set:
   w = dedup.words(text)
-  return {tuple(w[i:i + k]) for i in range(len(w) - k + 1)}
+  return {tuple(w[i : i + k]) for i in range(len(w) - k + 1)}
 
 
 def test_minhash_estimates_jaccard_similarity():
@@ -97,8 +98,12 @@ def test_planted_near_duplicates_are_removed_and_the_first_is_kept(tok, tmp_path
   for i in (40, 150, 260):  # three words changed: Jaccard ~0.9 at 5-word shingles
     variant[i] = "different"
   half = base[:150] + [str(w) for w in rng.choice(vocab, 150)]  # shares half: Jaccard ~0.33
-  docs = {"a_base.txt": base, "b_variant.txt": variant, "c_half.txt": half,
-          "d_unrelated.txt": [str(w) for w in rng.choice(vocab, 300)]}
+  docs = {
+    "a_base.txt": base,
+    "b_variant.txt": variant,
+    "c_half.txt": half,
+    "d_unrelated.txt": [str(w) for w in rng.choice(vocab, 300)],
+  }
   src = tmp_path / "src"
   src.mkdir()
   for name, ws in docs.items():
@@ -106,20 +111,25 @@ def test_planted_near_duplicates_are_removed_and_the_first_is_kept(tok, tmp_path
   manifest = prepare.prepare([str(src)], tok.path, str(tmp_path / "out"), dedup="near", filters="none")
   assert manifest["curation"]["near_duplicates"] == 1 and manifest["curation"]["exact_duplicates"] == 0
   assert manifest["sources"][str(src / "b_variant.txt")]["near_duplicates"] == 1
-  assert manifest["curation"]["near_dedup"] == {"threshold": 0.8, "shingle_words": 5, "num_perm": 128, "bands": 14,
-                                                "rows": 9}
+  assert manifest["curation"]["near_dedup"] == {
+    "threshold": 0.8,
+    "shingle_words": 5,
+    "num_perm": 128,
+    "bands": 14,
+    "rows": 9,
+  }
   kept = {" ".join(ws) + "\n" for name, ws in docs.items() if name != "b_variant.txt"}
   assert set(decoded(tok, str(tmp_path / "out"))) == kept
   report = (tmp_path / "out" / "curation_report.md").read_text()
   assert f"- kept `{src}/a_base.txt` #0\n  - dropped `{src}/b_variant.txt` #0, Jaccard ≈ 0.8" in report
 
   # Input order decides which one stays; a high threshold keeps both.
-  prepare.prepare([str(src / "b_variant.txt"), str(src)], tok.path, str(tmp_path / "rev"), dedup="near",
-                  filters="none")
+  prepare.prepare([str(src / "b_variant.txt"), str(src)], tok.path, str(tmp_path / "rev"), dedup="near", filters="none")
   assert " ".join(variant) + "\n" in decoded(tok, str(tmp_path / "rev"))
   assert " ".join(base) + "\n" not in decoded(tok, str(tmp_path / "rev"))
-  strict = prepare.prepare([str(src)], tok.path, str(tmp_path / "strict"), dedup="near", near_threshold=0.99,
-                           filters="none")
+  strict = prepare.prepare(
+    [str(src)], tok.path, str(tmp_path / "strict"), dedup="near", near_threshold=0.99, filters="none"
+  )
   assert strict["curation"]["near_duplicates"] == 0
   exact = prepare.prepare([str(src)], tok.path, str(tmp_path / "exact"), filters="none")
   assert exact["curation"]["near_duplicates"] == 0 and "near_dedup" not in exact["curation"]
@@ -159,38 +169,49 @@ def _numbers(count):
 
 # rule set/rule name -> (document exactly at the threshold: kept, document just beyond it: dropped)
 CASES = {
-    "word_count_min": (" ".join(words(50)), " ".join(words(49))),
-    "word_count_max": (" ".join(words(100_000)), " ".join(words(100_001))),
-    "mean_word_length_min": (" ".join(words(50, 3)), " ".join(words(49, 3) + ["ab"])),
-    "mean_word_length_max": (" ".join(words(50, 10)), " ".join(words(49, 10) + ["a" * 11])),
-    "symbol_word_ratio_max": (_marked(lambda w: "#" + w, 10).replace("\n", " "),
-                              _marked(lambda w: "#" + w, 11).replace("\n", " ")),
-    "bullet_lines_max": (_marked(lambda w: "- " + w, 90), _marked(lambda w: "- " + w, 91)),
-    "ellipsis_lines_max": (_marked(lambda w: w + "...", 30), _marked(lambda w: w + "...", 31)),
-    "alpha_words_min": (_numbers(20), _numbers(21)),
-    "stop_words_min": (" ".join(words(60) + ["The", "and"]), " ".join(words(60) + ["the", "the"])),
-    "duplicate_lines_max": (_duplicated(30, "\n"), _duplicated(31, "\n")),
-    "duplicate_line_chars_max": ("\n".join(["a" * 20, "b" * 60, "a" * 20]), "\n".join(["a" * 21, "b" * 58, "a" * 21])),
-    "duplicate_paragraphs_max": (_duplicated(30, "\n\n"), _duplicated(31, "\n\n")),
-    "duplicate_paragraph_chars_max": ("\n\n".join(["a" * 20, "b" * 60, "a" * 20]),
-                                      "\n\n".join(["a" * 21, "b" * 58, "a" * 21])),
-    # The top n-gram 5 times (share x 1000 word chars), or a repeated n-gram whose copy holds share x 1000 chars.
-    **{f"top_{n}gram_chars_max": (repeated(split_sizes(round(share * 1000) // 5, n), 5, 1000),
-                                  repeated(split_sizes(round(share * 1000) // 5, n), 5, 999))
-       for n, share in ((2, 0.2), (3, 0.18), (4, 0.16))},
-    **{f"duplicate_{n}gram_chars_max": (repeated(split_sizes(round(share * 1000), n), 2, 1000),
-                                        repeated(split_sizes(round(share * 1000), n), 2, 999))
-       for n, share in ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.1))},
+  "word_count_min": (" ".join(words(50)), " ".join(words(49))),
+  "word_count_max": (" ".join(words(100_000)), " ".join(words(100_001))),
+  "mean_word_length_min": (" ".join(words(50, 3)), " ".join(words(49, 3) + ["ab"])),
+  "mean_word_length_max": (" ".join(words(50, 10)), " ".join(words(49, 10) + ["a" * 11])),
+  "symbol_word_ratio_max": (
+    _marked(lambda w: "#" + w, 10).replace("\n", " "),
+    _marked(lambda w: "#" + w, 11).replace("\n", " "),
+  ),
+  "bullet_lines_max": (_marked(lambda w: "- " + w, 90), _marked(lambda w: "- " + w, 91)),
+  "ellipsis_lines_max": (_marked(lambda w: w + "...", 30), _marked(lambda w: w + "...", 31)),
+  "alpha_words_min": (_numbers(20), _numbers(21)),
+  "stop_words_min": (" ".join(words(60) + ["The", "and"]), " ".join(words(60) + ["the", "the"])),
+  "duplicate_lines_max": (_duplicated(30, "\n"), _duplicated(31, "\n")),
+  "duplicate_line_chars_max": ("\n".join(["a" * 20, "b" * 60, "a" * 20]), "\n".join(["a" * 21, "b" * 58, "a" * 21])),
+  "duplicate_paragraphs_max": (_duplicated(30, "\n\n"), _duplicated(31, "\n\n")),
+  "duplicate_paragraph_chars_max": (
+    "\n\n".join(["a" * 20, "b" * 60, "a" * 20]),
+    "\n\n".join(["a" * 21, "b" * 58, "a" * 21]),
+  ),
+  # The top n-gram 5 times (share x 1000 word chars), or a repeated n-gram whose copy holds share x 1000 chars.
+  **{
+    f"top_{n}gram_chars_max": (
+      repeated(split_sizes(round(share * 1000) // 5, n), 5, 1000),
+      repeated(split_sizes(round(share * 1000) // 5, n), 5, 999),
+    )
+    for n, share in ((2, 0.2), (3, 0.18), (4, 0.16))
+  },
+  **{
+    f"duplicate_{n}gram_chars_max": (
+      repeated(split_sizes(round(share * 1000), n), 2, 1000),
+      repeated(split_sizes(round(share * 1000), n), 2, 999),
+    )
+    for n, share in ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.1))
+  },
 }
 CODE_CASES = {
-    "word_count_min": (" ".join(words(10)), " ".join(words(9))),
-    "word_count_max": CASES["word_count_max"],
-    "max_line_length_max": ("x" * 1000 + "\nshort", "x" * 1001 + "\nshort"),
-    "mean_line_length_max": ("a" * 99 + "\n" + "b" * 100, "a" * 99 + "\n" + "b" * 101),
-    "alphanumeric_chars_min": ("a" * 25 + "+" * 75, "a" * 24 + "+" * 76),
-    "duplicate_paragraph_chars_max": ("\n\n".join(["a" * 40] * 3 + ["b" * 40]),
-                                      "\n\n".join(["a" * 40] * 3 + ["b" * 39])),
-    "duplicate_10gram_chars_max": (repeated([10] * 10, 4, 500), repeated([10] * 10, 4, 499)),
+  "word_count_min": (" ".join(words(10)), " ".join(words(9))),
+  "word_count_max": CASES["word_count_max"],
+  "max_line_length_max": ("x" * 1000 + "\nshort", "x" * 1001 + "\nshort"),
+  "mean_line_length_max": ("a" * 99 + "\n" + "b" * 100, "a" * 99 + "\n" + "b" * 101),
+  "alphanumeric_chars_min": ("a" * 25 + "+" * 75, "a" * 24 + "+" * 76),
+  "duplicate_paragraph_chars_max": ("\n\n".join(["a" * 40] * 3 + ["b" * 40]), "\n\n".join(["a" * 40] * 3 + ["b" * 39])),
+  "duplicate_10gram_chars_max": (repeated([10] * 10, 4, 500), repeated([10] * 10, 4, 499)),
 }
 
 
@@ -260,8 +281,7 @@ def test_parquet_input(tok, tmp_path):
   pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "numbers.parquet")
   manifest = prepare.prepare([str(tmp_path / "*.parquet")], tok.path, str(tmp_path / "out"))
   assert decoded(tok, str(tmp_path / "out")) == sorted(texts[:6])
-  assert manifest["skipped"] == {"parquet file without a string 'text' column": 2,
-                                 "parquet row with a null 'text'": 1}
+  assert manifest["skipped"] == {"parquet file without a string 'text' column": 2, "parquet row with a null 'text'": 1}
   by_body = prepare.prepare([str(tmp_path / "other.parquet")], tok.path, str(tmp_path / "body"), text_field="body")
   assert decoded(tok, str(tmp_path / "body")) == sorted(texts) and by_body["skipped"] == {}
   skipped = collections.Counter()
@@ -299,13 +319,30 @@ def test_output_is_byte_identical_for_any_worker_count(tok, tmp_path, monkeypatc
   for name in outputs[1]:
     assert outputs[1][name] == outputs[2][name], name
   # The worker count is not a dataset setting: a rerun with another count finds the dataset done.
-  assert prepare.prepare([str(src)], tok.path, str(tmp_path / "w1"), dedup="near", val_fraction=0.2,
-                         workers=2)["splits"] == manifest["splits"]
+  assert (
+    prepare.prepare([str(src)], tok.path, str(tmp_path / "w1"), dedup="near", val_fraction=0.2, workers=2)["splits"]
+    == manifest["splits"]
+  )
 
 
 def _cli(src, tok, out):
-  return [sys.executable, "-m", "maxlm", "data", "prepare", "--input", str(src), "--tokenizer", tok.path, "--output",
-          str(out), "--workers", "2", "--dedup", "near"]
+  return [
+    sys.executable,
+    "-m",
+    "maxlm",
+    "data",
+    "prepare",
+    "--input",
+    str(src),
+    "--tokenizer",
+    tok.path,
+    "--output",
+    str(out),
+    "--workers",
+    "2",
+    "--dedup",
+    "near",
+  ]
 
 
 def test_progress_on_a_pipe_and_on_a_terminal(tok, tmp_path):

@@ -4,9 +4,10 @@ import grain
 import numpy as np
 import pytest
 
-from conftest import make_config
 from maxlm.data import pipeline
 from maxlm.errors import UserError
+
+from conftest import make_config
 
 
 def windows(src):
@@ -68,8 +69,10 @@ def test_resume_from_iterator_state_gives_the_same_next_batches():
 
 def test_worker_processes_give_the_same_batches():
   src = pipeline.SyntheticSource(256, 16, seed=0, split=pipeline.TRAIN)
-  assert_batches_equal(take(iter(pipeline.batches(windows(src), 4, 0, 1, num_workers=1)), 3),
-                       take(iter(pipeline.batches(windows(src), 4, 0, 1)), 3))
+  assert_batches_equal(
+    take(iter(pipeline.batches(windows(src), 4, 0, 1, num_workers=1)), 3),
+    take(iter(pipeline.batches(windows(src), 4, 0, 1)), 3),
+  )
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
@@ -77,15 +80,25 @@ def test_token_file_windows(tmp_path, dtype):
   tokens = np.arange(10_000).astype(dtype)  # unique ids: a window's first token locates it
   path = tmp_path / "tokens.bin"
   tokens.tofile(path)
-  cfg = make_config(**{"data.source": "tokens", "data.path": str(path), "data.token_dtype": dtype,
-                       "data.seq_len": 32, "data.eval_fraction": 0.1, "model.vocab_size": 10_000})
-  train_src, eval_src = (pipeline.TokenFileSource(str(path), dtype, 32, 0, split, 0.1) for split in (pipeline.TRAIN, pipeline.EVAL))
+  cfg = make_config(
+    **{
+      "data.source": "tokens",
+      "data.path": str(path),
+      "data.token_dtype": dtype,
+      "data.seq_len": 32,
+      "data.eval_fraction": 0.1,
+      "model.vocab_size": 10_000,
+    }
+  )
+  train_src, eval_src = (
+    pipeline.TokenFileSource(str(path), dtype, 32, 0, split, 0.1) for split in (pipeline.TRAIN, pipeline.EVAL)
+  )
   for src, lo, hi in [(train_src, 0, 9000), (eval_src, 9000, 10_000)]:
     for i in range(50):
       w = src[i]
       assert w.shape == (33,) and w.dtype == np.int32
       start = int(w[0])
-      np.testing.assert_array_equal(w, tokens[start:start + 33])  # contiguous window
+      np.testing.assert_array_equal(w, tokens[start : start + 33])  # contiguous window
       assert lo <= start and start + 33 <= hi  # inside its split
   train, _ = pipeline.train_and_eval(cfg)
   assert next(train)["inputs"].shape == (cfg.train.global_batch, 32)

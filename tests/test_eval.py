@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import cli_env, make_config
 from maxlm import cli, config
 from maxlm.data import dataset, prepare, tokenizer
 from maxlm.interop import evaluate, hf, sample
 from maxlm.training import checkpoint, loop
+
+from conftest import cli_env, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["naïve", "café", "日本語", "x = 1", "def f():", "  return y", "über", "the", "cat", "sat", "on", "mat", "€5"]
@@ -35,12 +36,26 @@ def run(tmp_path_factory):
     for text in documents():
       f.write(json.dumps({"text": text}) + "\n")
   tok = tokenizer.train(iter(documents()), vocab_size=320, output=str(tmp / "tok.model"))
-  prepare.prepare([str(tmp / "docs.jsonl")], str(tmp / "tok.model"), str(tmp / "data"), val_fraction=0.5,
-                  dedup="none", filters="none")
-  cfg = make_config(**{"model.vocab_size": tok.vocab_size, "data.source": "prepared", "data.path": str(tmp / "data"),
-                       "data.seq_len": 16, "train.global_batch": 2, "train.steps": 2, "train.eval_every": 2,
-                       "train.eval_batches": 3, "train.log_every": 1, "checkpoint.every_steps": 2,
-                       "metrics.tensorboard": False, "metrics.peak_tflops": 1.0, "model.init_std": 0.3})
+  prepare.prepare(
+    [str(tmp / "docs.jsonl")], str(tmp / "tok.model"), str(tmp / "data"), val_fraction=0.5, dedup="none", filters="none"
+  )
+  cfg = make_config(
+    **{
+      "model.vocab_size": tok.vocab_size,
+      "data.source": "prepared",
+      "data.path": str(tmp / "data"),
+      "data.seq_len": 16,
+      "train.global_batch": 2,
+      "train.steps": 2,
+      "train.eval_every": 2,
+      "train.eval_batches": 3,
+      "train.log_every": 1,
+      "checkpoint.every_steps": 2,
+      "metrics.tensorboard": False,
+      "metrics.peak_tflops": 1.0,
+      "model.init_std": 0.3,
+    }
+  )
   loop.run(cfg, str(tmp / "run"), devices=jax.devices()[:1])
   return tmp / "run", tmp / "data", cfg
 
@@ -49,8 +64,14 @@ def test_eval_cli_reproduces_the_training_eval_loss(run):
   workdir, _, _ = run
   with open(workdir / "metrics.jsonl") as f:
     logged = [r["eval_loss"] for r in map(json.loads, f) if "eval_loss" in r][-1]
-  proc = subprocess.run([sys.executable, "-m", "maxlm", "eval", f"--workdir={workdir}"], cwd=REPO,
-                        capture_output=True, text=True, timeout=300, env=cli_env())
+  proc = subprocess.run(
+    [sys.executable, "-m", "maxlm", "eval", f"--workdir={workdir}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=cli_env(),
+  )
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout)
   assert (result["rows"], result["full_pass"], result["targets"] <= 3 * 2 * 16) == (6, False, True)
@@ -64,8 +85,7 @@ def test_bits_per_byte_by_hand(run):
   tokens, offsets, _ = dataset.load_split(str(data_dir), "val")
   tok = tokenizer.Tokenizer(str(data_dir.parent / "tok.model"))
   # One row holding the whole val split: every document's targets, each exactly once.
-  result = evaluate.evaluate(cfg, str(workdir), str(data_dir), seq_len=int(offsets[-1]) - 1,
-                             devices=jax.devices()[:1])
+  result = evaluate.evaluate(cfg, str(workdir), str(data_dir), seq_len=int(offsets[-1]) - 1, devices=jax.devices()[:1])
   assert result["full_pass"] and result["rows"] == 1
   m = checkpoint.restore_model(cfg, str(workdir), devices=jax.devices()[:1])
   texts = {tuple(tok.encode(t) + [tok.sp.eos_id()]): t for t in documents()}
@@ -74,7 +94,7 @@ def test_bits_per_byte_by_hand(run):
   nats = nbytes = targets = 0
   for begin, end in zip(offsets[:-1], offsets[1:]):
     ids = [int(i) for i in tokens[begin:end]]  # a document alone: its tokens and EOS
-    logits = np.asarray(forward(m, jnp.array([ids[:-1] + [0] * (longest - len(ids))]))[0, :len(ids) - 1], np.float64)
+    logits = np.asarray(forward(m, jnp.array([ids[:-1] + [0] * (longest - len(ids))]))[0, : len(ids) - 1], np.float64)
     top = logits.max(-1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     nats -= sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1))  # every token but the first, EOS included
@@ -98,8 +118,18 @@ def test_token_bytes_add_up_to_the_text(run):
 def test_sample_cli_is_greedy_and_batched(run, capsys):
   workdir, _, cfg = run
   prompts = ["def f():", "日本"]
-  code = cli.main(["sample", f"--workdir={workdir}", "--prompt", prompts[0], "--prompt", prompts[1],
-                   "--max_new_tokens=6", "--temperature=0"])
+  code = cli.main(
+    [
+      "sample",
+      f"--workdir={workdir}",
+      "--prompt",
+      prompts[0],
+      "--prompt",
+      prompts[1],
+      "--max_new_tokens=6",
+      "--temperature=0",
+    ]
+  )
   assert code == 0
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   tok = tokenizer.Tokenizer(str(workdir.parent / "tok.model"))

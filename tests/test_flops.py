@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from conftest import make_config
 from maxlm.model import attention, flops, transformer
+
+from conftest import make_config
 
 
 def test_tiny_config_hand_count():
@@ -20,8 +21,9 @@ def test_tiny_config_hand_count():
   assert flops.param_count(m) == n_matmul + 2 * 2 * 64 + 64
 
 
-@pytest.mark.parametrize("overrides", [{}, {"model.d_model": 128, "model.mlp_dim": 384, "model.vocab_size": 512,
-                                            "data.seq_len": 128}])
+@pytest.mark.parametrize(
+  "overrides", [{}, {"model.d_model": 128, "model.mlp_dim": 384, "model.vocab_size": 512, "data.seq_len": 128}]
+)
 def test_analytic_count_agrees_with_xla_cost_analysis(overrides):
   """XLA counts the scores `xla_attention` computes: with nb query blocks (nb+1)/(2·nb) of the T×T matrix
   (all of it for one block), against the causal half in the formula; plus elementwise work."""
@@ -43,6 +45,7 @@ def test_device_peaks():
   class Dev:
     def __init__(self, kind):
       self.device_kind = kind
+
   assert flops.device_peak_tflops(Dev("NVIDIA H100 80GB HBM3")) == 989.0
   assert flops.device_peak_tflops(Dev("NVIDIA H100 PCIe")) == 756.0
   assert flops.device_peak_tflops(Dev("TPU v5 lite")) == 197.0

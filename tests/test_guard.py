@@ -10,12 +10,20 @@ import jax
 import numpy as np
 import pytest
 
+from maxlm.training import guard as guard_lib
+from maxlm.training import loop
+
 from conftest import cli_env, make_config
-from maxlm.training import guard as guard_lib, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = {"train.steps": 12, "train.log_every": 1, "train.eval_every": 0, "metrics.tensorboard": False,
-       "metrics.peak_tflops": 1.0, "checkpoint.every_steps": 2}
+RUN = {
+  "train.steps": 12,
+  "train.log_every": 1,
+  "train.eval_every": 0,
+  "metrics.tensorboard": False,
+  "metrics.peak_tflops": 1.0,
+  "checkpoint.every_steps": 2,
+}
 
 
 def run(workdir, **overrides):
@@ -38,8 +46,9 @@ def test_rejected_step_leaves_the_state_bitwise_unchanged():
     assert not bool(metrics["applied"])
     for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before)):
       np.testing.assert_array_equal(a, b)
-  state, metrics = session.step(state, batch, {"loss_scale": np.float32(1), "lr_scale": np.float32(1),
-                                               "max_loss": np.float32(np.inf)})
+  state, metrics = session.step(
+    state, batch, {"loss_scale": np.float32(1), "lr_scale": np.float32(1), "max_loss": np.float32(np.inf)}
+  )
   assert bool(metrics["applied"]) and int(state.step) == 1
 
 
@@ -50,8 +59,10 @@ def test_spike_threshold():
     assert g.observe(step, loss, True, math.inf) == []
   std = math.sqrt(np.mean(np.square([0, 0.2, -0.2, 0])))
   assert g.max_loss() == pytest.approx(4.0 + 3.0 * std)
-  assert g.observe(9, 40.0, False, 4.4) == [{"step": 9, "event": "spike", "loss": 40.0, "threshold": 4.4},
-                                           {"step": 9, "event": "skip"}]
+  assert g.observe(9, 40.0, False, 4.4) == [
+    {"step": 9, "event": "spike", "loss": 40.0, "threshold": 4.4},
+    {"step": 9, "event": "skip"},
+  ]
   flat = guard_lib.Guard(make_config(**{"train.guard.window": 2, "train.guard.spike_z": 3.0}).train.guard)
   flat.observe(0, 2.0, True, math.inf)
   flat.observe(1, 2.0, True, math.inf)
@@ -70,8 +81,9 @@ def test_rollback_policy_recovers_from_a_nan(tmp_path):
   reference = run(tmp_path / "reference")
   records = run(tmp_path / "faulty", **{"train.guard.policy": "rollback", "train.inject_nan_at_step": 7})
   assert events(tmp_path / "faulty") == [
-      {"step": 7, "event": "nan", "loss": None},
-      {"step": 7, "event": "rollback", "to_step": 6, "data_skipped_to": 8}]
+    {"step": 7, "event": "nan", "loss": None},
+    {"step": 7, "event": "rollback", "to_step": 6, "data_skipped_to": 8},
+  ]
   assert [r["loss"] for r in records[:6]] == [r["loss"] for r in reference[:6]]  # Identical before the fault.
   assert records[-1]["step"] == 12 and math.isfinite(records[-1]["loss"])
   # The schedule follows applied updates: restored at 6, then steps 9-11 applied, so step 12 is update 9
@@ -88,12 +100,28 @@ def test_rollback_on_a_spike(tmp_path):
 
 def test_running_out_of_rollbacks_stops_with_a_report(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "maxlm", "train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-       "--config.train.steps=10", "--config.checkpoint.every_steps=2", "--config.train.guard.policy=rollback",
-       "--config.train.guard.max_rollbacks=0", "--config.train.inject_nan_at_step=5"],
-      cwd=REPO, capture_output=True, text=True, timeout=300, env=cli_env())
+    [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "train",
+      "--config=configs/tiny.py",
+      f"--workdir={tmp_path}",
+      "--config.train.steps=10",
+      "--config.checkpoint.every_steps=2",
+      "--config.train.guard.policy=rollback",
+      "--config.train.guard.max_rollbacks=0",
+      "--config.train.inject_nan_at_step=5",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=cli_env(),
+  )
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
-      "maxlm train: stopped: step 5 failed the stability guard after 0 rollbacks (train.guard.max_rollbacks); the "
-      "newest good checkpoint is step 4: lower optim.lr or inspect the data around this step, then rerun to resume")
+    "maxlm train: stopped: step 5 failed the stability guard after 0 rollbacks (train.guard.max_rollbacks); the "
+    "newest good checkpoint is step 4: lower optim.lr or inspect the data around this step, then rerun to resume"
+  )
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # Nothing good was deleted.

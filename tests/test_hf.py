@@ -18,11 +18,12 @@ import transformers
 from flax import nnx
 from safetensors import safe_open
 
-from conftest import cli_env
 from maxlm import cli, config
 from maxlm.data import pipeline, tokenizer
 from maxlm.interop import hf, sample
 from maxlm.training import checkpoint, loop
+
+from conftest import cli_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # f32 logits, |logit| ~ 1: the issue's bound
@@ -31,9 +32,18 @@ TOKENS = np.random.default_rng(0).integers(0, 96, (2, 24))
 
 def build_hf(directory, arch="llama", dtype=torch.float32, max_shard_size="50GB", **overrides):
   """A random HF model saved to `directory`; returns what transformers loads from it, in f32."""
-  settings = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, rms_norm_eps=1e-5,
-                  tie_word_embeddings=False)
+  settings = dict(
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+  )
   settings.update(overrides)
   if arch == "mistral":
     cfg, cls = transformers.MistralConfig(**settings), transformers.MistralForCausalLM
@@ -60,15 +70,31 @@ def maxlm_model(workdir, **model_overrides):
   return cfg, checkpoint.restore_model(cfg, str(workdir), devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("case, arch, dtype, overrides", [
+@pytest.mark.parametrize(
+  "case, arch, dtype, overrides",
+  [
     ("gqa_untied_sharded", "llama", torch.float32, {}),
     ("mha_tied_bf16", "llama", torch.bfloat16, {"num_key_value_heads": 4, "tie_word_embeddings": True}),
-    ("odd_heads_llama3_rope", "llama", torch.float32, {
-        "num_attention_heads": 3, "num_key_value_heads": 1, "rope_theta": 500_000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 16}}),
+    (
+      "odd_heads_llama3_rope",
+      "llama",
+      torch.float32,
+      {
+        "num_attention_heads": 3,
+        "num_key_value_heads": 1,
+        "rope_theta": 500_000.0,
+        "rope_scaling": {
+          "rope_type": "llama3",
+          "factor": 8.0,
+          "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16,
+        },
+      },
+    ),
     ("mistral", "mistral", torch.float32, {"num_attention_heads": 6, "num_key_value_heads": 2, "sliding_window": None}),
-])
+  ],
+)
 def test_import_matches_transformers_logits(tmp_path, case, arch, dtype, overrides):
   shard = "20KB" if "sharded" in case else "50GB"
   reference = build_hf(tmp_path / "hf", arch, dtype, max_shard_size=shard, **overrides)
@@ -83,15 +109,32 @@ def test_import_matches_transformers_logits(tmp_path, case, arch, dtype, overrid
   if case == "odd_heads_llama3_rope":  # Unscanned layers read the same stacked parameters.
     _, unscanned = maxlm_model(tmp_path / "run", scan_layers=False)
     np.testing.assert_allclose(np.asarray(unscanned(TOKENS)), want, rtol=0, atol=TOL)
-    assert cfg.model.rope_scaling.to_dict() == {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0, "original_max_len": 16}
+    assert cfg.model.rope_scaling.to_dict() == {
+      "type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_len": 16,
+    }
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
-TRAIN = ["--config.data.seq_len=24", "--config.train.global_batch=2", "--config.train.log_every=1",
-         "--config.train.eval_every=0", "--config.checkpoint.every_steps=3", "--config.metrics.tensorboard=false",
-         "--config.metrics.peak_tflops=1.0", "--config.model.scan_layers=false"]
+LLAMA3_ROPE = {
+  "rope_type": "llama3",
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 16,
+}
+TRAIN = [
+  "--config.data.seq_len=24",
+  "--config.train.global_batch=2",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=0",
+  "--config.checkpoint.every_steps=3",
+  "--config.metrics.tensorboard=false",
+  "--config.metrics.peak_tflops=1.0",
+  "--config.model.scan_layers=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +144,9 @@ def tuned(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("tuned")
   reference = build_hf(tmp / "hf", max_shard_size="20KB", rope_scaling=LLAMA3_ROPE)
   hf.from_hf(str(tmp / "hf"), str(tmp / "imported"))
-  cfg = config.validate(config.load([f"--config={tmp}/imported/config.py", "--config.train.steps=3", *TRAIN]),
-                        num_devices=1)
+  cfg = config.validate(
+    config.load([f"--config={tmp}/imported/config.py", "--config.train.steps=3", *TRAIN]), num_devices=1
+  )
   records = loop.run(cfg, str(tmp / "tuned"), devices=jax.devices()[:1])
   return tmp, cfg, reference, records
 
@@ -118,8 +162,9 @@ def test_training_continues_from_an_imported_model(tuned, caplog):
   assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] < records[0]["loss"]
   assert not os.path.exists(tmp / "imported" / "checkpoints")  # The imported workdir is left as it was.
   # With checkpoints of its own, the run resumes; init_from only starts a run.
-  more = config.validate(config.load([f"--config={tmp}/imported/config.py", "--config.train.steps=4", *TRAIN]),
-                         num_devices=1)
+  more = config.validate(
+    config.load([f"--config={tmp}/imported/config.py", "--config.train.steps=4", *TRAIN]), num_devices=1
+  )
   with caplog.at_level("INFO", logger="maxlm"):
     assert [r["step"] for r in loop.run(more, str(tmp / "tuned"), devices=jax.devices()[:1])] == [4]
   assert "resumed from the checkpoint at step 3" in caplog.text and "init_from is ignored" in caplog.text
@@ -159,7 +204,9 @@ def test_bfloat16_export_rounds_each_tensor(tuned, tmp_path):
   assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("hf_config, expected", [
+@pytest.mark.parametrize(
+  "hf_config, expected",
+  [
     ({"architectures": ["Qwen2ForCausalLM"]}, "architecture Qwen2ForCausalLM is not supported (Qwen2 has q/k/v"),
     ({"architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel is not supported"),
     ({"head_dim": 32}, "head_dim=32 is not hidden_size/num_attention_heads=48/4"),
@@ -168,20 +215,41 @@ def test_bfloat16_export_rounds_each_tensor(tuned, tmp_path):
     ({"attention_bias": True}, "attention_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"architectures": ["MistralForCausalLM"], "sliding_window": 16}, "sliding_window=16 < max_position_embeddings=64"),
-])
+  ],
+)
 def test_unsupported_configs_are_refused(hf_config, expected):
-  base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 48, "intermediate_size": 80,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64}
+  base = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 96,
+    "hidden_size": 48,
+    "intermediate_size": 80,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+  }
   with pytest.raises(config.UserError) as e:
     hf.model_config_from_hf({**base, **hf_config})
   assert expected in str(e.value) and "\n" not in str(e.value)
 
 
 def test_config_reads_transformers_5_rope_parameters():
-  got = hf.model_config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 48,
-                                 "intermediate_size": 80, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                 "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
-  assert (got["rope_theta"], got["rope_scaling"], got["num_kv_heads"], got["norm_eps"]) == (5e5, {"type": "none"}, 4, 1e-6)
+  got = hf.model_config_from_hf(
+    {
+      "architectures": ["LlamaForCausalLM"],
+      "vocab_size": 96,
+      "hidden_size": 48,
+      "intermediate_size": 80,
+      "num_hidden_layers": 2,
+      "num_attention_heads": 4,
+      "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+    }
+  )
+  assert (got["rope_theta"], got["rope_scaling"], got["num_kv_heads"], got["norm_eps"]) == (
+    5e5,
+    {"type": "none"},
+    4,
+    1e-6,
+  )
 
 
 def run_cli(capsys, *argv):
@@ -202,12 +270,14 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys):
   hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
   (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf_cfg, "intermediate_size": 96}))
   code, line = run_cli(capsys, "convert", "from-hf", f"--hf_dir={tmp_path}/hf", f"--workdir={tmp_path}/b")
-  assert code == 2 and "tensor model.layers.0.mlp.gate_proj.weight has shape [80, 48], but config.json implies " \
-      "[96, 48]" in line
+  assert (
+    code == 2
+    and "tensor model.layers.0.mlp.gate_proj.weight has shape [80, 48], but config.json implies [96, 48]" in line
+  )
   assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "b.partial")
 
   code, line = run_cli(capsys, "convert", "to-hf", f"--workdir={tmp_path}/nothing", f"--out={tmp_path}/o")
-  assert code == 2 and "has no config.json" in line
+  assert code == 2 and "nothing: no such directory" in line
   code, line = run_cli(capsys, "convert", "from-hf", f"--workdir={tmp_path}/c")
   assert code == 2 and "--hf_dir" in line
   code, line = run_cli(capsys, "convert", "sideways")
@@ -226,16 +296,22 @@ assert cli.main(["convert", "from-hf", "--hf_dir={tmp_path}/hf", "--workdir={tmp
 assert cli.main(["convert", "to-hf", "--workdir={tmp_path}/run", "--out={tmp_path}/out"]) == 0
 sys.exit(cli.main(["convert", "from-hf", "--hf_dir={tmp_path}/qwen", "--workdir={tmp_path}/q"]))
 """
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
-                        env=cli_env())
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300, env=cli_env()
+  )
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-  assert proc.stderr.strip().splitlines()[-1].startswith(
-      "maxlm convert: error: config.json: architecture Qwen2ForCausalLM is not supported")
+  assert (
+    proc.stderr.strip()
+    .splitlines()[-1]
+    .startswith("maxlm convert: error: config.json: architecture Qwen2ForCausalLM is not supported")
+  )
   assert json.loads(proc.stdout.splitlines()[0])["workdir"] == str(tmp_path / "run")
-  with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="numpy") as a, \
-      safe_open(str(tmp_path / "out" / "model.safetensors"), framework="numpy") as b:
+  with (
+    safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="numpy") as a,
+    safe_open(str(tmp_path / "out" / "model.safetensors"), framework="numpy") as b,
+  ):
     assert sorted(a.keys()) == sorted(b.keys())
-    for name in a.keys():
+    for name in a.keys():  # noqa: SIM118  a safetensors file, not a dict
       np.testing.assert_array_equal(a.get_tensor(name), b.get_tensor(name))
 
 
@@ -243,8 +319,13 @@ def test_sentencepiece_tokenizer_is_carried_both_ways(tmp_path, capsys):
   import sentencepiece as spm
 
   text = "the cat sat on the mat and the dog sat on the log\n" * 20
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=str(tmp_path / "sp"),
-                                 vocab_size=40, model_type="bpe", minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(text.splitlines()),
+    model_prefix=str(tmp_path / "sp"),
+    vocab_size=40,
+    model_type="bpe",
+    minloglevel=2,
+  )
   build_hf(tmp_path / "hf")  # vocab 96 >= the tokenizer's 40
   os.replace(tmp_path / "sp.model", tmp_path / "hf" / "tokenizer.model")
   (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "legacy": True}))
@@ -252,8 +333,10 @@ def test_sentencepiece_tokenizer_is_carried_both_ways(tmp_path, capsys):
   tok, add_bos = tokenizer.for_run(str(tmp_path / "run"))
   assert add_bos and tok.model_bytes == (tmp_path / "hf" / "tokenizer.model").read_bytes()
 
-  assert cli.main(["sample", f"--workdir={tmp_path}/run", "--prompt", "the cat", "--max_new_tokens=4",
-                   "--temperature=0"]) == 0
+  assert (
+    cli.main(["sample", f"--workdir={tmp_path}/run", "--prompt", "the cat", "--max_new_tokens=4", "--temperature=0"])
+    == 0
+  )
   line = json.loads(capsys.readouterr().out)
   _, m = maxlm_model(tmp_path / "run")
   prompt = [tok.sp.bos_id()] + tok.encode("the cat")  # Llama tokenizers start prompts with BOS

@@ -23,7 +23,8 @@ import jax
 from maxlm import config
 from maxlm.training import loop, step as step_lib
 cfg = config.load(["--config=configs/base.py", "--config.model.vocab_size=4096", "--config.data.seq_len=256",
-                   "--config.train.global_batch=8", "--config.checkpoint.every_steps=0", "--config.metrics.peak_tflops=1"])
+                   "--config.train.global_batch=8", "--config.checkpoint.every_steps=0",
+                   "--config.metrics.peak_tflops=1"])
 session = loop.setup(config.validate(cfg, num_devices=1, platform="cpu"), jax.devices()[:1])
 state, faults = session.program.init(), []
 for _ in range(9):
@@ -40,8 +41,10 @@ print(kept, *faults)
 def test_train_steps_reuse_kept_memory():
   env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  procs = {mode: subprocess.Popen([sys.executable, "-c", FAULTS, mode], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                  text=True) for mode in ("keep", "default")}
+  procs = {
+    mode: subprocess.Popen([sys.executable, "-c", FAULTS, mode], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    for mode in ("keep", "default")
+  }
   results = {mode: proc.communicate()[0].split() for mode, proc in procs.items()}
   assert all(proc.returncode == 0 for proc in procs.values())
   kept, *faults_kept = results["keep"]
@@ -54,7 +57,8 @@ def test_train_steps_reuse_kept_memory():
   assert kept == "False"
   # ~27K 4 KiB pages a step here; fewer where transparent huge pages back fresh mappings (THP "always").
   assert statistics.median(map(int, faults_default[3:])) > 10 * max(typical_kept, 1), (
-      f"default malloc {faults_default} vs kept {faults_kept} page faults per step")
+    f"default malloc {faults_default} vs kept {faults_kept} page faults per step"
+  )
 
 
 def test_malloc_left_alone_when_the_user_set_it_or_an_accelerator_may_run():

@@ -13,20 +13,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_config
+from maxlm.errors import UserError
 from maxlm.model import attention, kernels, transformer
 from maxlm.parallel import mesh as mesh_lib
-from maxlm.errors import UserError
+
+from conftest import make_config
 
 B, T, H, K, Dh = 4, 128, 4, 2, 16
-KERNELS = {"splash": kernels.splash_attention,
-           "cudnn_call": functools.partial(kernels.cudnn_attention, implementation="xla")}
+KERNELS = {
+  "splash": kernels.splash_attention,
+  "cudnn_call": functools.partial(kernels.cudnn_attention, implementation="xla"),
+}
 
 
 def inputs():
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
-             [(B, T, H, Dh), (B, T, K, Dh), (B, T, K, Dh)])
+  q, k, v = (
+    jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in [(B, T, H, Dh), (B, T, K, Dh), (B, T, K, Dh)]
+  )
   # Rows with 1, 2 and 3 documents, and one whose documents are single tokens at the start.
   segments = np.ones((B, T), np.int32)
   segments[1, 50:] = 2
@@ -71,27 +75,38 @@ def test_splash_in_the_model_matches_xla():
   np.testing.assert_allclose(logits["splash"], logits["xla"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("platform, dtype, seq_len, expected", [
-    ("cpu", "auto", 64, "xla"), ("gpu", "auto", 64, "cudnn"), ("gpu", "float32", 64, "xla"),
-    ("tpu", "auto", 256, "splash"), ("tpu", "auto", 100, "xla"),
-])
+@pytest.mark.parametrize(
+  "platform, dtype, seq_len, expected",
+  [
+    ("cpu", "auto", 64, "xla"),
+    ("gpu", "auto", 64, "cudnn"),
+    ("gpu", "float32", 64, "xla"),
+    ("tpu", "auto", 256, "splash"),
+    ("tpu", "auto", 100, "xla"),
+  ],
+)
 def test_auto_attention_per_platform(platform, dtype, seq_len, expected):
   from configs import base
   from maxlm import config
+
   cfg = base.get_config()
   cfg.model.compute_dtype, cfg.data.seq_len = dtype, seq_len
   assert config.validate(cfg, num_devices=1, platform=platform).model.attention == expected
 
 
-@pytest.mark.parametrize("platform, overrides, message", [
+@pytest.mark.parametrize(
+  "platform, overrides, message",
+  [
     ("cpu", {"model.attention": "cudnn"}, "model.attention='cudnn' needs a GPU"),
     ("gpu", {"model.attention": "cudnn", "model.compute_dtype": "float32"}, "compute_dtype='bfloat16'"),
     ("gpu", {"model.attention": "splash"}, "'splash' is a TPU kernel"),
     ("tpu", {"model.attention": "splash", "data.seq_len": 100}, "divisible by 128"),
-])
+  ],
+)
 def test_attention_choice_errors(platform, overrides, message):
   from configs import base
   from maxlm import config
+
   cfg = base.get_config()
   for key, value in overrides.items():
     group, name = key.split(".")
@@ -100,14 +115,17 @@ def test_attention_choice_errors(platform, overrides, message):
     config.validate(cfg, num_devices=1, platform=platform)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="libtpu not installed: pip install -e '.[dev,tpu]' (make test does)")
+@pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu not installed: pip install -e '.[dev,tpu]' (make test does)",
+)
 def test_splash_lowers_to_the_mosaic_kernel_for_a_tpu_from_this_host():
   """`auto` picks splash for a TPU; lowering for a TPU topology takes the compiled kernel's branch."""
   from configs import base
   from maxlm import config
   from maxlm.perf import aot
   from maxlm.training import step as step_lib
+
   devices = aot.topology_devices("v5e:2x2")
   cfg = base.get_config()
   cfg.data.seq_len, cfg.mesh.fsdp, cfg.mesh.tensor = 256, 2, 2

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import make_config
 from maxlm.model import attention, transformer
+
+from conftest import make_config
 
 
 def params_np(m):
@@ -19,6 +20,7 @@ def params_np(m):
 
 def reference_logits(p, cfg, tokens, positions, segment_ids):
   """Independent float64 forward pass written from the Llama paper's equations."""
+
   def rms(x, scale):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * scale
 
@@ -36,7 +38,7 @@ def reference_logits(p, cfg, tokens, positions, segment_ids):
     T = x.shape[0]
     allowed = np.tril(np.ones((T, T), bool)) & (segment_ids[b][:, None] == segment_ids[b][None, :])
     for layer in range(cfg.num_layers):
-      lp = jax.tree.map(lambda a: a[layer], p["blocks"])
+      lp = jax.tree.map(lambda a, layer=layer: a[layer], p["blocks"])
       a = lp["attn"]
       h = rms(x, lp["attn_norm"]["scale"])
       q = np.einsum("td,dhk->thk", h, a["q_proj"])
@@ -71,11 +73,14 @@ def packed_batch(B=2, T=16, V=256, seed=0):
   return tokens, positions, segment_ids
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     {},
     {"model.tie_embeddings": False, "model.qk_norm": True, "model.num_kv_heads": 1},
     {"model.num_heads": 2, "model.num_kv_heads": 2, "model.rope_theta": 500_000.0},
-])
+  ],
+)
 def test_matches_float64_reference(overrides):
   cfg = make_config(**overrides).model
   m = transformer.create(cfg, seed=3)
@@ -121,12 +126,15 @@ def _loss_and_grads(overrides: tuple):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("variant", [
+@pytest.mark.parametrize(
+  "variant",
+  [
     {"model.scan_layers": False},
     {"model.remat": "full"},
     {"model.remat": "dots"},
     {"model.remat": "dots_no_batch", "model.scan_layers": False},
-])
+  ],
+)
 def test_scan_and_remat_give_the_same_loss_and_gradients(variant):
   base_loss, base_grads = _loss_and_grads(())
   loss, grads = _loss_and_grads(tuple(variant.items()))
@@ -146,8 +154,10 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_block_causal_attention_equals_the_full_masked_softmax():
   """T=512 runs as 4 query blocks of 128 that skip keys past their end; the reference scores all T×T."""
   B, T, H, K, Dh = 2, 512, 4, 2, 16
-  q, k, v = (jax.random.normal(key, shape) for key, shape in
-             zip(jax.random.split(jax.random.key(0), 3), [(B, T, H, Dh), (B, T, K, Dh), (B, T, K, Dh)]))
+  q, k, v = (
+    jax.random.normal(key, shape)
+    for key, shape in zip(jax.random.split(jax.random.key(0), 3), [(B, T, H, Dh), (B, T, K, Dh), (B, T, K, Dh)])
+  )
   segments = jnp.asarray(np.stack([np.ones(T, np.int32), np.repeat([1, 2, 3], [100, 250, 162])]))
 
   def full(q, k, v):

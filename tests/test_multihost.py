@@ -19,13 +19,20 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import cli_env, make_config
 from maxlm.training import loop
+
+from conftest import cli_env, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
-RUN = {"train.steps": STEPS, "train.log_every": 1, "train.eval_every": 0, "metrics.tensorboard": False,
-       "metrics.peak_tflops": 1.0, "checkpoint.every_steps": 100}
+RUN = {
+  "train.steps": STEPS,
+  "train.log_every": 1,
+  "train.eval_every": 0,
+  "metrics.tensorboard": False,
+  "metrics.peak_tflops": 1.0,
+  "checkpoint.every_steps": 100,
+}
 HEARTBEAT_S = 10
 START_TIMEOUT_S = 240  # Two processes import JAX and compile on two shared cores.
 
@@ -45,9 +52,21 @@ def launch(workdir, *extra, num_processes=2, log_dir=None):
   for i in range(num_processes):
     log = os.path.join(log_dir, f"process_{i}.log")
     logs.append(log)
-    cmd = [sys.executable, "-m", "maxlm", "train", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides,
-           *extra, f"--coordinator=127.0.0.1:{port}", f"--num_processes={num_processes}", f"--process_id={i}",
-           f"--heartbeat_timeout_s={HEARTBEAT_S}", "--init_timeout_s=120"]
+    cmd = [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "train",
+      "--config=configs/tiny.py",
+      f"--workdir={workdir}",
+      *overrides,
+      *extra,
+      f"--coordinator=127.0.0.1:{port}",
+      f"--num_processes={num_processes}",
+      f"--process_id={i}",
+      f"--heartbeat_timeout_s={HEARTBEAT_S}",
+      "--init_timeout_s=120",
+    ]
     with open(log, "w") as f:
       procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=cli_env(4)))
   return procs, logs
@@ -116,8 +135,9 @@ def test_sigterm_to_one_process_stops_both_then_resume_matches_one_process(tmp_p
   assert f"resumed from the checkpoint at step {stopped_at}" in read(logs[0])
   resumed = losses_by_step(workdir)
   assert sorted(resumed) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)], [reference[s] for s in range(1, STEPS + 1)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [resumed[s] for s in range(1, STEPS + 1)], [reference[s] for s in range(1, STEPS + 1)], rtol=1e-5
+  )
   assert reference[STEPS] < reference[1]  # It trained.
 
 
@@ -139,13 +159,19 @@ def test_a_dead_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
 
 
 def test_process_discovery_from_flags_and_cluster_variables():
-  from maxlm.parallel import distributed
   from maxlm.errors import UserError
+  from maxlm.parallel import distributed
+
   assert distributed.detect(None, None, None, environ={}) is None
   assert distributed.detect("10.0.0.2:8476", 4, 3, environ={}) == "explicit"
   assert distributed.detect("10.0.0.2:8476", 1, 0, environ={}) is None
-  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "3",
-           "SLURM_LOCALID": "3"}
+  slurm = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_STEP_NODELIST": "n[1-2]",
+    "SLURM_NTASKS": "16",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "3",
+  }
   assert distributed.detect(None, None, None, environ=slurm) == "SLURM"
   assert distributed.detect(None, None, None, environ={**slurm, "SLURM_NTASKS": "1"}) is None
   with pytest.raises(UserError, match="--num_processes, --process_id missing"):
@@ -155,10 +181,25 @@ def test_process_discovery_from_flags_and_cluster_variables():
 
 
 def test_cli_reports_incomplete_distributed_flags_in_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "maxlm", "train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-                         "--coordinator=127.0.0.1:1234", "--num_processes=2"], cwd=REPO, capture_output=True,
-                        text=True, timeout=120, env=cli_env(1))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "train",
+      "--config=configs/tiny.py",
+      f"--workdir={tmp_path}",
+      "--coordinator=127.0.0.1:1234",
+      "--num_processes=2",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=cli_env(1),
+  )
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
-      "maxlm train: error: --process_id missing: pass --coordinator=HOST:PORT, --num_processes=N and --process_id=I "
-      "together (the same HOST:PORT and N on every process)")
+    "maxlm train: error: --process_id missing: pass --coordinator=HOST:PORT, --num_processes=N and --process_id=I "
+    "together (the same HOST:PORT and N on every process)"
+  )

@@ -6,9 +6,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from conftest import make_config
 from maxlm.model import transformer
 from maxlm.training import optim
+
+from conftest import make_config
 
 
 def test_cosine_schedule():
@@ -18,8 +19,15 @@ def test_cosine_schedule():
 
 
 def test_wsd_schedule():
-  o = make_config(**{"optim.lr": 1.0, "optim.warmup_steps": 10, "optim.schedule": "wsd",
-                     "optim.decay_fraction": 0.2, "optim.min_lr_ratio": 0.0}).optim
+  o = make_config(
+    **{
+      "optim.lr": 1.0,
+      "optim.warmup_steps": 10,
+      "optim.schedule": "wsd",
+      "optim.decay_fraction": 0.2,
+      "optim.min_lr_ratio": 0.0,
+    }
+  ).optim
   lr = optim.schedule(o, 100)  # warmup 0-10, stable 10-80, linear decay 80-100
   np.testing.assert_allclose([lr(5), lr(10), lr(50), lr(80), lr(90), lr(100)], [0.5, 1, 1, 1, 0.5, 0], atol=1e-6)
 
@@ -31,8 +39,10 @@ def test_constant_schedule():
 
 
 def _decayed(params, mask):
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): bool(v)
-          for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="/"): bool(v)
+    for path, v in jax.tree_util.tree_leaves_with_path(mask)
+  }
 
 
 def test_weight_decay_mask():
@@ -46,15 +56,23 @@ def test_weight_decay_mask():
 
 
 def test_weight_decay_applies_only_to_masked_leaves():
-  o = make_config(**{"optim.weight_decay": 0.5, "optim.warmup_steps": 0, "optim.schedule": "constant",
-                     "optim.lr": 0.1, "optim.clip_norm": 0.0}).optim
+  o = make_config(
+    **{
+      "optim.weight_decay": 0.5,
+      "optim.warmup_steps": 0,
+      "optim.schedule": "constant",
+      "optim.lr": 0.1,
+      "optim.clip_norm": 0.0,
+    }
+  ).optim
   _, params = nnx.split(transformer.create(make_config().model, 0))
   tx, _ = optim.make(o, 10)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   # With zero gradients, AdamW's update is -lr·wd·p on decayed leaves and exactly 0 elsewhere.
-  np.testing.assert_allclose(updates["blocks"]["attn"]["q_proj"][...], -0.05 * params["blocks"]["attn"]["q_proj"][...],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    updates["blocks"]["attn"]["q_proj"][...], -0.05 * params["blocks"]["attn"]["q_proj"][...], rtol=1e-6
+  )
   assert not np.any(updates["embed"][...]) and not np.any(updates["final_norm"]["scale"][...])
   new = optax.apply_updates(params, updates)
   assert new["embed"][...].dtype == jnp.float32

@@ -24,8 +24,9 @@ STDLIB_JSON = os.path.join(sysconfig.get_paths()["stdlib"], "json")
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("tok") / "tok.model")
-  return tokenizer.train(corpus.documents(corpus.expand([STDLIB_JSON]), collections.Counter()), vocab_size=600,
-                         output=out)
+  return tokenizer.train(
+    corpus.documents(corpus.expand([STDLIB_JSON]), collections.Counter()), vocab_size=600, output=out
+  )
 
 
 @pytest.fixture
@@ -74,8 +75,9 @@ def test_split_depends_on_the_document_only(tok, texts, tmp_path):
   src, docs = texts
   prepare.prepare([src], tok.path, str(tmp_path / "all"), val_fraction=0.3, filters="none")
   subset = sorted(os.listdir(src))[::3]
-  prepare.prepare([os.path.join(src, f) for f in subset], tok.path, str(tmp_path / "some"), val_fraction=0.3,
-                  filters="none")
+  prepare.prepare(
+    [os.path.join(src, f) for f in subset], tok.path, str(tmp_path / "some"), val_fraction=0.3, filters="none"
+  )
   split_of = {t: s for s, t in decoded_documents(tok, str(tmp_path / "all"))}
   for split, text in decoded_documents(tok, str(tmp_path / "some")):
     assert split_of[text] == split
@@ -117,14 +119,48 @@ def test_nothing_usable_is_an_error_and_leaves_nothing(tok, tmp_path):
 
 def test_cli(tok, texts, tmp_path):
   src, _ = texts
-  proc = subprocess.run([sys.executable, "-m", "maxlm", "data", "prepare", "--input", src, "--tokenizer", tok.path,
-                         "--output", str(tmp_path / "out"), "--filters", "none"], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "data",
+      "prepare",
+      "--input",
+      src,
+      "--tokenizer",
+      tok.path,
+      "--output",
+      str(tmp_path / "out"),
+      "--filters",
+      "none",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   assert "train" in proc.stderr and os.path.exists(tmp_path / "out" / "manifest.json")
-  bad = subprocess.run([sys.executable, "-m", "maxlm", "data", "prepare", "--input", src, "--tokenizer",
-                        str(tmp_path / "missing.model"), "--output", str(tmp_path / "o2")], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "data",
+      "prepare",
+      "--input",
+      src,
+      "--tokenizer",
+      str(tmp_path / "missing.model"),
+      "--output",
+      str(tmp_path / "o2"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
   assert "not a readable SentencePiece model" in bad.stderr
 
@@ -138,10 +174,11 @@ def prepared(tok, texts, tmp_path):
 
 def test_packed_rows_cover_every_token_once_with_correct_segments(prepared):
   from maxlm.data import pipeline
+
   src = pipeline.PackedSource(prepared, "train", seq_len=16, seed=5)
   tokens, offsets, _ = dataset.load_split(prepared, "train")
   order = np.random.default_rng([5, 104729, 0]).permutation(len(offsets) - 1)
-  stream = np.concatenate([tokens[offsets[d]:offsets[d + 1]] for d in order])
+  stream = np.concatenate([tokens[offsets[d] : offsets[d + 1]] for d in order])
   docs_at = np.repeat(np.arange(len(order)), np.diff(offsets)[order])  # stream position -> document rank
   starts = np.concatenate([[0], np.cumsum(np.diff(offsets)[order])])
   positions = [src.row_position(i) for i in range(src.rows_per_epoch)]
@@ -151,12 +188,12 @@ def test_packed_rows_cover_every_token_once_with_correct_segments(prepared):
     row = src[i]
     span = slice(16 * r, 16 * r + 16)
     np.testing.assert_array_equal(row["inputs"], stream[span])
-    np.testing.assert_array_equal(row["targets"], stream[16 * r + 1:16 * r + 17])
+    np.testing.assert_array_equal(row["targets"], stream[16 * r + 1 : 16 * r + 17])
     ranks = docs_at[span]
     np.testing.assert_array_equal(row["segment_ids"], ranks - ranks[0] + 1)
     piece_start = np.maximum(starts[ranks], 16 * r)  # a piece starts at its document's start or the row's
     np.testing.assert_array_equal(row["positions"], np.arange(16 * r, 16 * r + 16) - piece_start)
-    np.testing.assert_array_equal(row["loss_mask"], docs_at[16 * r + 1:16 * r + 17] == ranks)
+    np.testing.assert_array_equal(row["loss_mask"], docs_at[16 * r + 1 : 16 * r + 17] == ranks)
   assert src.rows_per_epoch == (len(stream) - 1) // 16
   assert not np.array_equal(src[src.rows_per_epoch]["inputs"], src[0]["inputs"])  # epoch 2 is reshuffled
 
@@ -164,6 +201,7 @@ def test_packed_rows_cover_every_token_once_with_correct_segments(prepared):
 def test_a_long_document_is_spread_over_the_epoch(tok, tmp_path):
   """A document much longer than the rest must not fill consecutive batches: rows are read shuffled."""
   from maxlm.data import pipeline
+
   src_dir = tmp_path / "src"
   src_dir.mkdir()
   words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta", "omega"], 20_000)
@@ -176,9 +214,11 @@ def test_a_long_document_is_spread_over_the_epoch(tok, tmp_path):
   lengths = np.diff(offsets)
   assert lengths.max() > 0.75 * offsets[-1]  # one document is most of the data: ~1000 rows in a row
   order = np.random.default_rng([0, 104729, 0]).permutation(len(lengths))  # epoch 0's document order
-  begin = int(np.sum(lengths[order][:int(np.argmax(order == np.argmax(lengths)))]))  # the long one's start
-  in_long = [begin <= 16 * src.row_position(i) and 16 * src.row_position(i) + 17 <= begin + lengths.max()
-             for i in range(src.rows_per_epoch)]
+  begin = int(np.sum(lengths[order][: int(np.argmax(order == np.argmax(lengths)))]))  # the long one's start
+  in_long = [
+    begin <= 16 * src.row_position(i) and 16 * src.row_position(i) + 17 <= begin + lengths.max()
+    for i in range(src.rows_per_epoch)
+  ]
   assert all(np.all(src[i]["segment_ids"] == 1) for i in np.flatnonzero(in_long)[:50])
   longest_run = max(len(run) for run in "".join("x" if x else " " for x in in_long).split(" "))
   # Read in stream order, its ~5500 rows would come one after another; shuffled, the longest run is what
@@ -188,6 +228,7 @@ def test_a_long_document_is_spread_over_the_epoch(tok, tmp_path):
 
 def test_packed_batches_same_for_any_process_count(prepared):
   from maxlm.data import pipeline
+
   src = grain.MapDataset.source(pipeline.PackedSource(prepared, "train", seq_len=16, seed=0))
   one = [next(it) for it in [iter(pipeline.batches(src, 4, 0, 1))] for _ in range(3)]
   parts = [iter(pipeline.batches(src, 4, p, 2)) for p in range(2)]
@@ -200,27 +241,47 @@ def test_packed_batches_same_for_any_process_count(prepared):
 def test_training_on_a_prepared_dataset(prepared, tok, tmp_path):
   import jax
 
-  from conftest import make_config
   from maxlm.training import loop
+
+  from conftest import make_config
+
   with pytest.raises(UserError, match="600-token vocabulary but model.vocab_size=256"):
-    loop.run(make_config(**{"data.source": "prepared", "data.path": prepared, "data.seq_len": 16,
-                             "checkpoint.every_steps": 0}), str(tmp_path / "bad"), devices=jax.devices()[:1])
+    loop.run(
+      make_config(
+        **{"data.source": "prepared", "data.path": prepared, "data.seq_len": 16, "checkpoint.every_steps": 0}
+      ),
+      str(tmp_path / "bad"),
+      devices=jax.devices()[:1],
+    )
   with pytest.raises(UserError, match="is not a prepared dataset"):
     make_config(**{"data.source": "prepared", "data.path": str(tmp_path)})
-  records = loop.run(make_config(**{"data.source": "prepared", "data.path": prepared, "data.seq_len": 16,
-                                     "model.vocab_size": 640, "train.steps": 30, "train.eval_every": 30,
-                                     "train.log_every": 10, "checkpoint.every_steps": 0,
-                                     "metrics.tensorboard": False}), str(tmp_path / "run"),
-                      devices=jax.devices()[:1])
+  records = loop.run(
+    make_config(
+      **{
+        "data.source": "prepared",
+        "data.path": prepared,
+        "data.seq_len": 16,
+        "model.vocab_size": 640,
+        "train.steps": 30,
+        "train.eval_every": 30,
+        "train.log_every": 10,
+        "checkpoint.every_steps": 0,
+        "metrics.tensorboard": False,
+      }
+    ),
+    str(tmp_path / "run"),
+    devices=jax.devices()[:1],
+  )
   assert records[-1]["loss"] < records[0]["loss"] and np.isfinite(records[-1]["eval_loss"])
 
 
 def test_epochs_continue_without_replaying_order(prepared):
   from maxlm.data import pipeline
+
   src = pipeline.PackedSource(prepared, "train", seq_len=16, seed=0)
   it = iter(pipeline.batches(grain.MapDataset.source(src), 1, 0, 1))
   rows = [next(it)["inputs"][0] for _ in range(2 * src.rows_per_epoch)]
-  first, second = rows[:src.rows_per_epoch], rows[src.rows_per_epoch:]
+  first, second = rows[: src.rows_per_epoch], rows[src.rows_per_epoch :]
   assert any(not np.array_equal(a, b) for a, b in zip(first, second))  # epoch 2 comes in a new order
   assert np.concatenate(first).size == np.concatenate(second).size
 
@@ -228,7 +289,9 @@ def test_epochs_continue_without_replaying_order(prepared):
 def test_rows_read_from_many_threads_equal_rows_read_in_order(prepared):
   """Grain reads records from a thread pool; epoch switches (the cached document order) must be safe."""
   import concurrent.futures
+
   from maxlm.data import pipeline
+
   reference = pipeline.PackedSource(prepared, "train", seq_len=16, seed=0)
   n = reference.rows_per_epoch
   indices = np.random.default_rng(0).permutation(6 * n)  # jumps between 6 epochs at every read
@@ -239,7 +302,7 @@ def test_rows_read_from_many_threads_equal_rows_read_in_order(prepared):
     for _ in range(5):
       src = pipeline.PackedSource(prepared, "train", seq_len=16, seed=0)
       with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        got = dict(zip(indices, pool.map(lambda i: src[int(i)]["inputs"], indices)))
+        got = dict(zip(indices, pool.map(lambda i, src=src: src[int(i)]["inputs"], indices)))
       for i in indices:
         np.testing.assert_array_equal(got[i], want[i])
   finally:
@@ -247,17 +310,26 @@ def test_rows_read_from_many_threads_equal_rows_read_in_order(prepared):
 
 
 def test_mixture_proportions_and_checks(tok, tmp_path):
-  from conftest import make_config
   from maxlm.data import pipeline
+
+  from conftest import make_config
+
   for name, word in (("a", "zzz"), ("b", "kkk")):
     (tmp_path / name).mkdir()
     for i in range(40):
       (tmp_path / name / f"{i}.txt").write_text(f"{word} " * (20 + i))
-    prepare.prepare([str(tmp_path / name)], tok.path, str(tmp_path / f"ds_{name}"), val_fraction=0.1,
-                    filters="none")
+    prepare.prepare([str(tmp_path / name)], tok.path, str(tmp_path / f"ds_{name}"), val_fraction=0.1, filters="none")
   paths = f"{tmp_path}/ds_a,{tmp_path}/ds_b"
-  cfg = make_config(**{"data.source": "prepared", "data.path": paths, "data.weights": "3,1", "data.seq_len": 16,
-                       "model.vocab_size": 600, "train.global_batch": 8})
+  cfg = make_config(
+    **{
+      "data.source": "prepared",
+      "data.path": paths,
+      "data.weights": "3,1",
+      "data.seq_len": 16,
+      "model.vocab_size": 600,
+      "train.global_batch": 8,
+    }
+  )
   train, _ = pipeline.train_and_eval(cfg)
   only_a = set(tok.encode("zzz zzz")) - set(tok.encode("kkk kkk"))
   only_b = set(tok.encode("kkk kkk")) - set(tok.encode("zzz zzz"))
@@ -277,15 +349,16 @@ def test_exact_duplicates_are_removed_and_reported(tok, texts, tmp_path):
   (extra / "copy.txt").write_text(docs[3])  # the same text
   (extra / "variant.txt").write_text("  " + docs[5].upper().replace(" ", "   ") + "\n")  # case and spacing
   (extra / "new.txt").write_text("a genuinely new document\n")
-  manifest = prepare.prepare([src, str(extra)], tok.path, str(tmp_path / "dedup"), val_fraction=0.3,
-                             filters="none")
+  manifest = prepare.prepare([src, str(extra)], tok.path, str(tmp_path / "dedup"), val_fraction=0.3, filters="none")
   assert manifest["curation"]["exact_duplicates"] == 2
   assert manifest["sources"][str(extra / "copy.txt")]["exact_duplicates"] == 1
   assert sorted(t for _, t in decoded_documents(tok, str(tmp_path / "dedup"))) == sorted(
-      docs + ["a genuinely new document\n"])  # first occurrences kept
+    docs + ["a genuinely new document\n"]
+  )  # first occurrences kept
   report = (tmp_path / "dedup" / "curation_report.md").read_text()
   assert "| exact_duplicates | 2 |" in report and f"repeats a document of `{src}/03.txt`" in report
-  kept = prepare.prepare([src, str(extra)], tok.path, str(tmp_path / "nodedup"), val_fraction=0.3, dedup="none",
-                         filters="none")
+  kept = prepare.prepare(
+    [src, str(extra)], tok.path, str(tmp_path / "nodedup"), val_fraction=0.3, dedup="none", filters="none"
+  )
   assert kept["curation"]["exact_duplicates"] == 0
   assert sum(s["documents"] for s in kept["splits"].values()) == len(docs) + 3

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from flax import nnx
 
-from conftest import make_config
 from maxlm.interop import sample
 from maxlm.model import transformer
 from maxlm.parallel import mesh as mesh_lib
+
+from conftest import make_config
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,24 @@ PAD = 32
 def full_logits(m, seq):
   """The full forward pass (no cache) over `seq`, padded at the end to one jitted shape: causal attention
   keeps the padding out of the logits of `seq`."""
-  return np.asarray(_forward(m, jnp.array([seq + [0] * (PAD - len(seq))]))[0, :len(seq)], np.float64)
+  return np.asarray(_forward(m, jnp.array([seq + [0] * (PAD - len(seq))]))[0, : len(seq)], np.float64)
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     {},  # GQA 4/2, tied embeddings, scanned layers
-    {"model.num_kv_heads": 4, "model.tie_embeddings": False, "model.qk_norm": True, "model.scan_layers": False,
-     "model.rope_scaling.type": "llama3", "model.rope_scaling.original_max_len": 8, "model.rope_theta": 50.0},
-])
+    {
+      "model.num_kv_heads": 4,
+      "model.tie_embeddings": False,
+      "model.qk_norm": True,
+      "model.scan_layers": False,
+      "model.rope_scaling.type": "llama3",
+      "model.rope_scaling.original_max_len": 8,
+      "model.rope_theta": 50.0,
+    },
+  ],
+)
 def test_kv_cache_decoding_equals_full_recomputation(overrides):
   m = transformer.create(make_config(**{"model.init_std": 0.5, **overrides}).model, seed=2)
   rng = np.random.default_rng(0)
@@ -59,7 +69,7 @@ def test_kv_cache_decoding_equals_full_recomputation(overrides):
     for b in range(2):
       got[b].append(np.asarray(step[b, 0]))
   for b, row in enumerate(rows):
-    want = full_logits(m, row)[:len(got[b])]
+    want = full_logits(m, row)[: len(got[b])]
     # f32 with different reduction orders (masked cache slots vs. a causal square): 1e-5 of the logit scale.
     np.testing.assert_allclose(np.stack(got[b]), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
@@ -71,7 +81,7 @@ def test_greedy_matches_argmax_recomputation(m):
     seq = list(prompt)
     for _ in range(N):
       seq.append(int(np.argmax(full_logits(m, seq)[-1])))
-    assert new == seq[len(prompt):]
+    assert new == seq[len(prompt) :]
 
 
 def test_greedy_is_deterministic_and_independent_of_the_batch(spread):
@@ -95,23 +105,23 @@ def test_top_k_stays_within_the_k_best(spread):
     seq = prompt + sample.generate(spread, [prompt], max_new_tokens=N, temperature=2.0, top_k=3, seed=seed)[0]
     for t in range(len(prompt), len(seq)):
       assert seq[t] in np.argsort(full_logits(spread, seq[:t])[-1])[-3:]
-  assert sample.generate(spread, [prompt], max_new_tokens=N, temperature=1.0, top_k=1, seed=7) == \
-      sample.generate(spread, [prompt], max_new_tokens=N)  # top-1 is greedy
+  assert sample.generate(spread, [prompt], max_new_tokens=N, temperature=1.0, top_k=1, seed=7) == sample.generate(
+    spread, [prompt], max_new_tokens=N
+  )  # top-1 is greedy
 
 
 def test_top_p_stays_within_the_nucleus(spread):
   prompt, p, temperature = [3, 1, 4], 0.5, 1.0
   sizes = []
   for seed in range(4):
-    seq = prompt + sample.generate(spread, [prompt], max_new_tokens=N, temperature=temperature, top_p=p,
-                                   seed=seed)[0]
+    seq = prompt + sample.generate(spread, [prompt], max_new_tokens=N, temperature=temperature, top_p=p, seed=seed)[0]
     for t in range(len(prompt), len(seq)):
       logits = full_logits(spread, seq[:t])[-1] / temperature
       probs = np.exp(logits - logits.max())
       probs /= probs.sum()
       order = np.argsort(-probs)
       # The nucleus: the most likely tokens up to and including the first that brings the sum to >= p.
-      nucleus = order[:int(np.searchsorted(np.cumsum(probs[order]), p)) + 1]
+      nucleus = order[: int(np.searchsorted(np.cumsum(probs[order]), p)) + 1]
       sizes.append(len(nucleus))
       assert seq[t] in nucleus
   assert 1 < max(sizes) < 256  # the cut is neither trivial nor absent
@@ -137,7 +147,7 @@ def test_eos_stops_each_row(m):
   eos = first[0][1]
   out = sample.generate(m, prompts, max_new_tokens=N, eos_id=eos)
   for row, new in zip(first, out):
-    assert new == (row[:row.index(eos) + 1] if eos in row else row)  # up to and including the first EOS
+    assert new == (row[: row.index(eos) + 1] if eos in row else row)  # up to and including the first EOS
 
 
 def test_a_model_sharded_over_a_mesh_samples_as_on_one_device(spread, devices):

@@ -25,12 +25,15 @@ def trained(tmp_path_factory):
   return tokenizer.train(corpus.documents(corpus.expand([STDLIB_JSON]), skipped), vocab_size=600, output=out)
 
 
-@pytest.mark.parametrize("text", [
+@pytest.mark.parametrize(
+  "text",
+  [
     "def f(x):\n\tif x  >  3:\n        return None\n\n",
     "Ünïcödé, 中文, emoji 😀, and a NUL-free control \x07 char",
     "   leading and trailing spaces   ",
     "digits 1234567890 split",
-])
+  ],
+)
 def test_round_trip_is_lossless(trained, text):
   ids = trained.encode(text)
   assert all(0 <= i < trained.vocab_size for i in ids)
@@ -47,10 +50,15 @@ def test_ids_are_recorded(trained):
 def test_existing_sentencepiece_models_load_as_they_are(tmp_path):
   # Llama-style special ids (unk 0, bos 1, eos 2, no pad), trained directly with SentencePiece.
   prefix = str(tmp_path / "llama_like")
-  lines = (line for doc in corpus.documents(corpus.expand([STDLIB_JSON]), collections.Counter())
-           for line in doc.splitlines() if line.strip())
-  spm.SentencePieceTrainer.train(sentence_iterator=lines, model_prefix=prefix, vocab_size=400, unk_id=0, bos_id=1,
-                                 eos_id=2, pad_id=-1, minloglevel=2)
+  lines = (
+    line
+    for doc in corpus.documents(corpus.expand([STDLIB_JSON]), collections.Counter())
+    for line in doc.splitlines()
+    if line.strip()
+  )
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=lines, model_prefix=prefix, vocab_size=400, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2
+  )
   info = tokenizer.Tokenizer(prefix + ".model").info()
   assert (info["unk_id"], info["bos_id"], info["eos_id"], info["pad_id"], info["vocab_size"]) == (0, 1, 2, -1, 400)
 
@@ -72,8 +80,13 @@ def test_reader_counts_bad_input(tmp_path):
   skipped = collections.Counter()
   docs = list(corpus.documents(corpus.expand([str(tmp_path)]), skipped))
   assert sorted(docs) == ["a good document\n", "jsonl doc"]
-  assert skipped == {"binary file": 1, "empty document": 1, "invalid UTF-8": 1, "jsonl line is not JSON": 1,
-                     "jsonl line without a string 'text' field": 2}
+  assert skipped == {
+    "binary file": 1,
+    "empty document": 1,
+    "invalid UTF-8": 1,
+    "jsonl line is not JSON": 1,
+    "jsonl line without a string 'text' field": 2,
+  }
 
 
 def test_reader_input_errors(tmp_path):
@@ -86,13 +99,45 @@ def test_reader_input_errors(tmp_path):
 
 def test_cli(tmp_path):
   out = tmp_path / "tok.model"
-  ok = subprocess.run([sys.executable, "-m", "maxlm", "tokenizer", "train", "--input", STDLIB_JSON,
-                       "--vocab-size", "500", "--output", str(out)], cwd=REPO, capture_output=True, text=True,
-                      timeout=120)
+  ok = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "tokenizer",
+      "train",
+      "--input",
+      STDLIB_JSON,
+      "--vocab-size",
+      "500",
+      "--output",
+      str(out),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert ok.returncode == 0, ok.stderr
   assert json.loads(ok.stdout)["vocab_size"] == 500 and out.exists()
-  bad = subprocess.run([sys.executable, "-m", "maxlm", "tokenizer", "train", "--input", STDLIB_JSON,
-                        "--vocab-size", "100000", "--output", str(tmp_path / "big.model")], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "tokenizer",
+      "train",
+      "--input",
+      STDLIB_JSON,
+      "--vocab-size",
+      "100000",
+      "--output",
+      str(tmp_path / "big.model"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
   assert "Vocabulary size too high" in bad.stderr and not (tmp_path / "big.model").exists()

@@ -51,8 +51,10 @@ def main() -> None:
   log.setLevel(logging.INFO)
   hostmem.keep_freed_memory()  # As `maxlm train` does, before any JAX computation.
 
-  name = (f"py{sys.version_info.major}.{sys.version_info.minor}-{args.max_files or 'all'}-val{args.val_fraction}"
-          f"-v{dataset.FORMAT_VERSION}")
+  name = (
+    f"py{sys.version_info.major}.{sys.version_info.minor}-{args.max_files or 'all'}-val{args.val_fraction}"
+    f"-v{dataset.FORMAT_VERSION}"
+  )
   cache = os.path.join(args.cache, name)
   os.makedirs(cache, exist_ok=True)
   files = stdlib_files(args.max_files)
@@ -61,12 +63,23 @@ def main() -> None:
     log.info("training a tokenizer on %d standard-library files", len(files))
     tokenizer.train(corpus.documents(files, corpus.collections.Counter()), vocab_size=4096, output=tok_path)
   data_dir = os.path.join(cache, "stdlib")
-  manifest = prepare.prepare(files, tok_path, data_dir, val_fraction=args.val_fraction, dedup="near",
-                             workers=prepare.default_workers(), progress=True)
-  log.info("corpus: %s; removed %s (see %s/curation_report.md)",
-           ", ".join(f"{k} {v['documents']} files / {v['tokens']:,} tokens" for k, v in manifest["splits"].items()),
-           ", ".join(f"{manifest['curation'][k]} {k.replace('_', ' ')}"
-                     for k in ("exact_duplicates", "near_duplicates", "filtered")), data_dir)
+  manifest = prepare.prepare(
+    files,
+    tok_path,
+    data_dir,
+    val_fraction=args.val_fraction,
+    dedup="near",
+    workers=prepare.default_workers(),
+    progress=True,
+  )
+  log.info(
+    "corpus: %s; removed %s (see %s/curation_report.md)",
+    ", ".join(f"{k} {v['documents']} files / {v['tokens']:,} tokens" for k, v in manifest["splits"].items()),
+    ", ".join(
+      f"{manifest['curation'][k]} {k.replace('_', ' ')}" for k in ("exact_duplicates", "near_duplicates", "filtered")
+    ),
+    data_dir,
+  )
 
   distributed.skip_unusable_tpu()  # `make test` installs libtpu into the same venv; on a CPU host it is no use here.
   import jax
@@ -75,13 +88,16 @@ def main() -> None:
   cfg = config.validate(cfg, num_devices=jax.device_count(), platform=jax.devices()[0].platform)
   records = loop.run(cfg, args.workdir)
   evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-  print(f"\nfinal train loss {records[-1]['loss']:.3f}, eval loss {evals[-1]:.3f}, "
-        f"MFU {100 * records[-1]['mfu']:.1f}% ({records[-1]['tokens_per_sec']:,.0f} tokens/s)")
+  print(
+    f"\nfinal train loss {records[-1]['loss']:.3f}, eval loss {evals[-1]:.3f}, "
+    f"MFU {100 * records[-1]['mfu']:.1f}% ({records[-1]['tokens_per_sec']:,.0f} tokens/s)"
+  )
 
   # The same code path as `maxlm sample --workdir=... --temperature=0.8 --top_k=20`.
   model = checkpoint.restore_model(cfg, args.workdir)
-  results = sample.complete(model, tokenizer.Tokenizer(tok_path), PROMPTS, max_new_tokens=40, temperature=0.8,
-                            top_k=20, seed=0)
+  results = sample.complete(
+    model, tokenizer.Tokenizer(tok_path), PROMPTS, max_new_tokens=40, temperature=0.8, top_k=20, seed=0
+  )
   print("samples (temperature 0.8, top-k 20):")
   for r in results:
     print("  " + repr(r["prompt"] + r["completion"])[1:-1][:160])

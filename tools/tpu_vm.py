@@ -45,7 +45,6 @@ class Shell:
 
 
 class TpuVm:
-
   def __init__(self, args: argparse.Namespace, shell: Shell):
     self.a, self.sh = args, shell
     self.where = [f"--zone={args.zone}"] + ([f"--project={args.project}"] if args.project else [])
@@ -61,8 +60,17 @@ class TpuVm:
     spot = ["--spot"] if a.spot else []
     if a.queued:
       qr = f"{a.name}-qr"
-      self.sh.run(self.gcloud("queued-resources", "create", qr, f"--node-id={a.name}",
-                              f"--accelerator-type={a.accelerator}", f"--runtime-version={a.runtime}", *spot))
+      self.sh.run(
+        self.gcloud(
+          "queued-resources",
+          "create",
+          qr,
+          f"--node-id={a.name}",
+          f"--accelerator-type={a.accelerator}",
+          f"--runtime-version={a.runtime}",
+          *spot,
+        )
+      )
       describe = self.gcloud("queued-resources", "describe", qr, "--format=value(state.state)")
       while True:  # WAITING_FOR_RESOURCES -> PROVISIONING -> ACTIVE (or FAILED / SUSPENDED).
         state = self.sh.run(describe, capture=True).strip()
@@ -72,8 +80,9 @@ class TpuVm:
           sys.exit(f"tpu_vm: queued resource {qr} is {state}; see `gcloud compute tpus queued-resources describe`")
         time.sleep(30)
     else:
-      self.sh.run(self.gcloud("tpu-vm", "create", a.name, f"--accelerator-type={a.accelerator}",
-                              f"--version={a.runtime}", *spot))
+      self.sh.run(
+        self.gcloud("tpu-vm", "create", a.name, f"--accelerator-type={a.accelerator}", f"--version={a.runtime}", *spot)
+      )
 
   def copy(self) -> None:
     """The committed tree (git archive HEAD), unpacked fresh on every worker."""
@@ -83,8 +92,10 @@ class TpuVm:
     self.ssh(f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && tar -xzf {ARCHIVE} -C {REMOTE_DIR}")
 
   def install(self) -> None:
-    self.ssh(f"cd {REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && "
-             ".venv/bin/pip install -q -e '.[tpu]'")
+    self.ssh(
+      f"cd {REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && "
+      ".venv/bin/pip install -q -e '.[tpu]'"
+    )
 
   def run(self) -> None:
     """`maxlm train` on every worker at once, detached (it survives a dropped ssh), output to each worker's log."""
@@ -121,9 +132,10 @@ class TpuVm:
 def parse(argv: list[str]) -> argparse.Namespace:
   train_args = []
   if "--" in argv:  # Everything after `--` goes to `maxlm train`.
-    argv, train_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    argv, train_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+  parser = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
   parser.add_argument("--name", required=True, help="TPU VM (node) name")
   parser.add_argument("--zone", required=True)
   parser.add_argument("--project", default="", help="default: gcloud's configured project")
@@ -134,8 +146,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
   for name in ("create", "up"):
     p = commands.add_parser(name)
     p.add_argument("--accelerator", required=True, help="accelerator type, e.g. v5litepod-16, v4-32, v5p-16")
-    p.add_argument("--runtime", required=True,
-                   help="TPU software version, e.g. tpu-ubuntu2204-base, v2-alpha-tpuv5-lite")
+    p.add_argument(
+      "--runtime", required=True, help="TPU software version, e.g. tpu-ubuntu2204-base, v2-alpha-tpuv5-lite"
+    )
     p.add_argument("--spot", action="store_true")
     p.add_argument("--follow", action="store_true", help="up: stream the logs after starting")
   for name in ("copy", "install", "logs", "delete"):
@@ -148,8 +161,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
   args = parser.parse_args(argv)
   args.train_args = train_args
   if args.command in ("run", "up") and not train_args:
-    parser.error(f"{args.command}: give maxlm train's flags after --, e.g. -- --config=configs/llama_1b.py "
-                 "--workdir=/mnt/shared/run")
+    parser.error(
+      f"{args.command}: give maxlm train's flags after --, e.g. -- --config=configs/llama_1b.py "
+      "--workdir=/mnt/shared/run"
+    )
   return args
 
 

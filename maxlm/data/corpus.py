@@ -2,7 +2,9 @@
 
 Bad input is skipped and counted, never fatal: empty files, binary files (a NUL byte), invalid UTF-8,
 JSONL lines that are not JSON or lack the text field, Parquet files without a string text column (the
-whole file counts once) and Parquet rows whose text is null. A path that matches nothing is an error.
+whole file counts once), Parquet rows whose text is null, and files that cannot be read to their end (a
+truncated or corrupt .gz or Parquet file, a read error): those are checked whole before their first document is
+used, so a damaged file is skipped entirely, never half-used. A path that matches nothing is an error.
 Parquet is read one batch of rows at a time (at most a row group), and only the text column, so memory
 stays bounded whatever the file size.
 """
@@ -14,6 +16,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 
 from maxlm.errors import UserError
@@ -49,6 +52,9 @@ def documents(files: Sequence[str], skipped: collections.Counter, text_field: st
     if path.endswith(PARQUET_SUFFIXES):
       yield from _parquet(path, skipped, text_field)
       continue
+    if path.endswith(".gz") and not _decompresses(path):
+      skipped["unreadable .gz file (truncated or corrupt)"] += 1
+      continue
     if path.endswith(JSONL_SUFFIXES):
       opener = gzip.open if path.endswith(".gz") else open
       with opener(path, "rb") as f:
@@ -68,8 +74,12 @@ def documents(files: Sequence[str], skipped: collections.Counter, text_field: st
           else:
             skipped["empty document"] += 1
       continue
-    with open(path, "rb") as f:
-      raw = f.read()
+    try:
+      with open(path, "rb") as f:
+        raw = f.read()
+    except OSError:
+      skipped["unreadable file"] += 1
+      continue
     if b"\0" in raw:
       skipped["binary file"] += 1
     elif not raw.strip():
@@ -79,6 +89,17 @@ def documents(files: Sequence[str], skipped: collections.Counter, text_field: st
         yield raw.decode("utf-8")
       except UnicodeDecodeError:
         skipped["invalid UTF-8"] += 1
+
+
+def _decompresses(path: str) -> bool:
+  """Whether a .gz file decompresses to its end without an error; read in blocks, nothing kept."""
+  try:
+    with gzip.open(path, "rb") as f:
+      while f.read(1 << 20):
+        pass
+  except (OSError, EOFError, zlib.error):
+    return False
+  return True
 
 
 def _parquet(path: str, skipped: collections.Counter, text_field: str) -> Iterator[str]:
@@ -95,6 +116,12 @@ def _parquet(path: str, skipped: collections.Counter, text_field: str) -> Iterat
   field = parquet.schema_arrow.field(text_field) if text_field in parquet.schema_arrow.names else None
   if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
     skipped[f"parquet file without a string '{text_field}' column"] += 1
+    return
+  try:  # Every row group decodes: a file corrupt half-way is skipped whole (a second, streaming read follows).
+    for _ in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+      pass
+  except (pa.ArrowException, OSError):
+    skipped["unreadable parquet file"] += 1
     return
   for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
     for text in batch.column(0).to_pylist():

@@ -61,13 +61,19 @@ def read_manifest(directory: str) -> dict:
     with open(path, "rb") as f:
       manifest = json.load(f)
     tok = manifest["tokenizer"]
-    ok = (manifest["token_dtype"] in TOKEN_DTYPES and isinstance(tok["vocab_size"], int)
-          and isinstance(tok["sha256"], str) and isinstance(tok.get("path", ""), str))
+    ok = (
+      manifest["token_dtype"] in TOKEN_DTYPES
+      and isinstance(tok["vocab_size"], int)
+      and isinstance(tok["sha256"], str)
+      and isinstance(tok.get("path", ""), str)
+    )
   except (ValueError, KeyError, TypeError):
     ok = False
   if not ok:
-    raise UserError(f"{path}: not a valid dataset manifest (unreadable JSON or missing fields): prepare the dataset "
-                    "again with maxlm data prepare")
+    raise UserError(
+      f"{path}: not a valid dataset manifest (unreadable JSON or missing fields): prepare the dataset "
+      "again with maxlm data prepare"
+    )
   return manifest
 
 
@@ -80,8 +86,7 @@ def load_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray, dict
     index = np.load(os.path.join(base, "index.npy"), allow_pickle=False)
   except (OSError, ValueError) as e:
     raise UserError(f"{base}/index.npy: unreadable ({' '.join(str(e).split())[:120]}): {fix}") from None
-  if (index.ndim != 1 or index.dtype.kind not in "iu" or len(index) == 0 or index[0] != 0
-      or np.any(np.diff(index) < 0)):
+  if index.ndim != 1 or index.dtype.kind not in "iu" or len(index) == 0 or index[0] != 0 or np.any(np.diff(index) < 0):
     raise UserError(f"{base}/index.npy: not a list of rising document offsets from 0: {fix}")
   tokens_path = os.path.join(base, "tokens.bin")
   dtype = np.dtype(manifest["token_dtype"])

@@ -55,11 +55,11 @@ def signature(normal_words: list[str], shingle_words: int = SHINGLE_WORDS) -> np
   count = max(len(hashes) - k + 1, 1)
   mixed = np.zeros(count, np.uint64)
   for j in range(min(k, len(hashes))):
-    mixed += hashes[j:j + count] * _MIX[j]  # wraps mod 2^64
+    mixed += hashes[j : j + count] * _MIX[j]  # wraps mod 2^64
   shingles = (mixed >> np.uint64(32)) ^ (mixed & np.uint64(0xFFFFFFFF))
   out = np.full(NUM_PERM, 2**32 - 1, np.uint64)
   for start in range(0, count, _CHUNK):
-    x = shingles[None, start:start + _CHUNK]
+    x = shingles[None, start : start + _CHUNK]
     h = _A * x
     h += _B
     h >>= np.uint64(32)
@@ -97,8 +97,8 @@ class NearIndex:
     self.size = 0
 
   def _band_keys(self, sig: np.ndarray) -> list[int]:
-    rows = sig[:self.bands * self.rows].reshape(self.bands, self.rows).astype(np.uint64)
-    return ((rows * _MIX[:self.rows]).sum(axis=1)).tolist()  # 64-bit keys: 4x smaller than the bytes
+    rows = sig[: self.bands * self.rows].reshape(self.bands, self.rows).astype(np.uint64)
+    return ((rows * _MIX[: self.rows]).sum(axis=1)).tolist()  # 64-bit keys: 4x smaller than the bytes
 
   def find(self, sig: np.ndarray) -> tuple[int, float] | None:
     """(index of the earliest-added matching document, estimated Jaccard similarity), or None."""

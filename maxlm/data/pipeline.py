@@ -16,9 +16,9 @@ import os
 from collections.abc import Callable, Iterator
 
 import grain
-from absl import flags
 import ml_collections
 import numpy as np
+from absl import flags
 
 from maxlm.data import dataset
 from maxlm.errors import UserError
@@ -72,8 +72,10 @@ class TokenFileSource:
     cut = int(n * (1 - eval_fraction))
     self.start, self.stop = (0, cut) if split == TRAIN else (cut, n)
     if self.stop - self.start < seq_len + 1:
-      raise UserError(f"data.path={path!r}: the {'train' if split == TRAIN else 'eval'} split has {self.stop - self.start} "
-                       f"tokens, fewer than data.seq_len+1={seq_len + 1}")
+      raise UserError(
+        f"data.path={path!r}: the {'train' if split == TRAIN else 'eval'} split has {self.stop - self.start} "
+        f"tokens, fewer than data.seq_len+1={seq_len + 1}"
+      )
     self._tokens = None
 
   def __len__(self) -> int:
@@ -84,7 +86,7 @@ class TokenFileSource:
       self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
     rng = np.random.default_rng([self.seed, self.split, index])
     offset = self.start + rng.integers(self.stop - self.start - self.seq_len)
-    return np.asarray(self._tokens[offset:offset + self.seq_len + 1], dtype=np.int32)
+    return np.asarray(self._tokens[offset : offset + self.seq_len + 1], dtype=np.int32)
 
   def __getstate__(self):  # Worker processes reopen the memmap.
     return {**self.__dict__, "_tokens": None}
@@ -114,8 +116,9 @@ class PackedSource:
     self.lengths = np.diff(self.offsets)
     total = int(self.offsets[-1])
     if total < seq_len + 1:
-      raise UserError(f"data.path={directory!r}: the {split} split has {total} tokens, fewer than "
-                        f"data.seq_len+1={seq_len + 1}")
+      raise UserError(
+        f"data.path={directory!r}: the {split} split has {total} tokens, fewer than data.seq_len+1={seq_len + 1}"
+      )
     self.rows_per_epoch = (total - 1) // seq_len
     self._layout_cache = None  # (epoch, document order, document-start offsets, row-shuffle seed) of the last epoch
 
@@ -138,8 +141,9 @@ class PackedSource:
     return self._shuffled_row(index, self._layout(index // self.rows_per_epoch)[2])
 
   def _shuffled_row(self, index: int, row_seed: int) -> int:
-    return grain.experimental.index_shuffle(index % self.rows_per_epoch, max_index=self.rows_per_epoch - 1,
-                                            seed=row_seed, rounds=4)
+    return grain.experimental.index_shuffle(
+      index % self.rows_per_epoch, max_index=self.rows_per_epoch - 1, seed=row_seed, rounds=4
+    )
 
   def tokens(self) -> np.ndarray:
     if self._tokens is None:  # After unpickling in a worker process.
@@ -154,15 +158,18 @@ class PackedSource:
     need = self.seq_len + 1
     while need > 0:
       doc = order[k]
-      piece = self.tokens()[self.offsets[doc] + pos:self.offsets[doc + 1]][:need]
+      piece = self.tokens()[self.offsets[doc] + pos : self.offsets[doc + 1]][:need]
       tokens.append(piece)
       segments.append(np.full(len(piece), segment, np.int32))
       positions.append(np.arange(len(piece), dtype=np.int32))
       need, k, pos, segment = need - len(piece), k + 1, 0, segment + 1
     tokens, segments, positions = (np.concatenate(x) for x in (tokens, segments, positions))
     return {
-        "inputs": tokens[:-1].astype(np.int32), "targets": tokens[1:].astype(np.int32), "positions": positions[:-1],
-        "segment_ids": segments[:-1], "loss_mask": (segments[1:] == segments[:-1]).astype(np.int32),
+      "inputs": tokens[:-1].astype(np.int32),
+      "targets": tokens[1:].astype(np.int32),
+      "positions": positions[:-1],
+      "segment_ids": segments[:-1],
+      "loss_mask": (segments[1:] == segments[:-1]).astype(np.int32),
     }
 
   def __getstate__(self):  # Worker processes reopen the memmap.
@@ -175,11 +182,11 @@ class PackedSource:
 def window_to_example(window_T1: np.ndarray) -> dict[str, np.ndarray]:
   T = window_T1.shape[0] - 1
   return {
-      "inputs": window_T1[:-1],
-      "targets": window_T1[1:],
-      "positions": np.arange(T, dtype=np.int32),
-      "segment_ids": np.ones(T, np.int32),
-      "loss_mask": np.ones(T, np.int32),
+    "inputs": window_T1[:-1],
+    "targets": window_T1[1:],
+    "positions": np.arange(T, dtype=np.int32),
+    "segment_ids": np.ones(T, np.int32),
+    "loss_mask": np.ones(T, np.int32),
   }
 
 
@@ -189,7 +196,8 @@ def examples(cfg: ml_collections.ConfigDict, split: int) -> grain.MapDataset:
   d = cfg.data
   if d.source == "synthetic":
     return grain.MapDataset.source(SyntheticSource(cfg.model.vocab_size, d.seq_len, d.seed, split)).map(
-        window_to_example)
+      window_to_example
+    )
   if d.source == "tokens":
     source = TokenFileSource(d.path, d.token_dtype, d.seq_len, d.seed, split, d.eval_fraction)
     _check_token_ids(source, cfg.model.vocab_size)
@@ -206,24 +214,31 @@ def examples(cfg: ml_collections.ConfigDict, split: int) -> grain.MapDataset:
 def _check_prepared(sources: list[PackedSource], vocab_size: int) -> None:
   tokenizers = {s.manifest["tokenizer"]["sha256"] for s in sources}
   if len(tokenizers) > 1:
-    raise UserError(f"data.path: the datasets {[s.directory for s in sources]} were made with different "
-                      "tokenizers: prepare them with the same one")
+    raise UserError(
+      f"data.path: the datasets {[s.directory for s in sources]} were made with different "
+      "tokenizers: prepare them with the same one"
+    )
   data_vocab = sources[0].manifest["tokenizer"]["vocab_size"]
   if data_vocab > vocab_size:
-    raise UserError(f"data.path={sources[0].directory!r} was tokenized with a {data_vocab}-token vocabulary but "
-                      f"model.vocab_size={vocab_size}: set model.vocab_size >= {data_vocab}")
+    raise UserError(
+      f"data.path={sources[0].directory!r} was tokenized with a {data_vocab}-token vocabulary but "
+      f"model.vocab_size={vocab_size}: set model.vocab_size >= {data_vocab}"
+    )
 
 
 def _check_token_ids(source: TokenFileSource, vocab_size: int) -> None:
   """Fails fast when the token file holds ids the model cannot embed (checks a sample of windows)."""
   sample = np.concatenate([source[i] for i in range(64)])
   if sample.max() >= vocab_size:
-    raise UserError(f"data.path={source.path!r} holds token id {int(sample.max())} >= model.vocab_size="
-                      f"{vocab_size}: set model.vocab_size to the tokenizer's vocabulary size")
+    raise UserError(
+      f"data.path={source.path!r} holds token id {int(sample.max())} >= model.vocab_size="
+      f"{vocab_size}: set model.vocab_size to the tokenizer's vocabulary size"
+    )
 
 
-def batches(ds: grain.MapDataset, global_batch: int, process_index: int, process_count: int,
-            num_workers: int = 0) -> grain.IterDataset:
+def batches(
+  ds: grain.MapDataset, global_batch: int, process_index: int, process_count: int, num_workers: int = 0
+) -> grain.IterDataset:
   """This process's share of each global batch of `ds`, as a resumable Grain iterator dataset."""
   ds = ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
   it = ds.to_iter_dataset()
@@ -234,11 +249,13 @@ def batches(ds: grain.MapDataset, global_batch: int, process_index: int, process
   return it
 
 
-def train_and_eval(cfg: ml_collections.ConfigDict, process_index: int = 0,
-                   process_count: int = 1) -> tuple[Iterator, Callable[[], Iterator]]:
+def train_and_eval(
+  cfg: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
+) -> tuple[Iterator, Callable[[], Iterator]]:
   """The training iterator and a factory of fresh eval iterators (the same eval batches every time)."""
-  train = iter(batches(examples(cfg, TRAIN), cfg.train.global_batch, process_index, process_count,
-                       cfg.data.num_workers))
+  train = iter(
+    batches(examples(cfg, TRAIN), cfg.train.global_batch, process_index, process_count, cfg.data.num_workers)
+  )
   eval_examples = examples(cfg, EVAL)
 
   def eval_batches() -> Iterator:

@@ -30,7 +30,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -39,9 +38,11 @@ from typing import NamedTuple
 import numpy as np
 import tqdm
 
-from maxlm.data import corpus, dataset, dedup as dedup_lib, quality
-from maxlm.errors import UserError
+from maxlm.data import corpus, dataset, quality
+from maxlm.data import dedup as dedup_lib
 from maxlm.data.tokenizer import Tokenizer
+from maxlm.errors import UserError
+from maxlm.files import partial_directory
 
 log = logging.getLogger("maxlm")
 
@@ -62,74 +63,117 @@ def in_val(text: str, val_fraction: float) -> bool:
   return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
 
 
-def prepare(inputs: Sequence[str], tokenizer_path: str, output: str, *, val_fraction: float = 0.01,
-            text_field: str = "text", dedup: str = "exact", filters: str = "default", near_threshold: float = 0.8,
-            shingle_words: int = dedup_lib.SHINGLE_WORDS, workers: int = 1, progress: bool = False) -> dict:
+def prepare(
+  inputs: Sequence[str],
+  tokenizer_path: str,
+  output: str,
+  *,
+  val_fraction: float = 0.01,
+  text_field: str = "text",
+  dedup: str = "exact",
+  filters: str = "default",
+  near_threshold: float = 0.8,
+  shingle_words: int = dedup_lib.SHINGLE_WORDS,
+  workers: int = 1,
+  progress: bool = False,
+) -> dict:
   """Writes the prepared dataset to `output`; returns its manifest. `workers` never changes the output."""
   if not 0 <= val_fraction < 1:
-    raise UserError(f"--val-fraction={val_fraction}: use a fraction in [0, 1)")
+    raise UserError(f"--val_fraction={val_fraction}: use a fraction in [0, 1)")
   if dedup not in DEDUP:
     raise UserError(f"--dedup={dedup}: choose one of {', '.join(DEDUP)}")
   if filters not in FILTERS:
     raise UserError(f"--filters={filters}: choose one of {', '.join(FILTERS)}")
   if not 0 < near_threshold <= 1:
-    raise UserError(f"--near-threshold={near_threshold}: use a Jaccard similarity in (0, 1], e.g. 0.8")
+    raise UserError(f"--near_threshold={near_threshold}: use a Jaccard similarity in (0, 1], e.g. 0.8")
   if not 1 <= shingle_words <= 64:
-    raise UserError(f"--shingle-words={shingle_words}: use 1..64 words (5 is usual)")
+    raise UserError(f"--shingle_words={shingle_words}: use 1..64 words (5 is usual)")
   if workers < 1:
     raise UserError(f"--workers={workers}: use 1 or more processes")
   tok = Tokenizer(tokenizer_path)
-  files = corpus.expand(inputs)
-  arguments = {"inputs": list(inputs), "files": [_fingerprint(f) for f in files], "val_fraction": val_fraction,
-               "text_field": text_field, "dedup": dedup, "filters": filters, "tokenizer_sha256": tok.info()["sha256"]}
+  input_files = corpus.expand(inputs)
+  arguments = {
+    "inputs": list(inputs),
+    "files": [_fingerprint(f) for f in input_files],
+    "val_fraction": val_fraction,
+    "text_field": text_field,
+    "dedup": dedup,
+    "filters": filters,
+    "tokenizer_sha256": tok.info()["sha256"],
+  }
   if dedup == "near":
     arguments.update(near_threshold=near_threshold, shingle_words=shingle_words)
   existing = os.path.join(output, "manifest.json")
   if os.path.exists(existing):
-    with open(existing) as f:
-      manifest = json.load(f)
+    try:
+      with open(existing, "rb") as f:
+        manifest = json.load(f)
+    except ValueError:
+      manifest = None
+    if not isinstance(manifest, dict):
+      raise UserError(f"--output={output} holds an unreadable manifest.json: choose another --output, or delete it")
     if manifest.get("arguments") == arguments and manifest.get("format_version") == dataset.FORMAT_VERSION:
       log.info("%s already holds this dataset; nothing to do", output)
       return manifest
-    raise UserError(f"--output={output} holds a different dataset (other inputs, settings or format version): "
-                      "choose another --output, or delete it")
+    raise UserError(
+      f"--output={output} holds a different dataset (other inputs, settings or format version): "
+      "choose another --output, or delete it"
+    )
   if os.path.exists(output):
     raise UserError(f"--output={output} exists and is not a prepared dataset: choose another --output")
 
-  partial = output.rstrip("/") + ".partial"
-  shutil.rmtree(partial, ignore_errors=True)  # Left by an interrupted run.
   dtype = dataset.token_dtype(tok.vocab_size)
   rule_sets = [name for name in quality.RULE_SETS if filters in (name, "default")]
-  curator = _Curator(files, dedup, near_threshold if dedup == "near" else None, rule_sets)
-  writers = {split: dataset.SplitWriter(os.path.join(partial, split), dtype) for split in dataset.SPLITS}
-  skipped = collections.Counter()
-  options = {"tokenizer_path": tokenizer_path, "dtype": dtype, "val_fraction": val_fraction, "dedup": dedup,
-             "shingle_words": shingle_words}
-  bar = _Progress([os.path.getsize(f) for f in files], progress)
-  for doc, result in _analyzed(_batches(files, skipped, text_field, filters), options, workers):
-    bar.advance(doc.file, result.bytes)
-    split = curator.keep(doc, result)
-    if split is not None:
-      writers[split].add(result.ids)
-  bar.close()
-  splits = {split: w.close() for split, w in writers.items()}
-  if splits["train"]["documents"] == 0:
-    shutil.rmtree(partial)
-    raise UserError(f"--input {' '.join(inputs)}: no usable training documents (skipped: {dict(skipped)}, "
-                      f"curation: {curator.totals()}); see --filters and --dedup")
-  curation = curator.summary()
-  if dedup == "near":
-    bands, rows = dedup_lib.choose_bands(near_threshold)
-    curation["near_dedup"] = {"threshold": near_threshold, "shingle_words": shingle_words,
-                              "num_perm": dedup_lib.NUM_PERM, "bands": bands, "rows": rows}
-  manifest = {"format_version": dataset.FORMAT_VERSION, "tokenizer": {**tok.info(), "path": tokenizer_path},
-              "token_dtype": dtype, "eos_appended": True, "arguments": arguments, "splits": splits,
-              "sources": curator.sources, "skipped": dict(sorted(skipped.items())), "curation": curation}
-  with open(os.path.join(partial, "manifest.json"), "w") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-  with open(os.path.join(partial, "curation_report.md"), "w") as f:
-    f.write(curator.report(dict(skipped)))
-  os.replace(partial, output)
+  curator = _Curator(input_files, dedup, near_threshold if dedup == "near" else None, rule_sets)
+  # Written into <output>.partial, renamed when complete and deleted on any failure (the space comes back).
+  with partial_directory(output) as partial:
+    writers = {split: dataset.SplitWriter(os.path.join(partial, split), dtype) for split in dataset.SPLITS}
+    skipped = collections.Counter()
+    options = {
+      "tokenizer_path": tokenizer_path,
+      "dtype": dtype,
+      "val_fraction": val_fraction,
+      "dedup": dedup,
+      "shingle_words": shingle_words,
+    }
+    bar = _Progress([os.path.getsize(f) for f in input_files], progress)
+    for doc, result in _analyzed(_batches(input_files, skipped, text_field, filters), options, workers):
+      bar.advance(doc.file, result.bytes)
+      split = curator.keep(doc, result)
+      if split is not None:
+        writers[split].add(result.ids)
+    bar.close()
+    splits = {split: w.close() for split, w in writers.items()}
+    if splits["train"]["documents"] == 0:
+      raise UserError(
+        f"--input {' '.join(inputs)}: no usable training documents (skipped: {dict(skipped)}, "
+        f"curation: {curator.totals()}); see --filters and --dedup"
+      )
+    curation = curator.summary()
+    if dedup == "near":
+      bands, rows = dedup_lib.choose_bands(near_threshold)
+      curation["near_dedup"] = {
+        "threshold": near_threshold,
+        "shingle_words": shingle_words,
+        "num_perm": dedup_lib.NUM_PERM,
+        "bands": bands,
+        "rows": rows,
+      }
+    manifest = {
+      "format_version": dataset.FORMAT_VERSION,
+      "tokenizer": {**tok.info(), "path": tokenizer_path},
+      "token_dtype": dtype,
+      "eos_appended": True,
+      "arguments": arguments,
+      "splits": splits,
+      "sources": curator.sources,
+      "skipped": dict(sorted(skipped.items())),
+      "curation": curation,
+    }
+    with open(os.path.join(partial, "manifest.json"), "w") as f:
+      json.dump(manifest, f, indent=2, sort_keys=True)
+    with open(os.path.join(partial, "curation_report.md"), "w") as f:
+      f.write(curator.report(dict(skipped)))
   return manifest
 
 
@@ -185,8 +229,7 @@ def _run_in_worker(batch: list[tuple[str | None, str]]) -> list[_Result]:
   return _worker_analyzer(batch)
 
 
-def _batches(files: list[str], skipped: collections.Counter, text_field: str,
-             filters: str) -> Iterator[list[_Doc]]:
+def _batches(files: list[str], skipped: collections.Counter, text_field: str, filters: str) -> Iterator[list[_Doc]]:
   batch, size = [], 0
   for i, path in enumerate(files):
     rule_set = quality.rule_set(path, filters)
@@ -209,8 +252,9 @@ def _analyzed(batches: Iterator[list[_Doc]], options: dict, workers: int) -> Ite
     return
   # Spawned, not forked: the caller may hold JAX or other threads that a fork would copy mid-lock.
   context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                              initargs=(options,)) as pool:
+  with concurrent.futures.ProcessPoolExecutor(
+    workers, mp_context=context, initializer=_init_worker, initargs=(options,)
+  ) as pool:
     pending = collections.deque()
     for batch in batches:
       pending.append((batch, pool.submit(_run_in_worker, [(d.rule_set, d.text) for d in batch])))
@@ -246,8 +290,9 @@ class _Curator:
     if result.failure is not None:
       name, value = result.failure
       self.rule_counts[doc.rule_set][name] += 1
-      return self._drop(counts, "filtered", doc, f"{name.rsplit('_', 1)[0]} = {value:.4g}",
-                        reason=f"{doc.rule_set}/{name}")
+      return self._drop(
+        counts, "filtered", doc, f"{name.rsplit('_', 1)[0]} = {value:.4g}", reason=f"{doc.rule_set}/{name}"
+      )
     if self.near is not None:
       hit = self.near.find(result.signature)
       if hit is not None:
@@ -255,8 +300,9 @@ class _Curator:
         if kept in self.clusters or len(self.clusters) < REPORT_SAMPLES:
           members = self.clusters.setdefault(kept, [])
           if len(members) < CLUSTER_SAMPLES:
-            members.append(f"  - dropped {self._where(doc.file, doc.ordinal)}, Jaccard ≈ {similarity:.2f}: "
-                           f"{_excerpt(doc.text)}")
+            members.append(
+              f"  - dropped {self._where(doc.file, doc.ordinal)}, Jaccard ≈ {similarity:.2f}: {_excerpt(doc.text)}"
+            )
         counts["near_duplicates"] = counts.get("near_duplicates", 0) + 1
         return None
       self.near.add(result.signature)
@@ -282,19 +328,28 @@ class _Curator:
     return {k: sum(c.get(k, 0) for c in self.sources.values()) for k in kinds}
 
   def summary(self) -> dict:
-    return {**self.totals(), "filters": self.rule_counts,
-            "thresholds": {name: {r.name: r.value for r in quality.RULE_SETS[name]} for name in self.rule_counts}}
+    return {
+      **self.totals(),
+      "filters": self.rule_counts,
+      "thresholds": {name: {r.name: r.value for r in quality.RULE_SETS[name]} for name in self.rule_counts},
+    }
 
   def report(self, skipped: dict) -> str:
     totals = self.totals()
     lines = ["# Curation report", "", "| removed | documents |", "| --- | ---: |"]
     lines += [f"| {reason} | {count} |" for reason, count in sorted({**skipped, **totals}.items())]
     for name, counts in self.rule_counts.items():
-      lines += ["", f"## Quality filters: {name} rules (maxlm/data/quality.py)", "",
-                "| rule | drop when | dropped |", "| --- | --- | ---: |"]
+      lines += [
+        "",
+        f"## Quality filters: {name} rules (maxlm/data/quality.py)",
+        "",
+        "| rule | drop when | dropped |",
+        "| --- | --- | ---: |",
+      ]
       for rule in quality.RULE_SETS[name]:
-        lines.append(f"| {rule.name} | {rule.stat} {'<' if rule.bound == 'min' else '>'} {rule.value:g} | "
-                     f"{counts[rule.name]} |")
+        lines.append(
+          f"| {rule.name} | {rule.stat} {'<' if rule.bound == 'min' else '>'} {rule.value:g} | {counts[rule.name]} |"
+        )
     for reason, samples in sorted(self.samples.items()):
       lines += ["", f"## {reason} (first {len(samples)})", "", *samples]
     if self.clusters:
@@ -314,8 +369,11 @@ class _Progress:
   def __init__(self, sizes: list[int], enabled: bool):
     self.enabled, self.sizes, self.total, self.done = enabled, sizes, sum(sizes), 0
     self.file, self.file_left = -1, 0
-    self.bar = (tqdm.tqdm(total=self.total, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True)
-                if enabled and sys.stderr.isatty() else None)
+    self.bar = (
+      tqdm.tqdm(total=self.total, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True)
+      if enabled and sys.stderr.isatty()
+      else None
+    )
     self.last_log = time.monotonic()
 
   def advance(self, file: int, nbytes: int) -> None:

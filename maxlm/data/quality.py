@@ -48,25 +48,38 @@ class Rule(NamedTuple):
 
 
 PROSE = (  # Gopher, appendix A.1.1, as published.
-    Rule("word_count", "min", 50), Rule("word_count", "max", 100_000),
-    Rule("mean_word_length", "min", 3), Rule("mean_word_length", "max", 10),
-    Rule("symbol_word_ratio", "max", 0.1),  # '#' or ellipses per word
-    Rule("bullet_lines", "max", 0.9), Rule("ellipsis_lines", "max", 0.3),
-    Rule("alpha_words", "min", 0.8), Rule("stop_words", "min", 2),
-    Rule("duplicate_lines", "max", 0.3), Rule("duplicate_line_chars", "max", 0.2),
-    Rule("duplicate_paragraphs", "max", 0.3), Rule("duplicate_paragraph_chars", "max", 0.2),
-    Rule("top_2gram_chars", "max", 0.2), Rule("top_3gram_chars", "max", 0.18), Rule("top_4gram_chars", "max", 0.16),
-    Rule("duplicate_5gram_chars", "max", 0.15), Rule("duplicate_6gram_chars", "max", 0.14),
-    Rule("duplicate_7gram_chars", "max", 0.13), Rule("duplicate_8gram_chars", "max", 0.12),
-    Rule("duplicate_9gram_chars", "max", 0.11), Rule("duplicate_10gram_chars", "max", 0.1),
+  Rule("word_count", "min", 50),
+  Rule("word_count", "max", 100_000),
+  Rule("mean_word_length", "min", 3),
+  Rule("mean_word_length", "max", 10),
+  Rule("symbol_word_ratio", "max", 0.1),  # '#' or ellipses per word
+  Rule("bullet_lines", "max", 0.9),
+  Rule("ellipsis_lines", "max", 0.3),
+  Rule("alpha_words", "min", 0.8),
+  Rule("stop_words", "min", 2),
+  Rule("duplicate_lines", "max", 0.3),
+  Rule("duplicate_line_chars", "max", 0.2),
+  Rule("duplicate_paragraphs", "max", 0.3),
+  Rule("duplicate_paragraph_chars", "max", 0.2),
+  Rule("top_2gram_chars", "max", 0.2),
+  Rule("top_3gram_chars", "max", 0.18),
+  Rule("top_4gram_chars", "max", 0.16),
+  Rule("duplicate_5gram_chars", "max", 0.15),
+  Rule("duplicate_6gram_chars", "max", 0.14),
+  Rule("duplicate_7gram_chars", "max", 0.13),
+  Rule("duplicate_8gram_chars", "max", 0.12),
+  Rule("duplicate_9gram_chars", "max", 0.11),
+  Rule("duplicate_10gram_chars", "max", 0.1),
 )
 
 CODE = (
-    Rule("word_count", "min", 10), Rule("word_count", "max", 100_000),
-    Rule("max_line_length", "max", 1000), Rule("mean_line_length", "max", 100),  # minified or generated
-    Rule("alphanumeric_chars", "min", 0.25),  # data blobs, encoded binaries
-    Rule("duplicate_paragraph_chars", "max", 0.5),
-    Rule("duplicate_10gram_chars", "max", 0.6),  # the same long runs over most of the file
+  Rule("word_count", "min", 10),
+  Rule("word_count", "max", 100_000),
+  Rule("max_line_length", "max", 1000),
+  Rule("mean_line_length", "max", 100),  # minified or generated
+  Rule("alphanumeric_chars", "min", 0.25),  # data blobs, encoded binaries
+  Rule("duplicate_paragraph_chars", "max", 0.5),
+  Rule("duplicate_10gram_chars", "max", 0.6),  # the same long runs over most of the file
 )
 
 RULE_SETS = {"prose": PROSE, "code": CODE}
@@ -96,16 +109,16 @@ def measure(text: str) -> dict:
   nonempty = [line for line in lines if line] or [""]
   raw_lines = text.split("\n")
   stats = {
-      "word_count": len(words),
-      "mean_word_length": word_chars / n if words else 0.0,
-      "symbol_word_ratio": max(text.count("#"), sum(text.count(e) for e in ELLIPSES)) / n,
-      "bullet_lines": sum(line.startswith(BULLETS) for line in nonempty) / len(nonempty),
-      "ellipsis_lines": sum(line.endswith(ELLIPSES) for line in nonempty) / len(nonempty),
-      "alpha_words": sum(map(bool, map(_ALPHA.search, words))) / n,
-      "stop_words": len(STOP_WORDS.intersection(w.lower() for w in words)),
-      "max_line_length": max(map(len, raw_lines)),
-      "mean_line_length": len(text) / len(raw_lines),
-      "alphanumeric_chars": len(_NOT_ALNUM.sub("", text)) / max(len(text), 1),
+    "word_count": len(words),
+    "mean_word_length": word_chars / n if words else 0.0,
+    "symbol_word_ratio": max(text.count("#"), sum(text.count(e) for e in ELLIPSES)) / n,
+    "bullet_lines": sum(line.startswith(BULLETS) for line in nonempty) / len(nonempty),
+    "ellipsis_lines": sum(line.endswith(ELLIPSES) for line in nonempty) / len(nonempty),
+    "alpha_words": sum(map(bool, map(_ALPHA.search, words))) / n,
+    "stop_words": len(STOP_WORDS.intersection(w.lower() for w in words)),
+    "max_line_length": max(map(len, raw_lines)),
+    "mean_line_length": len(text) / len(raw_lines),
+    "alphanumeric_chars": len(_NOT_ALNUM.sub("", text)) / max(len(text), 1),
   }
   stats["duplicate_lines"], stats["duplicate_line_chars"] = _duplicates(nonempty)
   paragraphs = [p.strip() for p in _PARAGRAPH.split(text) if p.strip()] or [""]
@@ -132,7 +145,7 @@ def _ngram_stats(words: list[str], lengths: np.ndarray, word_chars: int) -> dict
   stats, keys = {}, ids * _M[0]
   for n in range(2, max(DUPLICATE_NGRAMS) + 1):
     count = len(words) - n + 1
-    keys = keys[:-1] + ids[n - 1:] * _M[n - 1] if count > 0 else keys[:0]
+    keys = keys[:-1] + ids[n - 1 :] * _M[n - 1] if count > 0 else keys[:0]
     name = f"top_{n}gram_chars" if n in TOP_NGRAMS else f"duplicate_{n}gram_chars"
     if count <= 1:
       stats[name] = 0.0

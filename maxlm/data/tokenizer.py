@@ -18,12 +18,14 @@ import sentencepiece as spm
 
 from maxlm import config
 from maxlm.errors import UserError
+from maxlm.files import write_atomically
 
 MODEL_TYPES = ("bpe", "unigram")
+MIN_VOCAB = 260  # 256 byte-fallback tokens, pad, unk, bos, eos
+LINE_CHARS = 4000  # Longest piece of a line handed to SentencePiece (its limit is 16384 bytes; 4 bytes a character)
 
 
 class Tokenizer:
-
   def __init__(self, path: str):
     try:
       with open(path, "rb") as f:
@@ -44,9 +46,15 @@ class Tokenizer:
     return self.sp.decode(list(ids))
 
   def info(self) -> dict:
-    return {"path": self.path, "sha256": hashlib.sha256(self.model_bytes).hexdigest(), "vocab_size": self.vocab_size,
-            "bos_id": self.sp.bos_id(), "eos_id": self.sp.eos_id(), "pad_id": self.sp.pad_id(),
-            "unk_id": self.sp.unk_id()}
+    return {
+      "path": self.path,
+      "sha256": hashlib.sha256(self.model_bytes).hexdigest(),
+      "vocab_size": self.vocab_size,
+      "bos_id": self.sp.bos_id(),
+      "eos_id": self.sp.eos_id(),
+      "pad_id": self.sp.pad_id(),
+      "unk_id": self.sp.unk_id(),
+    }
 
 
 def from_manifest(dataset: str) -> Tokenizer | None:
@@ -87,25 +95,64 @@ def for_run(workdir: str) -> tuple[Tokenizer | None, bool]:
   return None, False
 
 
-def train(texts: Iterator[str], *, vocab_size: int, output: str, model_type: str = "bpe",
-          max_sentences: int = 2_000_000, threads: int = 2) -> Tokenizer:
+def train(
+  texts: Iterator[str],
+  *,
+  vocab_size: int,
+  output: str,
+  model_type: str = "bpe",
+  max_sentences: int = 2_000_000,
+  threads: int = 2,
+) -> Tokenizer:
   """Trains on the lines of `texts` and writes `output` (a .model file)."""
   if model_type not in MODEL_TYPES:
-    raise UserError(f"--model-type={model_type}: choose one of {', '.join(MODEL_TYPES)}")
+    raise UserError(f"--model_type={model_type}: choose one of {', '.join(MODEL_TYPES)}")
   if not output.endswith(".model"):
     raise UserError(f"--output={output}: name the tokenizer file *.model")
-  lines = (line for text in texts for line in text.split("\n") if line.strip())
+  if vocab_size < MIN_VOCAB:
+    raise UserError(f"--vocab_size={vocab_size}: use at least {MIN_VOCAB} (256 byte tokens and 4 special ones)")
+  parent = os.path.dirname(os.path.abspath(output))
+  if not os.path.isdir(parent):
+    raise UserError(f"--output={output}: the directory {parent} does not exist; create it or choose another path")
+  if os.path.isdir(output):
+    raise UserError(f"--output={output} is a directory: name the tokenizer file *.model")
+  counted = [0]
+
+  def lines():
+    for text in texts:
+      for line in text.split("\n"):
+        while line.strip():  # SentencePiece drops lines over 16 KB: long ones go in pieces, cut at a space.
+          cut = len(line) if len(line) <= LINE_CHARS else (line.rfind(" ", 0, LINE_CHARS) + 1 or LINE_CHARS)
+          counted[0] += 1
+          yield line[:cut]
+          line = line[cut:]
+
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=16384,
-        input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=threads,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=0.9995, minloglevel=2)
+      sentence_iterator=lines(),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      byte_fallback=True,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      allow_whitespace_only_pieces=True,
+      max_sentence_length=16384,
+      input_sentence_size=max_sentences,
+      shuffle_input_sentence=True,
+      num_threads=threads,
+      pad_id=0,
+      unk_id=1,
+      bos_id=2,
+      eos_id=3,
+      character_coverage=0.9995,
+      minloglevel=2,
+    )
   except RuntimeError as e:  # e.g. a vocabulary larger than the text can fill
+    if counted[0] == 0:
+      raise UserError("--input: no text to train on (every input was skipped or empty)") from None
     raise UserError(f"tokenizer training failed: {' '.join(str(e).split())}") from None
-  with open(output + ".tmp", "wb") as f:  # Written whole, then renamed: never a half-written model.
-    f.write(model.getvalue())
-  os.replace(output + ".tmp", output)
+  write_atomically(output, model.getvalue())  # Never a half-written model, even on a full disk.
   return Tokenizer(output)

@@ -33,9 +33,10 @@ import numpy as np
 from flax import nnx
 
 from maxlm.data import pipeline, tokenizer
-from maxlm.parallel import mesh as mesh_lib
-from maxlm.training import checkpoint, step as step_lib
 from maxlm.errors import UserError
+from maxlm.parallel import mesh as mesh_lib
+from maxlm.training import checkpoint
+from maxlm.training import step as step_lib
 
 log = logging.getLogger("maxlm")
 
@@ -53,31 +54,46 @@ def token_bytes(tok: tokenizer.Tokenizer, vocab_size: int) -> np.ndarray:
   return out
 
 
-def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step: int | None = None,
-             batches: int | None = None, batch_size: int | None = None, seq_len: int | None = None,
-             seed: int | None = None, devices=None) -> dict:
+def evaluate(
+  cfg: ml_collections.ConfigDict,
+  workdir: str,
+  dataset: str,
+  *,
+  step: int | None = None,
+  batches: int | None = None,
+  batch_size: int | None = None,
+  seq_len: int | None = None,
+  seed: int | None = None,
+  devices=None,
+) -> dict:
   """The metrics of the module docstring for `workdir`'s model (newest checkpoint, `step`, or imported
   parameters: step None) on `dataset`'s val split, as a JSON-ready dict."""
   devices = list(jax.devices() if devices is None else devices)
   if jax.process_count() > 1:
     raise UserError("maxlm eval runs in a single process")
-  batch_size = batch_size or cfg.train.global_batch
-  seq_len = seq_len or cfg.data.seq_len
+  batch_size = cfg.train.global_batch if batch_size is None else batch_size
+  seq_len = cfg.data.seq_len if seq_len is None else seq_len
   if batch_size < 1 or seq_len < 1 or (batches is not None and batches < 1):
     raise UserError("--batches, --batch_size and --seq_len must be positive")
   source = pipeline.PackedSource(dataset, "val", seq_len, cfg.data.seed if seed is None else seed)
   data_vocab = source.manifest["tokenizer"]["vocab_size"]
   if data_vocab > cfg.model.vocab_size:
-    raise UserError(f"--data={dataset} was tokenized with a {data_vocab}-token vocabulary, more than the model's "
-                      f"{cfg.model.vocab_size}")
+    raise UserError(
+      f"--data={dataset} was tokenized with a {data_vocab}-token vocabulary, more than the model's "
+      f"{cfg.model.vocab_size}"
+    )
   tok = tokenizer.from_manifest(dataset)
   if tok is None:
-    raise UserError(f"--data={dataset}: the tokenizer its manifest names ({source.manifest['tokenizer']['path']}) "
-                      "is missing or changed; bits per byte needs it")
+    raise UserError(
+      f"--data={dataset}: the tokenizer its manifest names ({source.manifest['tokenizer']['path']}) "
+      "is missing or changed; bits per byte needs it"
+    )
   model_tok, _ = tokenizer.for_run(workdir)
   if model_tok is not None and tok.info()["sha256"] != model_tok.info()["sha256"]:
-    raise UserError(f"--data={dataset} was tokenized with {tok.path}, not with the model's tokenizer "
-                      f"{model_tok.path}: prepare the data with the model's tokenizer")
+    raise UserError(
+      f"--data={dataset} was tokenized with {tok.path}, not with the model's tokenizer "
+      f"{model_tok.path}: prepare the data with the model's tokenizer"
+    )
   nbytes_V = token_bytes(tok, cfg.model.vocab_size)
 
   rows = source.rows_per_epoch if batches is None else min(batches * batch_size, source.rows_per_epoch)
@@ -101,9 +117,20 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, dataset: str, *, step
       s, n = jax.device_get(sums(params, device_batch))  # Blocking: one program in flight.
       nats, targets = nats + float(s), targets + int(n)
   loss = nats / max(targets, 1)
-  return {"step": step, "data": dataset, "split": "val", "rows": rows, "full_pass": rows == source.rows_per_epoch,
-          "seq_len": seq_len, "targets": targets, "bytes": total_bytes, "nats": nats, "loss": loss,
-          "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / max(total_bytes, 1)}
+  return {
+    "step": step,
+    "data": dataset,
+    "split": "val",
+    "rows": rows,
+    "full_pass": rows == source.rows_per_epoch,
+    "seq_len": seq_len,
+    "targets": targets,
+    "bytes": total_bytes,
+    "nats": nats,
+    "loss": loss,
+    "perplexity": math.exp(loss),
+    "bits_per_byte": nats / math.log(2) / max(total_bytes, 1),
+  }
 
 
 def _batch(source: pipeline.PackedSource, indices: range, rows: int, seq_len: int) -> dict[str, np.ndarray]:

@@ -46,23 +46,28 @@ import numpy as np
 from safetensors import safe_open  # framework="numpy" below: the conversion never imports torch
 
 from configs import base
-from maxlm import config
+from maxlm import config, files
 from maxlm.data import tokenizer
-from maxlm.training import checkpoint
 from maxlm.errors import UserError
+from maxlm.training import checkpoint
 
 log = logging.getLogger("maxlm")
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # when `architectures` is absent
 REFUSED = {
-    "Qwen2ForCausalLM": "Qwen2 has q/k/v projection biases, which the maxlm model does not have",
-    "Qwen3ForCausalLM": "Qwen3 sets head_dim apart from hidden_size / num_attention_heads",
-    "GemmaForCausalLM": "Gemma uses GeGLU, (1 + weight) norms and a scaled embedding",
-    "Phi3ForCausalLM": "Phi-3 fuses q/k/v and gate/up projections",
+  "Qwen2ForCausalLM": "Qwen2 has q/k/v projection biases, which the maxlm model does not have",
+  "Qwen3ForCausalLM": "Qwen3 sets head_dim apart from hidden_size / num_attention_heads",
+  "GemmaForCausalLM": "Gemma uses GeGLU, (1 + weight) norms and a scaled embedding",
+  "Phi3ForCausalLM": "Phi-3 fuses q/k/v and gate/up projections",
 }
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.json")
+SIDE_FILES = (
+  "config.json",
+  "generation_config.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.json",
+)
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16"}  # safetensors name -> NumPy
 EXPORT_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -70,6 +75,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 class Tensor(NamedTuple):
   """One maxlm parameter and its Hugging Face tensors (one per layer for stacked parameters)."""
+
   name: str  # maxlm parameter, e.g. blocks.attn.q_proj
   hf: str  # HF tensor name; {i} stands for the layer
   shape: tuple[int, ...]  # maxlm shape of one layer (the whole array for unstacked parameters)
@@ -79,7 +85,7 @@ class Tensor(NamedTuple):
   def hf_shape(self) -> tuple[int, ...]:
     if not self.n_in:
       return self.shape
-    return (math.prod(self.shape[self.n_in:]), math.prod(self.shape[:self.n_in]))
+    return (math.prod(self.shape[self.n_in :]), math.prod(self.shape[: self.n_in]))
 
   def to_maxlm(self, w: np.ndarray) -> np.ndarray:
     return w.T.reshape(self.shape) if self.n_in else w
@@ -92,17 +98,19 @@ def tensors(m: ml_collections.ConfigDict) -> list[Tensor]:
   V, D, H, K, F = m.vocab_size, m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim
   Dh = D // H
   layer = "model.layers.{i}."
-  out = [Tensor("embed", "model.embed_tokens.weight", (V, D), 0, False),
-         Tensor("blocks.attn.q_proj", layer + "self_attn.q_proj.weight", (D, H, Dh), 1, True),
-         Tensor("blocks.attn.k_proj", layer + "self_attn.k_proj.weight", (D, K, Dh), 1, True),
-         Tensor("blocks.attn.v_proj", layer + "self_attn.v_proj.weight", (D, K, Dh), 1, True),
-         Tensor("blocks.attn.o_proj", layer + "self_attn.o_proj.weight", (H, Dh, D), 2, True),
-         Tensor("blocks.mlp.gate_proj", layer + "mlp.gate_proj.weight", (D, F), 1, True),
-         Tensor("blocks.mlp.up_proj", layer + "mlp.up_proj.weight", (D, F), 1, True),
-         Tensor("blocks.mlp.down_proj", layer + "mlp.down_proj.weight", (F, D), 1, True),
-         Tensor("blocks.attn_norm.scale", layer + "input_layernorm.weight", (D,), 0, True),
-         Tensor("blocks.mlp_norm.scale", layer + "post_attention_layernorm.weight", (D,), 0, True),
-         Tensor("final_norm.scale", "model.norm.weight", (D,), 0, False)]
+  out = [
+    Tensor("embed", "model.embed_tokens.weight", (V, D), 0, False),
+    Tensor("blocks.attn.q_proj", layer + "self_attn.q_proj.weight", (D, H, Dh), 1, True),
+    Tensor("blocks.attn.k_proj", layer + "self_attn.k_proj.weight", (D, K, Dh), 1, True),
+    Tensor("blocks.attn.v_proj", layer + "self_attn.v_proj.weight", (D, K, Dh), 1, True),
+    Tensor("blocks.attn.o_proj", layer + "self_attn.o_proj.weight", (H, Dh, D), 2, True),
+    Tensor("blocks.mlp.gate_proj", layer + "mlp.gate_proj.weight", (D, F), 1, True),
+    Tensor("blocks.mlp.up_proj", layer + "mlp.up_proj.weight", (D, F), 1, True),
+    Tensor("blocks.mlp.down_proj", layer + "mlp.down_proj.weight", (F, D), 1, True),
+    Tensor("blocks.attn_norm.scale", layer + "input_layernorm.weight", (D,), 0, True),
+    Tensor("blocks.mlp_norm.scale", layer + "post_attention_layernorm.weight", (D,), 0, True),
+    Tensor("final_norm.scale", "model.norm.weight", (D,), 0, False),
+  ]
   if not m.tie_embeddings:
     out.append(Tensor("lm_head", "lm_head.weight", (D, V), 1, False))
   return out
@@ -116,17 +124,83 @@ def _layers(t: Tensor, num_layers: int) -> list[tuple[int | None, str]]:
 # Config mapping -------------------------------------------------------------------------------------------
 
 
+# config.json keys the mapping reads, with the JSON types they must have (required keys first).
+REQUIRED_KEYS = {
+  "vocab_size": int,
+  "hidden_size": int,
+  "num_hidden_layers": int,
+  "num_attention_heads": int,
+  "intermediate_size": int,
+}
+OPTIONAL_KEYS = {
+  "num_key_value_heads": int,
+  "max_position_embeddings": int,
+  "head_dim": int,
+  "rms_norm_eps": float,
+  "rope_theta": float,
+  "initializer_range": float,
+  "tie_word_embeddings": bool,
+  "hidden_act": str,
+  "architectures": list,
+  "model_type": str,
+  "rope_scaling": dict,
+  "rope_parameters": dict,
+  "sliding_window": int,
+  "pretraining_tp": int,
+}
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  """`<hf_dir>/config.json`, checked for the keys and types the mapping reads."""
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isdir(hf_dir):
+    raise UserError(f"--hf_dir={hf_dir}: no such directory; pass a Hugging Face model directory")
+  if not os.path.isfile(path):
+    raise UserError(f"--hf_dir={hf_dir}: no config.json; pass a Hugging Face model directory")
+  try:
+    with open(path, "rb") as f:
+      hf = json.load(f)
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({' '.join(str(e).split())}): download the model again") from None
+  if not isinstance(hf, dict):
+    raise UserError(f"{path} is not a model config (a JSON object): download the model again")
+  names = hf.get("architectures")
+  if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+    raise UserError(f"{path}: architectures={names!r} should be a list of class names")
+  _check_architecture(hf)  # Before the keys: an unsupported family is the more useful message.
+  missing = [k for k in REQUIRED_KEYS if k not in hf]
+  if missing:
+    raise UserError(f"{path} lacks {', '.join(missing)}: not a complete transformers model config")
+  for key, kind in {**REQUIRED_KEYS, **OPTIONAL_KEYS}.items():
+    value = hf.get(key)
+    if value is None and key not in REQUIRED_KEYS:
+      continue
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (key in REQUIRED_KEYS and value < 1):
+      want = "a positive integer" if key in REQUIRED_KEYS else f"a JSON {kind.__name__}"
+      raise UserError(f"{path}: {key}={value!r} should be {want}")
+  return hf
+
+
 def architecture(hf: dict) -> str:
   return (hf.get("architectures") or [MODEL_TYPES.get(hf.get("model_type"), f"model_type {hf.get('model_type')!r}")])[0]
 
 
-def model_config_from_hf(hf: dict) -> dict:
-  """maxlm `model.*` values for a Hugging Face config.json; anything maxlm cannot reproduce is a UserError."""
+def _check_architecture(hf: dict) -> str:
   arch = architecture(hf)
   if arch not in ARCHITECTURES:
     why = REFUSED.get(arch, "only Llama-family decoders with the Llama layout are")
-    raise UserError(f"config.json: architecture {arch} is not supported ({why}); maxlm converts "
-                      f"{' and '.join(ARCHITECTURES)}")
+    raise UserError(
+      f"config.json: architecture {arch} is not supported ({why}); maxlm converts {' and '.join(ARCHITECTURES)}"
+    )
+  return arch
+
+
+def model_config_from_hf(hf: dict) -> dict:
+  """maxlm `model.*` values for a Hugging Face config.json; anything maxlm cannot reproduce is a UserError."""
+  arch = _check_architecture(hf)
   D, H = hf["hidden_size"], hf["num_attention_heads"]
   refuse = []
   if hf.get("head_dim") not in (None, D // H) or D % H:
@@ -141,8 +215,10 @@ def model_config_from_hf(hf: dict) -> dict:
   max_len = hf.get("max_position_embeddings", 2048)
   window = hf.get("sliding_window")
   if window is not None and hf.get("use_sliding_window", True) and window < max_len:
-    refuse.append(f"sliding_window={window} < max_position_embeddings={max_len} (maxlm attends over the whole "
-                  "context, so it would differ beyond the window)")
+    refuse.append(
+      f"sliding_window={window} < max_position_embeddings={max_len} (maxlm attends over the whole "
+      "context, so it would differ beyond the window)"
+    )
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
@@ -150,18 +226,32 @@ def model_config_from_hf(hf: dict) -> dict:
     refuse.append("partial_rotary_factor != 1 (maxlm rotates the whole head)")
   scaling = {"type": "none"}
   if rope_type == "llama3":
-    scaling = {"type": "llama3", "factor": float(rope["factor"]), "low_freq_factor": float(rope["low_freq_factor"]),
-               "high_freq_factor": float(rope["high_freq_factor"]),
-               "original_max_len": int(rope.get("original_max_position_embeddings", max_len))}
+    scaling = {
+      "type": "llama3",
+      "factor": float(rope["factor"]),
+      "low_freq_factor": float(rope["low_freq_factor"]),
+      "high_freq_factor": float(rope["high_freq_factor"]),
+      "original_max_len": int(rope.get("original_max_position_embeddings", max_len)),
+    }
   elif rope_type != "default":
     refuse.append(f"rope scaling type {rope_type!r} (maxlm supports default RoPE and llama3 scaling)")
   if refuse:
     raise UserError(f"config.json ({arch}) is not supported: {'; '.join(refuse)}")
-  return {"vocab_size": hf["vocab_size"], "d_model": D, "num_layers": hf["num_hidden_layers"], "num_heads": H,
-          "num_kv_heads": hf.get("num_key_value_heads") or H, "mlp_dim": hf["intermediate_size"],
-          "rope_theta": float(theta), "rope_scaling": scaling, "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-          "qk_norm": False, "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-          "init_std": float(hf.get("initializer_range", 0.02)), "max_position_embeddings": int(max_len)}
+  return {
+    "vocab_size": hf["vocab_size"],
+    "d_model": D,
+    "num_layers": hf["num_hidden_layers"],
+    "num_heads": H,
+    "num_kv_heads": hf.get("num_key_value_heads") or H,
+    "mlp_dim": hf["intermediate_size"],
+    "rope_theta": float(theta),
+    "rope_scaling": scaling,
+    "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    "qk_norm": False,
+    "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+    "init_std": float(hf.get("initializer_range", 0.02)),
+    "max_position_embeddings": int(max_len),
+  }
 
 
 def hf_config(cfg: ml_collections.ConfigDict, dtype: str, token_ids: dict) -> dict:
@@ -169,21 +259,42 @@ def hf_config(cfg: ml_collections.ConfigDict, dtype: str, token_ids: dict) -> di
   torch_dtype) are used because every transformers version reads them; 5.x maps them to rope_parameters."""
   m = cfg.model
   if m.qk_norm:
-    raise UserError("model.qk_norm=true has no Llama equivalent: this model cannot be exported as a "
-                      "LlamaForCausalLM")
+    raise UserError("model.qk_norm=true has no Llama equivalent: this model cannot be exported as a LlamaForCausalLM")
   r = m.rope_scaling
   scaling = None
   if r.type == "llama3":
-    scaling = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
-               "high_freq_factor": r.high_freq_factor, "original_max_position_embeddings": r.original_max_len}
-  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
-          "hidden_size": m.d_model, "intermediate_size": m.mlp_dim, "num_hidden_layers": m.num_layers,
-          "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
-          "head_dim": m.d_model // m.num_heads, "hidden_act": "silu",
-          "max_position_embeddings": m.max_position_embeddings or cfg.data.seq_len, "rms_norm_eps": m.norm_eps,
-          "rope_theta": m.rope_theta, "rope_scaling": scaling, "tie_word_embeddings": m.tie_embeddings,
-          "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
-          "initializer_range": m.init_std, "use_cache": True, "torch_dtype": dtype, **token_ids}
+    scaling = {
+      "rope_type": "llama3",
+      "factor": r.factor,
+      "low_freq_factor": r.low_freq_factor,
+      "high_freq_factor": r.high_freq_factor,
+      "original_max_position_embeddings": r.original_max_len,
+    }
+  return {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": m.vocab_size,
+    "hidden_size": m.d_model,
+    "intermediate_size": m.mlp_dim,
+    "num_hidden_layers": m.num_layers,
+    "num_attention_heads": m.num_heads,
+    "num_key_value_heads": m.num_kv_heads,
+    "head_dim": m.d_model // m.num_heads,
+    "hidden_act": "silu",
+    "max_position_embeddings": m.max_position_embeddings or cfg.data.seq_len,
+    "rms_norm_eps": m.norm_eps,
+    "rope_theta": m.rope_theta,
+    "rope_scaling": scaling,
+    "tie_word_embeddings": m.tie_embeddings,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "attention_dropout": 0.0,
+    "pretraining_tp": 1,
+    "initializer_range": m.init_std,
+    "use_cache": True,
+    "torch_dtype": dtype,
+    **token_ids,
+  }
 
 
 # Import ---------------------------------------------------------------------------------------------------
@@ -197,19 +308,27 @@ class _Weights:
     if os.path.isfile(index):
       with open(index) as f:
         weight_map = json.load(f)["weight_map"]
-      files = sorted(set(weight_map.values()))
+      file_names = sorted(set(weight_map.values()))
     else:
-      files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*.safetensors")))
+      file_names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*.safetensors")))
       weight_map = None
-    if not files:
-      found = [os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*.bin")) +
-               glob.glob(os.path.join(hf_dir, "*.pth"))]
-      hint = (f" (found {', '.join(sorted(found)[:3])}: load it in transformers and save_pretrained() it again, which "
-              "writes safetensors)") if found else ""
-      raise UserError(f"--hf_dir={hf_dir}: no safetensors weights (model.safetensors or "
-                        f"model.safetensors.index.json){hint}")
+    if not file_names:
+      found = [
+        os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*.bin")) + glob.glob(os.path.join(hf_dir, "*.pth"))
+      ]
+      hint = (
+        (
+          f" (found {', '.join(sorted(found)[:3])}: load it in transformers and save_pretrained() it again, which "
+          "writes safetensors)"
+        )
+        if found
+        else ""
+      )
+      raise UserError(
+        f"--hf_dir={hf_dir}: no safetensors weights (model.safetensors or model.safetensors.index.json){hint}"
+      )
     self.files, self.where = {}, {}
-    for name in files:
+    for name in file_names:
       path = os.path.join(hf_dir, name)
       if not os.path.isfile(path):
         raise UserError(f"--hf_dir={hf_dir}: model.safetensors.index.json names {name}, which is missing")
@@ -217,13 +336,14 @@ class _Weights:
         self.files[name] = safe_open(path, framework="numpy")
       except Exception as e:  # noqa: BLE001  A truncated or foreign file: say which.
         raise UserError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
-      for key in self.files[name].keys():
+      for key in self.files[name].keys():  # noqa: SIM118  a safetensors file, not a dict
         self.where[key] = name
     if weight_map is not None:
       missing = sorted(set(weight_map) - set(self.where))
       if missing:
-        raise UserError(f"--hf_dir={hf_dir}: the index names {missing[0]} in {weight_map[missing[0]]}, which "
-                          "does not hold it")
+        raise UserError(
+          f"--hf_dir={hf_dir}: the index names {missing[0]} in {weight_map[missing[0]]}, which does not hold it"
+        )
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self.files[self.where[name]].get_slice(name).get_shape())
@@ -247,33 +367,37 @@ def _check_weights(weights: _Weights, m: ml_collections.ConfigDict, hf_dir: str)
   extra = sorted(k for k in weights.where if k not in expected and not ignorable.match(k))
   if extra:
     why = " (projection biases are not supported)" if any(k.endswith(".bias") for k in extra) else ""
-    raise UserError(f"--hf_dir={hf_dir}: unexpected tensor {extra[0]}{why}"
-                      f"{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}")
+    raise UserError(
+      f"--hf_dir={hf_dir}: unexpected tensor {extra[0]}{why}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}"
+    )
   for name, shape in expected.items():
     if name not in weights.where:
       hint = " (config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else ""
       raise UserError(f"--hf_dir={hf_dir}: tensor {name} is missing{hint}")
     if weights.shape(name) != shape:
-      raise UserError(f"--hf_dir={hf_dir}: tensor {name} has shape {list(weights.shape(name))}, but config.json "
-                        f"implies {list(shape)}")
+      raise UserError(
+        f"--hf_dir={hf_dir}: tensor {name} has shape {list(weights.shape(name))}, but config.json implies {list(shape)}"
+      )
     if weights.dtype(name) not in DTYPES:
-      raise UserError(f"--hf_dir={hf_dir}: tensor {name} has dtype {weights.dtype(name)}; only float32, float16 "
-                        "and bfloat16 weights are supported (no quantized checkpoints)")
+      raise UserError(
+        f"--hf_dir={hf_dir}: tensor {name} has dtype {weights.dtype(name)}; only float32, float16 "
+        "and bfloat16 weights are supported (no quantized checkpoints)"
+      )
 
 
 def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   """Imports a Hugging Face Llama/Mistral directory into a new maxlm workdir; returns a summary."""
-  if param_dtype not in config.CHOICES["model.param_dtype"]:
-    raise UserError(f"--param_dtype={param_dtype}: choose one of {', '.join(config.CHOICES['model.param_dtype'])}")
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"--hf_dir={hf_dir}: no config.json; pass a Hugging Face model directory")
-  with open(path) as f:
-    hf = json.load(f)
+  if param_dtype not in base.PARAM_DTYPES:
+    raise UserError(f"--param_dtype={param_dtype}: choose one of {', '.join(base.PARAM_DTYPES)}")
+  hf = read_hf_config(hf_dir)
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and os.listdir(workdir):
     raise UserError(f"--workdir={workdir} exists and is not empty: choose a new directory")
-  mapped = model_config_from_hf(hf)
+  try:
+    mapped = model_config_from_hf(hf)
+  except (KeyError, TypeError, ValueError) as e:  # e.g. a llama3 rope_scaling without its factors
+    what = f"lacks {e}" if isinstance(e, KeyError) else f"has a value of the wrong type ({e})"
+    raise UserError(f"{hf_dir}/config.json {what}: not a complete transformers model config") from None
   cfg = base.get_config()
   cfg.model.update({k: v for k, v in mapped.items() if k != "rope_scaling"})
   cfg.model.rope_scaling.update(mapped["rope_scaling"])
@@ -289,62 +413,82 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   sp_path = os.path.join(hf_dir, "tokenizer.model")
   tok = tokenizer.Tokenizer(sp_path) if os.path.isfile(sp_path) else None
 
-  partial = workdir.rstrip("/") + ".partial"
-  shutil.rmtree(partial, ignore_errors=True)  # Left by an interrupted import.
-  scratch = os.path.join(partial, "scratch")
-  os.makedirs(scratch)
-  _, abstract = checkpoint.abstract_params(resolved.model)
-  names = checkpoint.param_names(abstract)
-  dtype = np.dtype(ml_dtypes.bfloat16 if param_dtype == "bfloat16" else param_dtype)
-  arrays = {}
-  m = cfg.model
-  for t in tensors(m):
-    shape = ((m.num_layers,) if t.stacked else ()) + t.shape
-    arrays[t.name] = np.lib.format.open_memmap(os.path.join(scratch, t.name + ".npy"), mode="w+", dtype=dtype,
-                                               shape=shape)
-    for i, name in _layers(t, m.num_layers):
-      value = t.to_maxlm(weights.get(name)).astype(dtype)
-      if i is None:
-        arrays[t.name][...] = value
-      else:
-        arrays[t.name][i] = value
-    arrays[t.name].flush()
-  leaves, treedef = jax.tree_util.tree_flatten(abstract)
-  checkpoint.save_params(os.path.join(partial, checkpoint.PARAMS_DIR),
-                         jax.tree_util.tree_unflatten(treedef, [arrays[n] for n in names]))
-  del arrays
-  shutil.rmtree(scratch)
+  with files.partial_directory(workdir) as partial:
+    scratch = os.path.join(partial, "scratch")
+    os.makedirs(scratch)
+    _, abstract = checkpoint.abstract_params(resolved.model)
+    names = checkpoint.param_names(abstract)
+    dtype = np.dtype(ml_dtypes.bfloat16 if param_dtype == "bfloat16" else param_dtype)
+    arrays = {}
+    m = cfg.model
+    for t in tensors(m):
+      shape = ((m.num_layers,) if t.stacked else ()) + t.shape
+      arrays[t.name] = np.lib.format.open_memmap(
+        os.path.join(scratch, t.name + ".npy"), mode="w+", dtype=dtype, shape=shape
+      )
+      files.reserve(os.path.join(scratch, t.name + ".npy"), arrays[t.name].offset + arrays[t.name].nbytes)
+      for i, name in _layers(t, m.num_layers):
+        value = t.to_maxlm(weights.get(name)).astype(dtype)
+        if i is None:
+          arrays[t.name][...] = value
+        else:
+          arrays[t.name][i] = value
+      arrays[t.name].flush()
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    checkpoint.save_params(
+      os.path.join(partial, checkpoint.PARAMS_DIR), jax.tree_util.tree_unflatten(treedef, [arrays[n] for n in names])
+    )
+    del arrays
+    shutil.rmtree(scratch)
 
-  os.makedirs(os.path.join(partial, "hf"))
-  for name in SIDE_FILES:
-    if os.path.isfile(os.path.join(hf_dir, name)):
-      shutil.copyfile(os.path.join(hf_dir, name), os.path.join(partial, "hf", name))
-  if tok is not None:
-    shutil.copyfile(sp_path, os.path.join(partial, "tokenizer.model"))
-  with open(os.path.join(partial, "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=2))
-  with open(os.path.join(partial, "config.py"), "w") as f:
-    f.write(_config_file(cfg, os.path.abspath(hf_dir), architecture(hf)))
-  os.replace(partial, workdir)
-  summary = {"workdir": workdir, "architecture": architecture(hf), "parameters": int(sum(
-      math.prod(a.shape) for a in leaves)), "param_dtype": param_dtype,
-      "tokenizer": "tokenizer.model" if tok is not None else None}
-  log.info("imported %s (%s, %.1fM parameters) into %s", hf_dir, summary["architecture"], summary["parameters"] / 1e6,
-           workdir)
+    os.makedirs(os.path.join(partial, "hf"))
+    for name in SIDE_FILES:
+      if os.path.isfile(os.path.join(hf_dir, name)):
+        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(partial, "hf", name))
+    if tok is not None:
+      shutil.copyfile(sp_path, os.path.join(partial, "tokenizer.model"))
+    with open(os.path.join(partial, "config.json"), "w") as f:
+      f.write(cfg.to_json(indent=2))
+    with open(os.path.join(partial, "config.py"), "w") as f:
+      f.write(_config_file(cfg, os.path.abspath(hf_dir), architecture(hf)))
+  summary = {
+    "workdir": workdir,
+    "architecture": architecture(hf),
+    "parameters": int(sum(math.prod(a.shape) for a in leaves)),
+    "param_dtype": param_dtype,
+    "tokenizer": "tokenizer.model" if tok is not None else None,
+  }
+  log.info(
+    "imported %s (%s, %.1fM parameters) into %s", hf_dir, summary["architecture"], summary["parameters"] / 1e6, workdir
+  )
   return summary
 
 
 def _config_file(cfg: ml_collections.ConfigDict, hf_dir: str, arch: str) -> str:
   m = cfg.model
   model = {k: v for k, v in m.items() if k != "rope_scaling"}  # All of them: the file must not drift with base.
-  lines = [f'"""{arch} imported from {hf_dir} by `maxlm convert from-hf`.', "",
-           "Continue training from it (fresh optimizer state), here or in a new workdir:",
-           f"  maxlm train --config={cfg.train.init_from}/config.py --workdir=RUN --config.data.source=prepared \\",
-           "      --config.data.path=DATA ...",
-           '"""', "", "from configs import base", "", "", "def get_config():", "  c = base.get_config()",
-           f"  c.model.update({_kwargs(model)})", f"  c.model.rope_scaling.update({_kwargs(m.rope_scaling.to_dict())})"]
-  lines += [f"  c.data.seq_len = {cfg.data.seq_len}", f"  c.train.init_from = {cfg.train.init_from!r}",
-            "  return c", ""]
+  lines = [
+    f'"""{arch} imported from {hf_dir} by `maxlm convert from-hf`.',
+    "",
+    "Continue training from it (fresh optimizer state), here or in a new workdir:",
+    f"  maxlm train --config={cfg.train.init_from}/config.py --workdir=RUN --config.data.source=prepared \\",
+    "      --config.data.path=DATA ...",
+    '"""',
+    "",
+    "from configs import base",
+    "",
+    "",
+    "def get_config():",
+    "  c = base.get_config()",
+    f"  c.model.update({_kwargs(model)})",
+    f"  c.model.rope_scaling.update({_kwargs(m.rope_scaling.to_dict())})",
+  ]
+  lines += [
+    f"  c.data.seq_len = {cfg.data.seq_len}",
+    f"  c.train.init_from = {cfg.train.init_from!r}",
+    "  return c",
+    "",
+  ]
   return "\n".join(lines)
 
 
@@ -372,8 +516,14 @@ def _side_file(workdir: str, name: str) -> str | None:
   return None
 
 
-def to_hf(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+def to_hf(
+  workdir: str,
+  out: str,
+  *,
+  step: int | None = None,
+  dtype: str = "float32",
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict:
   """Exports a workdir's parameters (newest checkpoint, `step`, or imported params) as a Hugging Face
   LlamaForCausalLM directory; returns a summary."""
   if dtype not in EXPORT_DTYPES:
@@ -390,34 +540,42 @@ def to_hf(workdir: str, out: str, *, step: int | None = None, dtype: str = "floa
   elif _side_file(workdir, "config.json"):
     with open(_side_file(workdir, "config.json")) as f:
       imported = json.load(f)
-    token_ids = {k: imported[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if imported.get(k) is not None}
+    token_ids = {
+      k: imported[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if imported.get(k) is not None
+    }
   hf = hf_config(cfg, dtype, token_ids)
   out = os.path.abspath(out)
   if os.path.exists(out) and os.listdir(out):
     raise UserError(f"--out={out} exists and is not empty: choose a new directory")
-  partial = out.rstrip("/") + ".partial"
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
-
   m = cfg.model
   np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
   plan = [(t, i, name) for t in tensors(m) for i, name in _layers(t, m.num_layers)]
   nbytes = [math.prod(t.hf_shape()) * np_dtype.itemsize for t, _, _ in plan]
   shards = _split(nbytes, max_shard_bytes)
-  files = (["model.safetensors"] if len(shards) == 1 else
-           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-  _write_tensors(partial, files, shards, plan, directory, cfg, np_dtype, EXPORT_DTYPES[dtype])
-  if len(shards) > 1:
-    weight_map = {plan[j][2]: files[k] for k, shard in enumerate(shards) for j in shard}
-    with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": sum(nbytes)}, "weight_map": weight_map}, f, indent=2)
-  with open(os.path.join(partial, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
-  _write_tokenizer_files(partial, workdir, tok, hf)
-  os.replace(partial, out)
-  summary = {"out": out, "step": found_step, "source": directory, "dtype": dtype, "files": files,
-             "bytes": sum(nbytes), "tokenizer": tok is not None}
-  log.info("exported %s to %s (%d file(s), %.1f MB)", directory, out, len(files), sum(nbytes) / 1e6)
+  names = (
+    ["model.safetensors"]
+    if len(shards) == 1
+    else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+  )
+  with files.partial_directory(out) as partial:
+    _write_tensors(partial, names, shards, plan, directory, cfg, np_dtype, EXPORT_DTYPES[dtype])
+    if len(shards) > 1:
+      weight_map = {plan[j][2]: names[k] for k, shard in enumerate(shards) for j in shard}
+      with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(nbytes)}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(partial, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2)
+    _write_tokenizer_files(partial, workdir, tok, hf)
+  summary = {
+    "out": out,
+    "step": found_step,
+    "source": directory,
+    "dtype": dtype,
+    "files": names,
+    "bytes": sum(nbytes),
+    "tokenizer": tok is not None,
+  }
+  log.info("exported %s to %s (%d file(s), %.1f MB)", directory, out, len(names), sum(nbytes) / 1e6)
   return summary
 
 
@@ -474,9 +632,18 @@ def _write_tokenizer_files(partial: str, workdir: str, tok: tokenizer.Tokenizer 
     special = {k: v for k, v in special.items() if v is not None}
     with open(os.path.join(partial, "tokenizer_config.json"), "w") as f:
       # maxlm's prepared data has no BOS, so neither do these prompts; clean-up would change decoded text.
-      json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-                 "clean_up_tokenization_spaces": False, "model_max_length": hf["max_position_embeddings"],
-                 **special}, f, indent=2)
+      json.dump(
+        {
+          "tokenizer_class": "LlamaTokenizer",
+          "add_bos_token": False,
+          "add_eos_token": False,
+          "clean_up_tokenization_spaces": False,
+          "model_max_length": hf["max_position_embeddings"],
+          **special,
+        },
+        f,
+        indent=2,
+      )
     with open(os.path.join(partial, "special_tokens_map.json"), "w") as f:
       json.dump(special, f, indent=2)
   if not os.path.exists(os.path.join(partial, "generation_config.json")):

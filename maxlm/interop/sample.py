@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxlm.errors import UserError
 from maxlm.data.tokenizer import Tokenizer
+from maxlm.errors import UserError
 
 PROMPT_BUCKET = 32  # Prompt buffers are padded to a multiple of this: fewer compilations, same tokens.
 
@@ -51,8 +51,9 @@ def _choose(logits_BxV, key, temperature, top_k, top_p):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate(params, prompt_BxP, prompt_len_B, key, temperature, top_k, top_p, eos_id, vocab, *, graphdef,
-              max_new_tokens: int):
+def _generate(
+  params, prompt_BxP, prompt_len_B, key, temperature, top_k, top_p, eos_id, vocab, *, graphdef, max_new_tokens: int
+):
   """[B, max_new_tokens] new tokens (eos_id after a row's EOS; -1 there when eos_id is -1) and the count
   of tokens each row produced. Only ids below `vocab` are ever chosen."""
   model = nnx.merge(graphdef, params)
@@ -93,9 +94,19 @@ def _generate(params, prompt_BxP, prompt_len_B, key, temperature, top_k, top_p, 
   return out_BxN, count_B
 
 
-def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int = -1, pad_id: int = 0,
-             vocab: int | None = None) -> list[list[int]]:
+def generate(
+  model: nnx.Module,
+  prompts: list[list[int]],
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  eos_id: int = -1,
+  pad_id: int = 0,
+  vocab: int | None = None,
+) -> list[list[int]]:
   """Continues each prompt by up to `max_new_tokens` tokens, stopping after `eos_id` (included); returns the
   new tokens, all below `vocab` (default: the model's vocabulary). The model's parameters may live on any
   device or mesh; the arrays are used where they are."""
@@ -107,26 +118,55 @@ def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int
   graphdef, params = nnx.split(model)
   P = -(-max(lengths) // PROMPT_BUCKET) * PROMPT_BUCKET
   buffer = jnp.array([p + [pad_id] * (P - len(p)) for p in prompts], jnp.int32)
-  out, counts = _generate(params, buffer, jnp.array(lengths, jnp.int32), jax.random.key(seed),
-                          jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
-                          jnp.int32(2**31 - 1 if vocab is None else vocab), graphdef=graphdef,
-                          max_new_tokens=max_new_tokens)
+  out, counts = _generate(
+    params,
+    buffer,
+    jnp.array(lengths, jnp.int32),
+    jax.random.key(seed),
+    jnp.float32(temperature),
+    jnp.int32(top_k),
+    jnp.float32(top_p),
+    jnp.int32(eos_id),
+    jnp.int32(2**31 - 1 if vocab is None else vocab),
+    graphdef=graphdef,
+    max_new_tokens=max_new_tokens,
+  )
   return [row[:n] for row, n in zip(out.tolist(), counts.tolist())]
 
 
-def complete(model: nnx.Module, tok: Tokenizer, prompts: list[str], *, add_bos: bool = False, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+def complete(
+  model: nnx.Module,
+  tok: Tokenizer,
+  prompts: list[str],
+  *,
+  add_bos: bool = False,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+) -> list[dict]:
   """Text in, text out (`maxlm sample` and the demo): per prompt {prompt, completion, tokens, eos}, where
   `tokens` are the new ids (EOS included when it ended the row) and `completion` their text without EOS."""
   ids = [([tok.sp.bos_id()] if add_bos else []) + tok.encode(p) for p in prompts]
   if min(map(len, ids)) == 0:
     raise UserError("--prompt: an empty prompt gives the model nothing to continue")
   eos = tok.sp.eos_id()
-  outputs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     seed=seed, eos_id=eos, vocab=tok.vocab_size)
+  outputs = generate(
+    model,
+    ids,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    seed=seed,
+    eos_id=eos,
+    vocab=tok.vocab_size,
+  )
   results = []
   for prompt, new in zip(prompts, outputs):
     ended = bool(new) and new[-1] == eos
-    results.append({"prompt": prompt, "completion": tok.decode(new[:-1] if ended else new), "tokens": new,
-                    "eos": ended})
+    results.append(
+      {"prompt": prompt, "completion": tok.decode(new[:-1] if ended else new), "tokens": new, "eos": ended}
+    )
   return results

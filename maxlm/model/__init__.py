@@ -5,4 +5,19 @@
   kernels      fused attention: cuDNN (GPU), Pallas splash (TPU)
   loss         chunked cross-entropy fused with its gradient
   flops        model FLOPs per token, device peaks, for MFU
+
+Shape suffixes name every tensor's dimensions, joined by `x` (`x_BxTxD`), here and wherever model tensors
+are handled (the train step, sampling, evaluation); tests/test_style.py checks that this legend covers them:
+
+  B     batch rows                        D     model width (d_model)
+  T     query positions (sequence)        H     query heads
+  S     key positions                     K     key/value heads
+  P     prompt positions (sampling)       G     query heads per kv head, H/K
+  C     positions of one loss chunk       Dh    head dim, D/H
+  n     loss chunks of a row, T/C
+  Q     query rows of an attention block: G·t for t positions (the G heads of a kv head folded in)
+  Half  Dh/2 (RoPE pairs)                 F     MLP width
+  V     vocabulary                        N     layers
+  b, k  the part of B, K on one device (inside shard_map)
+  1, 2  literal sizes: 1 a broadcast axis, 2 the stacked gate and up projections
 """

@@ -1,8 +1,8 @@
 """Attention in plain einsums: the training path (causal, within packed segments, with a hand-written VJP) and
 the KV-cache path of decoding; `IMPLEMENTATIONS` maps `model.attention` to these and the fused kernels.
 
-Shape suffixes as in `maxlm.model.transformer`; here also Q = G·t, the query rows of one block (the G query
-heads of a kv head folded in), t the positions of a query block, and Half = Dh/2.
+Shape suffixes: the legend in maxlm/model/__init__.py; here also Q = G·t, the query rows of one block (the G
+query heads of a kv head folded in, t positions).
 """
 
 from __future__ import annotations
@@ -24,15 +24,17 @@ def _attend(q_BxKxQxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1x1xTxS):
 def _attend_fwd(q_BxKxQxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1x1xTxS):
   B, K, Q, _ = q_BxKxQxDh.shape
   S, T = k_BxSxKxDh.shape[1], mask_Bx1x1xTxS.shape[-2]
-  scores_BxKxGxTxS = jnp.einsum("bkqd,bskd->bkqs", q_BxKxQxDh, k_BxSxKxDh,
-                                preferred_element_type=jnp.float32).reshape(B, K, Q // T, T, S)
+  scores_BxKxGxTxS = jnp.einsum("bkqd,bskd->bkqs", q_BxKxQxDh, k_BxSxKxDh, preferred_element_type=jnp.float32).reshape(
+    B, K, Q // T, T, S
+  )
   scores_BxKxQxS = jnp.where(mask_Bx1x1xTxS, scores_BxKxGxTxS, _MASKED).reshape(B, K, Q, S)
   # Every query sees at least itself, so no row is fully masked; masked entries of e are exactly 0.
   e_BxKxQxS = jnp.exp(scores_BxKxQxS - jnp.max(scores_BxKxQxS, axis=-1, keepdims=True)).astype(v_BxSxKxDh.dtype)
   sum_BxKxQx1 = jnp.sum(e_BxKxQxS, axis=-1, keepdims=True, dtype=jnp.float32)
   # Normalising after the PV product divides Q·Dh values instead of Q·S.
-  out_BxKxQxDh = (jnp.einsum("bkqs,bskd->bkqd", e_BxKxQxS, v_BxSxKxDh, preferred_element_type=jnp.float32)
-                  / sum_BxKxQx1).astype(q_BxKxQxDh.dtype)
+  out_BxKxQxDh = (
+    jnp.einsum("bkqs,bskd->bkqd", e_BxKxQxS, v_BxSxKxDh, preferred_element_type=jnp.float32) / sum_BxKxQx1
+  ).astype(q_BxKxQxDh.dtype)
   return out_BxKxQxDh, (q_BxKxQxDh, k_BxSxKxDh, v_BxSxKxDh, e_BxKxQxS, sum_BxKxQx1, out_BxKxQxDh)
 
 
@@ -49,8 +51,7 @@ def _attend_bwd(residuals, dout_BxKxQxDh):
   ds_BxKxQxS = (e_BxKxQxS.astype(jnp.float32) * (dp_BxKxQxS - rowsum_BxKxQx1)).astype(dt)
   dq_BxKxQxDh = jnp.einsum("bkqs,bskd->bkqd", ds_BxKxQxS, k_BxSxKxDh, preferred_element_type=jnp.float32)
   dk_BxSxKxDh = jnp.einsum("bkqs,bkqd->bskd", ds_BxKxQxS, q_BxKxQxDh, preferred_element_type=jnp.float32)
-  return (dq_BxKxQxDh.astype(dt), dk_BxSxKxDh.astype(k_BxSxKxDh.dtype), dv_BxSxKxDh.astype(v_BxSxKxDh.dtype),
-          None)
+  return (dq_BxKxQxDh.astype(dt), dk_BxSxKxDh.astype(k_BxSxKxDh.dtype), dv_BxSxKxDh.astype(v_BxSxKxDh.dtype), None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -66,7 +67,7 @@ def xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT):
   """Causal GQA attention in plain einsums; a query sees keys at or before it in its own segment.
 
   The G query heads sharing a kv head are folded into the rows (Q = G·t), so each kv head runs one
-  [Q, Dh] x [Dh, S] matmul instead of G small ones (1.5x faster forward on CPU). Queries go in blocks of
+  [Q, Dh] x [Dh, S] matmul instead of G small ones (benchmarks/NOTES.md). Queries go in blocks of
   t = max(64, T/8) positions, and block i only scores the keys before its end: with nb blocks that is
   (nb+1)/(2·nb) of the T×T scores (5/8 at T=256), the masked upper triangle mostly skipped. Each block's
   softmax·v has a hand-written VJP (`_attend`) that touches the score-sized tensors fewer times than the
@@ -99,14 +100,14 @@ def cached_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT):
   S, K = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
   G = H // K
   q_BxKxGxTxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4)
-  scores_BxKxGxTxS = jnp.einsum("bkgtd,bskd->bkgts", q_BxKxGxTxDh, k_BxSxKxDh,
-                                preferred_element_type=jnp.float32) * Dh**-0.5
+  scores_BxKxGxTxS = (
+    jnp.einsum("bkgtd,bskd->bkgts", q_BxKxGxTxDh, k_BxSxKxDh, preferred_element_type=jnp.float32) * Dh**-0.5
+  )
   visible_BxTxS = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
   scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
   probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxDh.dtype)
   out_BxKxGxTxDh = jnp.einsum("bkgts,bskd->bkgtd", probs_BxKxGxTxS, v_BxSxKxDh)
   return out_BxKxGxTxDh.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
-
 
 
 # `model.attention` -> implementation, each with the signature of `xla_attention` (fused kernels: kernels.py).

@@ -22,18 +22,18 @@ import ml_collections
 
 # Dense bf16 peak TFLOP/s per device (datasheets). Matched against `device.device_kind`, longest key first.
 PEAK_TFLOPS = {
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,  # v5e
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,  # v5p reports "TPU v5"
-    "TPU v6 lite": 918.0,  # v6e (Trillium)
-    "TPU v6e": 918.0,
-    "A100": 312.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "H200": 989.0,
-    "GH200": 989.0,
+  "TPU v4": 275.0,
+  "TPU v5 lite": 197.0,  # v5e
+  "TPU v5e": 197.0,
+  "TPU v5p": 459.0,
+  "TPU v5": 459.0,  # v5p reports "TPU v5"
+  "TPU v6 lite": 918.0,  # v6e (Trillium)
+  "TPU v6e": 918.0,
+  "A100": 312.0,
+  "H100 PCIe": 756.0,
+  "H100": 989.0,
+  "H200": 989.0,
+  "GH200": 989.0,
 }
 
 
@@ -90,5 +90,7 @@ def peak_tflops_per_device(configured: float, compute_dtype: str, devices) -> tu
   measured = measure_matmul_tflops(jnp.dtype(compute_dtype), device=devices[0])
   # Fake CPU devices share the host's cores, so each gets an equal share of the host's rate.
   local = sum(d.process_index == jax.process_index() for d in devices)
-  return measured / local, (f"MEASURED peak: {measured * 1e3:.1f} GFLOP/s for a 2048^3 {compute_dtype} "
-                            f"matmul on {devices[0].platform}, shared by {local} local device(s)")
+  return measured / local, (
+    f"MEASURED peak: {measured * 1e3:.1f} GFLOP/s for a 2048^3 {compute_dtype} "
+    f"matmul on {devices[0].platform}, shared by {local} local device(s)"
+  )

@@ -26,8 +26,9 @@ from maxlm.parallel.mesh import logical_to_spec
 
 def cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, implementation: str = "cudnn"):
   same_segment_Bx1xTxS = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
-  return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=same_segment_Bx1xTxS,
-                                      is_causal=True, implementation=implementation)
+  return jax.nn.dot_product_attention(
+    q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=same_segment_Bx1xTxS, is_causal=True, implementation=implementation
+  )
 
 
 def splash_block(seq_len: int, on_tpu: bool) -> int:
@@ -48,8 +49,16 @@ def _splash_kernel(seq_len: int, group: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
   b = splash_block(seq_len, on_tpu=not interpret)
-  sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  sizes = splash.BlockSizes(
+    block_q=b,
+    block_kv=b,
+    block_kv_compute=b,
+    block_q_dkv=b,
+    block_kv_dkv=b,
+    block_kv_dkv_compute=b,
+    block_q_dq=b,
+    block_kv_dq=b,
+  )
   mask = masks.MultiHeadMask([masks.CausalMask((seq_len, seq_len)) for _ in range(group)])
   return splash.make_splash_mqa(mask=mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
@@ -67,8 +76,9 @@ def splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT):
 
   def run(interpret: bool, q_bxkxGxTxDh, k_bxkxSxDh, v_bxkxSxDh, segment_ids_bxT):
     kernel = _splash_kernel(T, G, interpret)
-    per_kv_head = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)),
-                           in_axes=(0, 0, 0, None))
+    per_kv_head = jax.vmap(
+      lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)), in_axes=(0, 0, 0, None)
+    )
     return jax.vmap(per_kv_head)(q_bxkxGxTxDh, k_bxkxSxDh, v_bxkxSxDh, segment_ids_bxT)
 
   def local(*args):
@@ -79,8 +89,12 @@ def splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT):
   if not mesh.empty:
     batch, heads = logical_to_spec(("act_batch",))[0], logical_to_spec(("act_kv_heads",))[0]
     qkv = P(batch, heads, None, None, None)
-    local = jax.shard_map(local, mesh=mesh, in_specs=(qkv, P(batch, heads, None, None),
-                                                      P(batch, heads, None, None), P(batch, None)),
-                          out_specs=qkv, check_vma=False)
+    local = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(qkv, P(batch, heads, None, None), P(batch, heads, None, None), P(batch, None)),
+      out_specs=qkv,
+      check_vma=False,
+    )
   out_BxKxGxTxDh = local(q_BxKxGxTxDh, k_BxKxSxDh, v_BxKxSxDh, segment_ids_BxT.astype(jnp.int32))
   return out_BxKxGxTxDh.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)

@@ -67,15 +67,18 @@ def _sums(x_BxTxD, w_DxV, targets_BxT, mask_BxT, z_loss, chunk, *, with_grads: b
       return (nll, z, dw_DxV), None
     p_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
     is_target_BxCxV = jnp.arange(V) == targets_BxC[..., None]
-    dlogits_BxCxV = (p_BxCxV * (mask_BxC * (1 + 2 * z_loss * lse_BxC))[..., None]
-                     - jnp.where(is_target_BxCxV, mask_BxC[..., None], 0.0)).astype(x_BxCxD.dtype)
+    dlogits_BxCxV = (
+      p_BxCxV * (mask_BxC * (1 + 2 * z_loss * lse_BxC))[..., None]
+      - jnp.where(is_target_BxCxV, mask_BxC[..., None], 0.0)
+    ).astype(x_BxCxD.dtype)
     dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, w_DxV)
     dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", x_BxCxD, dlogits_BxCxV, preferred_element_type=jnp.float32)
     return (nll, z, dw_DxV), dx_BxCxD
 
   dw0 = jnp.zeros((D, V) if with_grads else (0, 0), jnp.float32)
   (nll_sum, z_sum, dw_DxV), dx_nxBxCxD = jax.lax.scan(
-      body, (jnp.float32(0), jnp.float32(0), dw0), (split(x_BxTxD), split(targets_BxT), split(mask_BxT)))
+    body, (jnp.float32(0), jnp.float32(0), dw0), (split(x_BxTxD), split(targets_BxT), split(mask_BxT))
+  )
   grads = None
   if with_grads:
     dx_BxTxD = dx_nxBxCxD.swapaxes(0, 1).reshape(B, T, D)

@@ -1,7 +1,7 @@
 """Llama-style decoder-only transformer in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
-Shape suffixes name every tensor's dimensions: B batch, T query positions, S key positions, D d_model,
-H query heads, K kv heads, G = H/K query heads per kv head, Dh head dim, F mlp width, V vocab, N layers.
+Shape suffixes name every tensor's dimensions (legend: maxlm/model/__init__.py): B batch, T query positions,
+S key positions, D d_model, H query heads, K kv heads, Dh head dim, F mlp width, V vocab, N layers.
 
 Parameters are stored in `model.param_dtype` and cast to `model.compute_dtype` at use; norms, softmax
 and RoPE run in float32. Block parameters are always stacked on a leading "layers" axis, so the
@@ -27,9 +27,9 @@ from maxlm.model import attention
 from maxlm.parallel.mesh import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
-    "full": None,  # Save nothing inside a block: recompute the whole forward in the backward pass.
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # Save nothing inside a block: recompute the whole forward in the backward pass.
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -38,7 +38,6 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, names: tuple[str
 
 
 class RMSNorm(nnx.Module):
-
   def __init__(self, dim: int, eps: float, param_dtype):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
     self.eps = eps
@@ -53,6 +52,7 @@ class RopeScaling(NamedTuple):
   """Llama 3.1 frequency scaling (HF `rope_type: llama3`): wavelengths longer than original_max_len /
   low_freq_factor are stretched by `factor`, those shorter than original_max_len / high_freq_factor are kept,
   and the band between is interpolated smoothly."""
+
   factor: float
   low_freq_factor: float
   high_freq_factor: float
@@ -83,7 +83,6 @@ def rope(x_BxTxNxDh: jax.Array, positions_BxT: jax.Array, inv_freq_Half: jax.Arr
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     D, H, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
     Dh = D // H
@@ -91,13 +90,14 @@ class Attention(nnx.Module):
     self.q_proj = _normal(rngs, (D, H, Dh), D**-0.5, ("embed", "heads", "head_dim"), pdt)
     self.k_proj = _normal(rngs, (D, K, Dh), D**-0.5, ("embed", "kv_heads", "head_dim"), pdt)
     self.v_proj = _normal(rngs, (D, K, Dh), D**-0.5, ("embed", "kv_heads", "head_dim"), pdt)
-    self.o_proj = _normal(rngs, (H, Dh, D), (H * Dh)**-0.5, ("heads", "head_dim", "embed"), pdt)
+    self.o_proj = _normal(rngs, (H, Dh, D), (H * Dh) ** -0.5, ("heads", "head_dim", "embed"), pdt)
     self.q_norm = RMSNorm(Dh, cfg.norm_eps, pdt) if cfg.qk_norm else None
     self.k_norm = RMSNorm(Dh, cfg.norm_eps, pdt) if cfg.qk_norm else None
     self.rope_theta = cfg.rope_theta
     r = cfg.rope_scaling
-    self.rope_scaling = (RopeScaling(r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_len)
-                         if r.type == "llama3" else None)
+    self.rope_scaling = (
+      RopeScaling(r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_len) if r.type == "llama3" else None
+    )
     self.attention_fn = attention.IMPLEMENTATIONS[cfg.attention]
     self.dtype = jnp.dtype(cfg.compute_dtype)
 
@@ -147,12 +147,12 @@ class MLP(nnx.Module):
   def __call__(self, x_BxTxD):
     dt = self.dtype
     # Gate and up as one matmul over a stacked [2, D, F] weight: one [BT, D] x [D, 2F] product instead of
-    # two, which XLA:CPU would run side by side at half speed each (step 5% faster, benchmarks/NOTES.md).
+    # two, which XLA:CPU would run side by side at half speed each (measured in benchmarks/NOTES.md).
     # Stacking on a new leading axis keeps each weight's sharding, unlike concatenating along F.
     w_2xDxF = jnp.stack([self.gate_proj[...], self.up_proj[...]]).astype(dt)
     gate_up_BxTx2xF = jnp.einsum("btd,jdf->btjf", x_BxTxD, w_2xDxF)
     # Unstacked, not indexed: the gradient of an unstack is one stack; of two indexings, two zero-padded
-    # [B, T, 2, F] copies summed (unrolled CPU step 2% faster, scanned 2% slower: benchmarks/NOTES.md).
+    # [B, T, 2, F] copies summed (benchmarks/NOTES.md).
     gate_BxTxF, up_BxTxF = jnp.unstack(gate_up_BxTx2xF, axis=2)
     h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_seq", "act_mlp"))
@@ -160,7 +160,6 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     pdt = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
@@ -228,7 +227,7 @@ class Transformer(nnx.Module):
       # N indexings N zero-padded copies of the whole stack summed together.
       split = jax.tree.map(lambda a: jnp.split(a, self.num_layers), stacked)
       for i in range(self.num_layers):
-        layer_params = jax.tree.map(lambda parts: parts[i][0], split, is_leaf=lambda x: isinstance(x, list))
+        layer_params = jax.tree.map(lambda parts, i=i: parts[i][0], split, is_leaf=lambda x: isinstance(x, list))
         x_BxTxD, _ = block(x_BxTxD, layer_params)
 
     return self.final_norm(x_BxTxD)

@@ -28,9 +28,8 @@ log = logging.getLogger("maxlm")
 
 # Variables whose presence means a launcher started several processes (the ones JAX's detectors read).
 CLUSTERS = {
-    "SLURM": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
-    "Open MPI": ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
-                 "OMPI_COMM_WORLD_LOCAL_RANK"),
+  "SLURM": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+  "Open MPI": ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"),
 }
 CLUSTER_SIZE = {"SLURM": "SLURM_NTASKS", "Open MPI": "OMPI_COMM_WORLD_SIZE"}
 GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips are PCI devices of this vendor.
@@ -74,8 +73,9 @@ def accelerator_possible(environ=os.environ) -> bool:
 
 def accelerator_plugin_installed() -> bool:
   """Whether a JAX backend plugin (CUDA, ROCm, ...) is installed, found without loading it."""
-  return (importlib.util.find_spec("jax_plugins") is not None
-          or any(importlib.metadata.entry_points(group="jax_plugins")))
+  return importlib.util.find_spec("jax_plugins") is not None or any(
+    importlib.metadata.entry_points(group="jax_plugins")
+  )
 
 
 def use_platforms(platforms: str, environ=os.environ) -> None:
@@ -85,22 +85,26 @@ def use_platforms(platforms: str, environ=os.environ) -> None:
     sys.modules["jax"].config.update("jax_platforms", platforms)
 
 
-def detect(coordinator: str | None, num_processes: int | None, process_id: int | None,
-           environ=os.environ) -> str | None:
+def detect(
+  coordinator: str | None, num_processes: int | None, process_id: int | None, environ=os.environ
+) -> str | None:
   """How this run's processes find each other ("explicit", "SLURM", "Open MPI", "Cloud TPU"), or None for one
   process. Raises UserError for an incomplete or inconsistent set of flags."""
   given = {"--coordinator": coordinator, "--num_processes": num_processes, "--process_id": process_id}
   if any(v is not None for v in given.values()):
     missing = [k for k, v in given.items() if v is None]
     if missing:
-      raise UserError(f"{', '.join(missing)} missing: pass --coordinator=HOST:PORT, --num_processes=N and "
-                        "--process_id=I together (the same HOST:PORT and N on every process)")
+      raise UserError(
+        f"{', '.join(missing)} missing: pass --coordinator=HOST:PORT, --num_processes=N and "
+        "--process_id=I together (the same HOST:PORT and N on every process)"
+      )
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
       raise UserError(f"--coordinator={coordinator!r}: use HOST:PORT, e.g. --coordinator=10.0.0.2:8476")
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise UserError(f"--process_id={process_id} --num_processes={num_processes}: need 0 <= process_id < "
-                        "num_processes")
+      raise UserError(
+        f"--process_id={process_id} --num_processes={num_processes}: need 0 <= process_id < num_processes"
+      )
     return "explicit" if num_processes > 1 else None
   for name, variables in CLUSTERS.items():
     if all(v in environ for v in variables):
@@ -110,9 +114,16 @@ def detect(coordinator: str | None, num_processes: int | None, process_id: int |
   return None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, *,
-               heartbeat_timeout_s: int = 60, init_timeout_s: int = 300, shutdown_timeout_s: int | None = None,
-               environ=os.environ) -> str | None:
+def initialize(
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  heartbeat_timeout_s: int = 60,
+  init_timeout_s: int = 300,
+  shutdown_timeout_s: int | None = None,
+  environ=os.environ,
+) -> str | None:
   """Starts `jax.distributed` if this run spans processes (see `detect`); returns how, or None.
 
   `init_timeout_s` bounds the wait for every process to connect; `shutdown_timeout_s` (default: the heartbeat
@@ -123,14 +134,23 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return None
   import jax
 
-  timeouts = dict(initialization_timeout=init_timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s,
-                  shutdown_timeout_seconds=shutdown_timeout_s or heartbeat_timeout_s)
+  timeouts = dict(
+    initialization_timeout=init_timeout_s,
+    heartbeat_timeout_seconds=heartbeat_timeout_s,
+    shutdown_timeout_seconds=shutdown_timeout_s or heartbeat_timeout_s,
+  )
   if method == "explicit":
     # local_device_ids left to JAX: all of this process's devices (set CUDA_VISIBLE_DEVICES to split a host).
-    jax.distributed.initialize(coordinator, num_processes, process_id, cluster_detection_method="deactivate",
-                               **timeouts)
+    jax.distributed.initialize(
+      coordinator, num_processes, process_id, cluster_detection_method="deactivate", **timeouts
+    )
   else:
     jax.distributed.initialize(**timeouts)
-  log.info("jax.distributed (%s): process %d of %d; a process silent for %d s ends the run", method,
-           jax.process_index(), jax.process_count(), heartbeat_timeout_s)
+  log.info(
+    "jax.distributed (%s): process %d of %d; a process silent for %d s ends the run",
+    method,
+    jax.process_index(),
+    jax.process_count(),
+    heartbeat_timeout_s,
+  )
   return method

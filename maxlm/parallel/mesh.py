@@ -29,30 +29,31 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from maxlm.config import DCN_AXES, MESH_AXES
 
 BATCH_AXES = ("data", "fsdp")
 
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    # Parameters.
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "norm": None,
-    "layers": None,
-    # Activations.
-    "act_batch": BATCH_AXES,
-    "act_seq": None,
-    "act_embed": None,
-    "act_heads": "tensor",
-    "act_kv_heads": "tensor",
-    "act_mlp": "tensor",
-    "act_vocab": "tensor",
+  # Parameters.
+  "vocab": "tensor",
+  "embed": "fsdp",
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "head_dim": None,
+  "mlp": "tensor",
+  "norm": None,
+  "layers": None,
+  # Activations.
+  "act_batch": BATCH_AXES,
+  "act_seq": None,
+  "act_embed": None,
+  "act_heads": "tensor",
+  "act_kv_heads": "tensor",
+  "act_mlp": "tensor",
+  "act_vocab": "tensor",
 }
 
 
@@ -73,8 +74,9 @@ def axis_sizes(mesh_cfg) -> dict[str, int]:
   return {a: ici * dcn for a, ici, dcn in zip(MESH_AXES, mesh_sizes(mesh_cfg), mesh_sizes(mesh_cfg, dcn=True))}
 
 
-def build_mesh(sizes: Sequence[int], devices: Sequence[jax.Device] | None = None,
-               dcn_sizes: Sequence[int] | None = None) -> Mesh:
+def build_mesh(
+  sizes: Sequence[int], devices: Sequence[jax.Device] | None = None, dcn_sizes: Sequence[int] | None = None
+) -> Mesh:
   """A mesh with axes `MESH_AXES` over `devices` (default: all): axis i has size sizes[i] · dcn_sizes[i],
   where `sizes` are within a slice (ICI) and `dcn_sizes` across slices (default: all 1)."""
   devices = list(jax.devices() if devices is None else devices)
@@ -86,8 +88,9 @@ def build_mesh(sizes: Sequence[int], devices: Sequence[jax.Device] | None = None
   if int(np.prod(dcn_sizes)) == 1:
     return jax.make_mesh(total, MESH_AXES, axis_types=axis_types, devices=devices)
   # Granules are TPU slices; elsewhere (GPU nodes, CPU test processes) each process is one.
-  grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn_sizes, devices, process_is_granule=not _has_slices(devices),
-                                              allow_split_physical_axes=True)
+  grid = mesh_utils.create_hybrid_device_mesh(
+    sizes, dcn_sizes, devices, process_is_granule=not _has_slices(devices), allow_split_physical_axes=True
+  )
   return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 

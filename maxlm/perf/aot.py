@@ -28,13 +28,20 @@ import time
 import ml_collections
 
 from maxlm import config
-from maxlm.model import flops
 from maxlm.errors import UserError
+from maxlm.model import flops
 
 GIB = 2**30
 # Datasheet HBM per chip. Matched against `device.device_kind`, longest key first.
-HBM_GIB_PER_CHIP = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95, "TPU v6 lite": 32,
-                    "TPU v6e": 32}
+HBM_GIB_PER_CHIP = {
+  "TPU v4": 32,
+  "TPU v5 lite": 16,
+  "TPU v5e": 16,
+  "TPU v5p": 95,
+  "TPU v5": 95,
+  "TPU v6 lite": 32,
+  "TPU v6e": 32,
+}
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Ran out of memory", "exceeds the memory")
 
@@ -42,18 +49,24 @@ OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Ran out of memory", "exceeds the memory")
 def topology_devices(name: str, num_slices: int = 1) -> list:
   """The devices of a TPU topology such as `v5e:2x2` or `v5p:2x2x2`, from libtpu, on any host."""
   import importlib.util
+
   if importlib.util.find_spec("libtpu") is None:
     raise UserError("--topology needs libtpu for the TPU compiler: pip install -e '.[tpu]' (works on a CPU host)")
   from jax.experimental import topologies
+
   try:
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
   except Exception as e:  # noqa: BLE001  libtpu's errors vary; the name is what the user can fix.
     if "lockfile" in str(e):
-      raise UserError(f"--topology={name}: another process on this host is using libtpu (/tmp/libtpu_lockfile); "
-                        "wait for it to exit, or compile on another host (any CPU host with libtpu works)") from None
-    raise UserError(f"--topology={name}: libtpu does not know it ({' '.join(str(e).split())[:200]}); use "
-                      "GENERATION:SHAPE, e.g. v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:2x2") from None
+      raise UserError(
+        f"--topology={name}: another process on this host is using libtpu (/tmp/libtpu_lockfile); "
+        "wait for it to exit, or compile on another host (any CPU host with libtpu works)"
+      ) from None
+    raise UserError(
+      f"--topology={name}: libtpu does not know it ({' '.join(str(e).split())[:200]}); use "
+      "GENERATION:SHAPE, e.g. v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:2x2"
+    ) from None
 
 
 def hbm_per_device(devices) -> tuple[int | None, str]:
@@ -88,18 +101,32 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
   from maxlm.training import step as step_lib
 
   devices = topology_devices(topology, num_slices) if topology else jax.devices()
-  cfg = config.validate(cfg, num_devices=len(devices), process_count=len({d.process_index for d in devices}),
-                        platform=devices[0].platform, num_slices=mesh_lib.num_granules(devices))
+  cfg = config.validate(
+    cfg,
+    num_devices=len(devices),
+    process_count=len({d.process_index for d in devices}),
+    platform=devices[0].platform,
+    num_slices=mesh_lib.num_granules(devices),
+  )
   limit, limit_source = hbm_per_device(devices)
   report = {
-      "topology": topology or "local", "num_slices": num_slices, "device_kind": devices[0].device_kind,
-      "num_devices": len(devices), "processes": len({d.process_index for d in devices}),
-      "mesh": mesh_lib.axis_sizes(cfg.mesh),
-      "params_m": flops.param_count(cfg.model) / 1e6, "global_batch": cfg.train.global_batch,
-      "seq_len": cfg.data.seq_len, "microbatches": cfg.train.microbatches, "remat": cfg.model.remat,
-      "attention": cfg.model.attention,
-      "compute_dtype": cfg.model.compute_dtype, "param_dtype": cfg.model.param_dtype,
-      "hbm_bytes": limit, "hbm_source": limit_source, "jax": jax.__version__,
+    "topology": topology or "local",
+    "num_slices": num_slices,
+    "device_kind": devices[0].device_kind,
+    "num_devices": len(devices),
+    "processes": len({d.process_index for d in devices}),
+    "mesh": mesh_lib.axis_sizes(cfg.mesh),
+    "params_m": flops.param_count(cfg.model) / 1e6,
+    "global_batch": cfg.train.global_batch,
+    "seq_len": cfg.data.seq_len,
+    "microbatches": cfg.train.microbatches,
+    "remat": cfg.model.remat,
+    "attention": cfg.model.attention,
+    "compute_dtype": cfg.model.compute_dtype,
+    "param_dtype": cfg.model.param_dtype,
+    "hbm_bytes": limit,
+    "hbm_source": limit_source,
+    "jax": jax.__version__,
   }
   t0 = time.perf_counter()
   try:
@@ -122,24 +149,34 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
 
 def format_report(r: dict) -> str:
   where = r["topology"] + (f" x {r['num_slices']} slices" if r["num_slices"] > 1 else "")
-  lines = [f"{where}: {r['num_devices']} x {r['device_kind']} ({r['processes']} host process(es)), mesh {r['mesh']}",
-           f"model {r['params_m']:.1f}M parameters, batch {r['global_batch']} x {r['seq_len']} "
-           f"({r['microbatches']} microbatch(es)), remat {r['remat']}, compute {r['compute_dtype']}, "
-           f"attention {r['attention']}; "
-           f"compiled in {r['compile_s']:.1f} s"]
+  lines = [
+    f"{where}: {r['num_devices']} x {r['device_kind']} ({r['processes']} host process(es)), mesh {r['mesh']}",
+    f"model {r['params_m']:.1f}M parameters, batch {r['global_batch']} x {r['seq_len']} "
+    f"({r['microbatches']} microbatch(es)), remat {r['remat']}, compute {r['compute_dtype']}, "
+    f"attention {r['attention']}; "
+    f"compiled in {r['compile_s']:.1f} s",
+  ]
   if "memory_per_device" in r:
     m = r["memory_per_device"]
     lines.append("memory per device (GiB):")
-    for label, key in (("arguments", "argument"), ("outputs", "output"), ("aliased (donated)", "alias"),
-                       ("temporaries", "temp"), ("generated code", "generated_code"),
-                       ("live = args + outputs - aliased + temps", "live"), ("XLA peak estimate", "xla_peak"),
-                       ("peak = max(XLA peak, live + code)", "peak")):
+    for label, key in (
+      ("arguments", "argument"),
+      ("outputs", "output"),
+      ("aliased (donated)", "alias"),
+      ("temporaries", "temp"),
+      ("generated code", "generated_code"),
+      ("live = args + outputs - aliased + temps", "live"),
+      ("XLA peak estimate", "xla_peak"),
+      ("peak = max(XLA peak, live + code)", "peak"),
+    ):
       lines.append(f"  {label:40} {m[key] / GIB:9.3f}")
   else:
     lines.append(f"the compiler ran out of memory: {r['compiler_error']}")
   if r["hbm_bytes"] is not None and "memory_per_device" in r:
-    lines.append(f"{'fits' if r['fits'] else 'DOES NOT FIT'}: {r['memory_per_device']['peak'] / GIB:.3f} GiB of "
-                 f"{r['hbm_bytes'] / GIB:.3f} GiB per device ({r['hbm_source']})")
+    lines.append(
+      f"{'fits' if r['fits'] else 'DOES NOT FIT'}: {r['memory_per_device']['peak'] / GIB:.3f} GiB of "
+      f"{r['hbm_bytes'] / GIB:.3f} GiB per device ({r['hbm_source']})"
+    )
   elif r["hbm_bytes"] is not None:
     lines.append(f"DOES NOT FIT: {r['hbm_bytes'] / GIB:.3f} GiB per device ({r['hbm_source']})")
   return "\n".join(lines)
@@ -151,5 +188,7 @@ def does_not_fit_message(r: dict) -> str:
     need = f"{r['memory_per_device']['peak'] / GIB:.2f} GiB per device > {limit}"
   else:
     need = f"the compiler ran out of memory ({r['compiler_error'].split('RESOURCE_EXHAUSTED: ')[-1][:160]})"
-  return (f"{need} on {r['topology']} ({r['device_kind']}): shard more "
-          "(mesh.fsdp, mesh.tensor), use model.remat, more train.microbatches or a smaller train.global_batch")
+  return (
+    f"{need} on {r['topology']} ({r['device_kind']}): shard more "
+    "(mesh.fsdp, mesh.tensor), use model.remat, more train.microbatches or a smaller train.global_batch"
+  )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -26,12 +25,16 @@ import time
 import jax
 import ml_collections
 
+from maxlm import provenance
 from maxlm.model import flops
-from maxlm.training import loop, step as step_lib
+from maxlm.training import loop
+from maxlm.training import step as step_lib
 
-TABLE_HEADER = ("| date | device | jax | config | params | tokens/step | step ms (median) | step ms (pipelined) | "
-                "tokens/s/device | TFLOP/s/device | MFU | peak memory GiB | peak source |\n"
-                "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n")
+TABLE_HEADER = (
+  "| date | device | jax | config | params | tokens/step | step ms (median) | step ms (pipelined) | "
+  "tokens/s/device | TFLOP/s/device | MFU | peak memory GiB | peak source |\n"
+  "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
+)
 
 
 def measure(cfg: ml_collections.ConfigDict, *, steps: int, warmup: int, name: str, devices=None) -> dict:
@@ -63,48 +66,40 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int, warmup: int, name: st
   device = session.mesh.devices.flat[0]
   peak_bytes, peak_source = _peak_memory(device, session.step)
   return {
-      "benchmark": "bench", "date": datetime.date.today().isoformat(), "config": name,
-      "device": device.device_kind, "platform": device.platform, "devices": n_dev,
-      "mesh": {k: int(v) for k, v in session.mesh.shape.items()},
-      "host": host_description(), "jax": jax.__version__,
-      "python": sys.version.split()[0],
-      "params_m": flops.param_count(cfg.model) / 1e6, "tokens_per_step": session.tokens_per_step,
-      "flops_per_token": session.flops_per_step / session.tokens_per_step,
-      "compute_dtype": cfg.model.compute_dtype, "attention": cfg.model.attention, "remat": cfg.model.remat,
-      "scan_layers": cfg.model.scan_layers, "loss_chunk": cfg.train.loss_chunk,
-      "compile_s": session.compile_s, "warmup_steps": warmup, "timed_steps": steps,
-      "step_time_s_median": step_time, "step_time_s_spread": [min(blocked), max(blocked)],
-      "step_time_s_pipelined": pipelined,
-      "tokens_per_sec_per_device": session.tokens_per_step / step_time / n_dev,
-      "tflops_per_device": tflops, "peak_tflops_per_device": session.peak_tflops, "mfu": tflops / session.peak_tflops,
-      "mfu_pipelined": session.flops_per_step / pipelined / n_dev / 1e12 / session.peak_tflops,
-      "peak_memory_bytes": peak_bytes, "peak_memory_source": peak_source,
-      "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-      "final_loss": loss,
+    "benchmark": "bench",
+    "date": datetime.date.today().isoformat(),
+    "config": name,
+    "device": device.device_kind,
+    "platform": device.platform,
+    "devices": n_dev,
+    "mesh": {k: int(v) for k, v in session.mesh.shape.items()},
+    "host": provenance.host_description(),
+    "jax": jax.__version__,
+    "python": sys.version.split()[0],
+    "params_m": flops.param_count(cfg.model) / 1e6,
+    "tokens_per_step": session.tokens_per_step,
+    "flops_per_token": session.flops_per_step / session.tokens_per_step,
+    "compute_dtype": cfg.model.compute_dtype,
+    "attention": cfg.model.attention,
+    "remat": cfg.model.remat,
+    "scan_layers": cfg.model.scan_layers,
+    "loss_chunk": cfg.train.loss_chunk,
+    "compile_s": session.compile_s,
+    "warmup_steps": warmup,
+    "timed_steps": steps,
+    "step_time_s_median": step_time,
+    "step_time_s_spread": [min(blocked), max(blocked)],
+    "step_time_s_pipelined": pipelined,
+    "tokens_per_sec_per_device": session.tokens_per_step / step_time / n_dev,
+    "tflops_per_device": tflops,
+    "peak_tflops_per_device": session.peak_tflops,
+    "mfu": tflops / session.peak_tflops,
+    "mfu_pipelined": session.flops_per_step / pipelined / n_dev / 1e12 / session.peak_tflops,
+    "peak_memory_bytes": peak_bytes,
+    "peak_memory_source": peak_source,
+    "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "final_loss": loss,
   }
-
-
-def host_description() -> str:
-  """This host's CPU as far as Linux says: 'AMD EPYC, x86_64, 2 cores, AVX2, L3 16 MiB' (CPU figures depend on it)."""
-  model, isa = platform.processor() or "unknown CPU", ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-    names = re.findall(r"^model name\s*:\s*(.+)$", info, re.M)
-    flags = set((re.findall(r"^flags\s*:\s*(.+)$", info, re.M) or [""])[0].split())
-    model = names[0].strip() if names else model
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-  except OSError:
-    pass
-  parts = [model, platform.machine(), f"{os.cpu_count()} cores", isa]
-  try:
-    with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-      size = f.read().strip()
-    kib = int(size[:-1]) * {"K": 1, "M": 1024}[size[-1]]
-    parts.append(f"L3 {kib // 1024} MiB" if kib % 1024 == 0 else f"L3 {kib} KiB")
-  except (OSError, ValueError, KeyError, IndexError):
-    pass
-  return ", ".join(p for p in parts if p)
 
 
 def _peak_memory(device: jax.Device, compiled) -> tuple[int, str]:
@@ -129,13 +124,16 @@ def write(result: dict, results_dir: str) -> str:
     json.dump(result, f, indent=2)
   r = result
   append_table_rows(
-      os.path.join(results_dir, "mfu.md"),
-      "# `maxlm bench` results\n\nOne row per run, appended by `maxlm bench` (see maxlm/perf/bench.py for what "
-      "each column means).\n\n" + TABLE_HEADER,
-      [f"| {r['date']} | {r['devices']}× {r['device']} | {r['jax']} | {r['config']} | {r['params_m']:.1f}M | "
-       f"{r['tokens_per_step']} | {1e3 * r['step_time_s_median']:.1f} | {1e3 * r['step_time_s_pipelined']:.1f} | "
-       f"{r['tokens_per_sec_per_device']:,.0f} | {r['tflops_per_device']:.3g} | {100 * r['mfu']:.1f}% | "
-       f"{r['peak_memory_bytes'] / 2**30:.2f} | {r['peak_memory_source']} |"])
+    os.path.join(results_dir, "mfu.md"),
+    "# `maxlm bench` results\n\nOne row per run, appended by `maxlm bench` (see maxlm/perf/bench.py for what "
+    "each column means).\n\n" + TABLE_HEADER,
+    [
+      f"| {r['date']} | {r['devices']}× {r['device']} | {r['jax']} | {r['config']} | {r['params_m']:.1f}M | "
+      f"{r['tokens_per_step']} | {1e3 * r['step_time_s_median']:.1f} | {1e3 * r['step_time_s_pipelined']:.1f} | "
+      f"{r['tokens_per_sec_per_device']:,.0f} | {r['tflops_per_device']:.3g} | {100 * r['mfu']:.1f}% | "
+      f"{r['peak_memory_bytes'] / 2**30:.2f} | {r['peak_memory_source']} |"
+    ],
+  )
   return path
 
 
@@ -147,7 +145,9 @@ def append_table_rows(path: str, heading: str, rows: list[str]) -> None:
 
 
 def summary(r: dict) -> str:
-  return (f"{r['config']} on {r['devices']}x {r['device']}: step {1e3 * r['step_time_s_median']:.1f} ms median "
-          f"({1e3 * r['step_time_s_pipelined']:.1f} ms pipelined), {r['tokens_per_sec_per_device']:,.0f} tokens/s/device, "
-          f"{r['tflops_per_device']:.3g} TFLOP/s/device, MFU {100 * r['mfu']:.1f}% of {r['peak_tflops_per_device']:.4g}, "
-          f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']})")
+  return (
+    f"{r['config']} on {r['devices']}x {r['device']}: step {1e3 * r['step_time_s_median']:.1f} ms median "
+    f"({1e3 * r['step_time_s_pipelined']:.1f} ms pipelined), {r['tokens_per_sec_per_device']:,.0f} tokens/s/device, "
+    f"{r['tflops_per_device']:.3g} TFLOP/s/device, MFU {100 * r['mfu']:.1f}% of {r['peak_tflops_per_device']:.4g}, "
+    f"peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_source']})"
+  )

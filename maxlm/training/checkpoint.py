@@ -26,6 +26,7 @@ mesh or device count resumes on another.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -41,7 +42,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from configs import base
-from maxlm.errors import UserError
+from maxlm import config, errors
+from maxlm.errors import RunFailed, UserError
 from maxlm.model import transformer
 from maxlm.parallel import mesh as mesh_lib
 
@@ -49,17 +51,23 @@ log = logging.getLogger("maxlm")
 
 
 class Checkpointer:
-
   def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     c = cfg.checkpoint
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=c.keep, keep_period=c.keep_every or None, enable_async_checkpointing=True,
-            cleanup_tmp_directories=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=c.keep,
+        keep_period=c.keep_every or None,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+      ),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+    )
     self.meta = {"config": cfg.to_dict()}
     # One persistent thread: starting threads per save is itself a stall on a busy host.
     self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="maxlm-checkpoint")
@@ -70,6 +78,7 @@ class Checkpointer:
     device-to-host copy is dispatched (or, with `wait`, once the checkpoint is complete). `extra` goes
     into the JSON metadata."""
     self._join()
+    self._check_space(step, state)
     snapshot = jax.device_put(state, jax.tree.map(_host_sharding, state), may_alias=False)
     position = _Position(json.dumps(data_iterator.get_state(), indent=2).encode())
     meta = {**self.meta, **(extra or {}), "step": step}
@@ -81,20 +90,60 @@ class Checkpointer:
       self.wait()
 
   def _save(self, step: int, snapshot, position: _Position, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(snapshot), data=grain.checkpoint.CheckpointSave(position),
-        meta=ocp.args.JsonSave(meta)))
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(snapshot),
+        data=grain.checkpoint.CheckpointSave(position),
+        meta=ocp.args.JsonSave(meta),
+      ),
+    )
 
   def _join(self) -> None:
     """Waits for the save handed to the writer thread to be handed to Orbax; re-raises its error."""
     pending, self._pending = self._pending, None
     if pending is not None:
-      pending.result()
+      try:
+        pending.result()
+      except Exception as e:  # noqa: BLE001  Only the machine's errors are translated; the rest re-raise as is.
+        raise self._write_failed(e) from e
 
   def wait(self) -> None:
     """Blocks until the last save is complete on disk."""
     self._join()
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_failed(e) from e
+
+  def _check_space(self, step: int, state) -> None:
+    """Refuses to start a save the file system cannot hold (every process checks its own shards), so a full disk
+    stops the run with a report instead of a half-written checkpoint and the storage library's errors."""
+    need = int(1.1 * _local_bytes(state)) + (4 << 20)
+    free = shutil.disk_usage(self.directory).free
+    if not _everywhere(free >= need):
+      where = f"{free / 1e6:.0f} MB are free" if free < need else "another process lacks the space"
+      raise RunFailed(
+        f"not enough free space for the checkpoint of step {step} in {self.directory}: it needs about "
+        f"{need / 1e6:.0f} MB and {where}; {self._resume_hint()}"
+      )
+
+  def _write_failed(self, error: Exception) -> Exception:
+    problem = errors.environment_problem(error)
+    if problem is None:
+      return error
+    return RunFailed(f"cannot write a checkpoint to {self.directory} ({problem}); {self._resume_hint()}")
+
+  def _resume_hint(self) -> str:
+    with contextlib.suppress(Exception):  # A save may still be finishing (its own error is the same problem).
+      self.manager.wait_until_finished()
+    steps = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit()) if os.path.isdir(self.directory) else []
+    if not steps:
+      return "no checkpoint was completed: free space (or fix the directory) and rerun"
+    return (
+      f"the checkpoint at step {steps[-1]} is complete: free space (or lower checkpoint.keep) and rerun the same "
+      "command to resume from it"
+    )
 
   def restore_state(self, step: int, abstract_state):
     """Only the train state of a checkpoint (a rollback keeps the data iterator where it is)."""
@@ -117,9 +166,15 @@ class Checkpointer:
         continue
       _check_model_matches(meta, model_cfg, step)
       try:
-        restored, error = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator))), None
+        restored, error = (
+          self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
+            ),
+          ),
+          None,
+        )
       except Exception as e:  # noqa: BLE001
         error = e
       # Each process reads its own shards and data state: one process's failure makes the step unusable for all.
@@ -130,10 +185,12 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int, error: Exception | None) -> None:
-    reason = (f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error
-              else "unreadable on another process")
-    log.warning("checkpoint step %d is unreadable (%s); moved to checkpoints_corrupt/, trying an older one",
-                step, reason)
+    reason = (
+      f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error else "unreadable on another process"
+    )
+    log.warning(
+      "checkpoint step %d is unreadable (%s); moved to checkpoints_corrupt/, trying an older one", step, reason
+    )
     if jax.process_index() == 0:
       corrupt = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
       os.makedirs(corrupt, exist_ok=True)
@@ -161,6 +218,11 @@ class _Position:
     return self._state
 
 
+def _local_bytes(state) -> int:
+  """Bytes of `state` this process writes: one replica of each of its shards."""
+  return sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards if s.replica_id == 0)
+
+
 def _host_sharding(x: jax.Array) -> jax.sharding.Sharding:
   """The array's sharding in host memory where the backend has one (GPU, TPU, CPU), else as it is."""
   kinds = {m.kind for m in next(iter(x.devices())).addressable_memories()}
@@ -177,8 +239,10 @@ def _everywhere(ok: bool) -> bool:
 def _check_model_matches(meta: dict, model_cfg: ml_collections.ConfigDict, step: int) -> None:
   diffs = model_differences(meta["config"]["model"], model_cfg)
   if diffs:
-    raise UserError(f"the checkpoint at step {step} was saved for a different model ({'; '.join(diffs)}): "
-                      "use the saved model config, or a new --workdir")
+    raise UserError(
+      f"the checkpoint at step {step} was saved for a different model ({'; '.join(diffs)}): "
+      "use the saved model config, or a new --workdir"
+    )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -196,8 +260,11 @@ def model_differences(saved_model: dict, model_cfg: ml_collections.ConfigDict) -
   """
   free = {"scan_layers", "remat", "attention", "compute_dtype", "max_position_embeddings"}
   saved = {**_flat(base.get_config().model.to_dict()), **_flat(saved_model)}
-  return [f"model.{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in _flat(model_cfg.to_dict()).items()
-          if k.split(".")[0] not in free and saved.get(k) != v]
+  return [
+    f"model.{k}: saved {saved.get(k)!r}, now {v!r}"
+    for k, v in _flat(model_cfg.to_dict()).items()
+    if k.split(".")[0] not in free and saved.get(k) != v
+  ]
 
 
 # Parameters only -----------------------------------------------------------------------------------------
@@ -248,34 +315,38 @@ def save_params(directory: str, params) -> None:
   float weights), so memory-mapped inputs stream to disk without being held in memory.
   """
   registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-      (jax.Array, ocp.type_handlers.ArrayHandler()))  # Unused here; its absence is logged as a warning.
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (jax.Array, ocp.type_handlers.ArrayHandler()),
+  )  # Unused here; its absence is logged as a warning.
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
   checkpointer.save(os.path.abspath(directory), args=ocp.args.PyTreeSave({"params": params}))
 
 
-def params_location(workdir: str, step: int | None = None) -> tuple[str, int | None]:
+def params_location(workdir: str, step: int | None = None, flag: str = "--workdir") -> tuple[str, int | None]:
   """(directory, step) of a workdir's parameters: `checkpoints/<step>/state` (the newest complete one unless
   `step` is given), else the imported `params/` (step None)."""
   checkpoints = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) if os.path.isdir(checkpoints) else []
   if step is not None:
     if step not in steps:
-      raise UserError(f"--step={step}: {workdir} has no checkpoint at that step (it has: "
-                        f"{', '.join(map(str, steps)) or 'none'})")
+      raise UserError(
+        f"--step={step}: {workdir} has no checkpoint at that step (it has: {', '.join(map(str, steps)) or 'none'})"
+      )
     return os.path.join(checkpoints, str(step), "state"), step
   if steps:
     return os.path.join(checkpoints, str(steps[-1]), "state"), steps[-1]
   if os.path.isdir(os.path.join(workdir, PARAMS_DIR)):
     return os.path.join(workdir, PARAMS_DIR), None
-  raise UserError(f"--workdir={workdir} has no checkpoints and no imported parameters: train with "
-                    "checkpoint.every_steps > 0, or import a model with maxlm convert from-hf")
+  raise UserError(
+    f"{flag}={workdir} has no checkpoints and no imported parameters: train with "
+    "checkpoint.every_steps > 0, or import a model with maxlm convert from-hf"
+  )
 
 
 def restore_params(directory: str, abstract_params, names: Sequence[str] | None = None):
   """The parameters at `directory` (see `params_location`), restored into the shardings of `abstract_params`
-  (a tree of `jax.ShapeDtypeStruct`s; NumPy arrays where they have none). With `names`, only those arrays are read and a dict name -> array is
-  returned: export reads one array at a time this way."""
+  (a tree of `jax.ShapeDtypeStruct`s; NumPy arrays where they have none). With `names`, only those arrays are read
+  and a dict name -> array is returned: export reads one array at a time this way."""
   paths, leaves, treedef = _paths(abstract_params)
   chosen = range(len(paths))
   if names is not None:
@@ -284,11 +355,16 @@ def restore_params(directory: str, abstract_params, names: Sequence[str] | None 
   item = {"params": _nested([paths[i] for i in chosen], [leaves[i] for i in chosen])}
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
-    restored = checkpointer.restore(os.path.abspath(directory), args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))["params"]
+    restored = checkpointer.restore(
+      os.path.abspath(directory),
+      args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+      ),
+    )["params"]
   except (ValueError, KeyError, FileNotFoundError) as e:
-    raise UserError(f"{directory}: cannot read the parameters of this model config ({' '.join(str(e).split())[:300]})"
-                      ) from None
+    raise UserError(
+      f"{directory}: cannot read the parameters of this model config ({' '.join(str(e).split())[:300]})"
+    ) from None
   values = []
   for i in chosen:
     node = restored
@@ -300,17 +376,14 @@ def restore_params(directory: str, abstract_params, names: Sequence[str] | None 
   return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def saved_model_config(workdir: str) -> dict:
+def saved_model_config(workdir: str, flag: str = "--workdir") -> dict:
   """The model config a workdir was trained or imported with (its config.json)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"--workdir={workdir} has no config.json: not a maxlm run or imported model")
-  with open(path) as f:
-    return json.load(f)["model"]
+  return config.read_saved(workdir, flag).get("model", {})
 
 
-def restore_model(cfg: ml_collections.ConfigDict, workdir: str, devices=None, step: int | None = None
-                  ) -> transformer.Transformer:
+def restore_model(
+  cfg: ml_collections.ConfigDict, workdir: str, devices=None, step: int | None = None
+) -> transformer.Transformer:
   """The model of a workdir for sampling and evaluation: the parameters only (no optimizer state) of its
   newest checkpoint (or of `step`), or its imported parameters; placed on `cfg.mesh` over `devices`."""
   mesh = mesh_lib.from_config(cfg.mesh, devices)

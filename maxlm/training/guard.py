@@ -19,13 +19,14 @@ import math
 
 import ml_collections
 
+from maxlm.errors import RunFailed
 
-class Diverged(RuntimeError):
+
+class Diverged(RunFailed):
   """The run keeps failing the guard after the allowed rollbacks; the message is the report."""
 
 
 class Guard:
-
   def __init__(self, cfg: ml_collections.ConfigDict):
     self.cfg = cfg
     self.losses = collections.deque(maxlen=cfg.window)
@@ -70,7 +71,9 @@ class Guard:
     """Counts a rollback from `bad_step` to the checkpoint at `to_step`, made while `step` is current."""
     self.rollbacks += 1
     if self.rollbacks > self.cfg.max_rollbacks:
-      raise Diverged(f"step {bad_step} failed the stability guard after {self.cfg.max_rollbacks} rollbacks "
-                     f"(train.guard.max_rollbacks); the newest good checkpoint is step {to_step}: lower optim.lr "
-                     "or inspect the data around this step, then rerun to resume")
+      raise Diverged(
+        f"step {bad_step} failed the stability guard after {self.cfg.max_rollbacks} rollbacks "
+        f"(train.guard.max_rollbacks); the newest good checkpoint is step {to_step}: lower optim.lr "
+        "or inspect the data around this step, then rerun to resume"
+      )
     self.lowered_lr_until = step + self.cfg.rollback_lr_steps

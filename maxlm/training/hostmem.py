@@ -33,5 +33,7 @@ def keep_freed_memory(environ=os.environ) -> bool:
   if any(k in environ for k in USER_SETTINGS) or "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""):
     return False
   libc = ctypes.CDLL(None)  # The C library this process is linked against.
-  return all(libc.mallopt(param, value) == 1 for param, value in
-             ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, LIMIT), (M_TRIM_THRESHOLD, LIMIT)))
+  return all(
+    libc.mallopt(param, value) == 1
+    for param, value in ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, LIMIT), (M_TRIM_THRESHOLD, LIMIT))
+  )

@@ -25,9 +25,11 @@ from jax.experimental import multihost_utils
 from maxlm.config import profile_steps
 from maxlm.data import pipeline
 from maxlm.errors import UserError
+from maxlm.files import write_atomically
 from maxlm.model import flops
 from maxlm.parallel import mesh as mesh_lib
-from maxlm.training import checkpoint, step as step_lib
+from maxlm.training import checkpoint
+from maxlm.training import step as step_lib
 from maxlm.training.checkpoint import Checkpointer
 from maxlm.training.guard import Diverged, Guard
 from maxlm.training.metrics import MetricsWriter, Progress
@@ -39,6 +41,7 @@ log = logging.getLogger("maxlm")
 @dataclasses.dataclass
 class Session:
   """A compiled training setup: what a loop (train, benchmark) needs, built the same way for both."""
+
   cfg: ml_collections.ConfigDict
   program: StepProgram  # mesh, abstract state, init and the jitted steps
   step: Callable  # `program.step` compiled: (state, global batch, controls) -> (state, metrics); donates `state`
@@ -65,8 +68,13 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   flops_per_step = flops.training_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
   peak, peak_source = flops.peak_tflops_per_device(cfg.metrics.peak_tflops, cfg.model.compute_dtype, devices)
   log.info("%d devices (%s), mesh %s", len(devices), devices[0].device_kind, dict(mesh.shape))
-  log.info("model: %.2fM parameters, %.3g training FLOPs/token; MFU peak %.4g TFLOP/s/device (%s)",
-           flops.param_count(cfg.model) / 1e6, flops_per_step / tokens_per_step, peak, peak_source)
+  log.info(
+    "model: %.2fM parameters, %.3g training FLOPs/token; MFU peak %.4g TFLOP/s/device (%s)",
+    flops.param_count(cfg.model) / 1e6,
+    flops_per_step / tokens_per_step,
+    peak,
+    peak_source,
+  )
 
   train_iter, eval_iter = pipeline.train_and_eval(cfg, jax.process_index(), jax.process_count())
   t0 = time.perf_counter()
@@ -85,9 +93,18 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
         loss_sum, count = loss_sum + float(s), count + float(n)
     return loss_sum / max(count, 1.0)
 
-  return Session(cfg=cfg, program=program, step=compiled_step, data_iterator=train_iter,
-                 next_batch=lambda: to_global(next(train_iter)), evaluate=evaluate, tokens_per_step=tokens_per_step,
-                 flops_per_step=flops_per_step, peak_tflops=peak, compile_s=compile_s)
+  return Session(
+    cfg=cfg,
+    program=program,
+    step=compiled_step,
+    data_iterator=train_iter,
+    next_batch=lambda: to_global(next(train_iter)),
+    evaluate=evaluate,
+    tokens_per_step=tokens_per_step,
+    flops_per_step=flops_per_step,
+    peak_tflops=peak,
+    compile_s=compile_s,
+  )
 
 
 def _restore_or_init(s: Session, ckpt: Checkpointer | None, guard: Guard) -> tuple[TrainState, int]:
@@ -109,15 +126,24 @@ def _init(s: Session) -> TrainState:
   source = s.cfg.train.init_from
   if not source:
     return s.program.init()
-  diffs = checkpoint.model_differences(checkpoint.saved_model_config(source), s.cfg.model)
-  if diffs:
-    raise UserError(f"train.init_from={source!r} holds a different model ({'; '.join(diffs)}): use its model "
-                      "config (e.g. the config.py that maxlm convert from-hf wrote)")
-  directory, step = checkpoint.params_location(source)
+  directory, step = _init_source(s.cfg)
   params = checkpoint.restore_params(directory, s.program.abstract_state.params)
-  log.info("initialised the parameters from %s%s; fresh optimizer state", directory,
-           "" if step is None else f" (step {step})")
+  log.info(
+    "initialised the parameters from %s%s; fresh optimizer state", directory, "" if step is None else f" (step {step})"
+  )
   return s.program.start_from(params)
+
+
+def _init_source(cfg: ml_collections.ConfigDict) -> tuple[str, int | None]:
+  """(directory, step) of the parameters `train.init_from` names, checked to fit the config's model."""
+  source = cfg.train.init_from
+  diffs = checkpoint.model_differences(checkpoint.saved_model_config(source, "train.init_from"), cfg.model)
+  if diffs:
+    raise UserError(
+      f"train.init_from={source!r} holds a different model ({'; '.join(diffs)}): use its model "
+      "config (e.g. the config.py that maxlm convert from-hf wrote)"
+    )
+  return checkpoint.params_location(source, flag="train.init_from")
 
 
 def _controls(cfg: ml_collections.ConfigDict, guard: Guard, step: int) -> dict[str, np.float32]:
@@ -133,20 +159,28 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
   guard runs out of rollbacks.
   """
   is_main = jax.process_index() == 0
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if cfg.train.init_from and not (os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))):
+    _init_source(cfg)  # A wrong train.init_from is reported before anything is compiled or created.
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json(indent=2))
   s = setup(cfg, devices)
   t, c, num_devices = cfg.train, cfg.checkpoint, s.mesh.size
   ckpt = Checkpointer(workdir, cfg) if c.every_steps > 0 else None
   guard = Guard(t.guard)
-  state, start = _restore_or_init(s, ckpt, guard)
+  try:
+    state, start = _restore_or_init(s, ckpt, guard)
+  except BaseException:
+    if ckpt:
+      ckpt.close()  # Orbax's threads end before the process reports the error.
+    raise
   if start >= t.steps:
-    log.info("the checkpoint is at step %d and train.steps=%d: nothing to train; raise train.steps to continue",
-             start, t.steps)
+    log.info(
+      "the checkpoint is at step %d and train.steps=%d: nothing to train; raise train.steps to continue", start, t.steps
+    )
     ckpt.close()
     return []
+  if is_main:  # Only once the run can go on: a refused resume leaves the run's config.json as it was.
+    write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
   writer = MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main, after_step=start)
   progress = Progress(t.steps, enabled=is_main, initial=start)
   profiler = _Profiler(cfg.metrics.profile_steps, os.path.join(workdir, "profile"), enabled=is_main)
@@ -187,8 +221,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
         values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "applied"}
         step_time = (time.perf_counter() - window_start) / window_steps
         achieved = s.flops_per_step / step_time / num_devices / 1e12
-        record = {"step": step, **values, "tokens_per_sec": s.tokens_per_step / step_time, "step_time_s": step_time,
-                  "tflops_per_device": achieved, "mfu": achieved / s.peak_tflops}
+        record = {
+          "step": step,
+          **values,
+          "tokens_per_sec": s.tokens_per_step / step_time,
+          "step_time_s": step_time,
+          "tflops_per_device": achieved,
+          "mfu": achieved / s.peak_tflops,
+        }
         if do_eval:
           record["eval_loss"] = s.evaluate(state.params)
         writer.write(record)
@@ -211,24 +251,39 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
   if records and not stopping:
     last = records[-1]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-    log.info("done: %d steps, final loss %.4f%s, %.0f tokens/s, MFU %.1f%%", t.steps, last["loss"],
-             f", eval loss {evals[-1]:.4f}" if evals else "", last["tokens_per_sec"], 100 * last["mfu"])
+    log.info(
+      "done: %d steps, final loss %.4f%s, %.0f tokens/s, MFU %.1f%%",
+      t.steps,
+      last["loss"],
+      f", eval loss {evals[-1]:.4f}" if evals else "",
+      last["tokens_per_sec"],
+      100 * last["mfu"],
+    )
   return records
 
 
-def _rollback(ckpt: Checkpointer, s: Session, guard: Guard, *, bad_step: int, step: int,
-              pending) -> tuple[TrainState, int]:
+def _rollback(
+  ckpt: Checkpointer, s: Session, guard: Guard, *, bad_step: int, step: int, pending
+) -> tuple[TrainState, int]:
   """Restores the newest checkpoint from before `bad_step`; the data iterator keeps its place, so the
   batches between that checkpoint and `step` are left behind."""
   jax.block_until_ready(pending)  # The step in flight ran on the old state; its result is dropped.
   ckpt.wait()
   earlier = [k for k in ckpt.steps() if k < bad_step]
   if not earlier:
-    raise Diverged(f"step {bad_step} failed the stability guard and no checkpoint from before it exists: lower "
-                   "optim.lr or save checkpoints more often (checkpoint.every_steps)")
+    raise Diverged(
+      f"step {bad_step} failed the stability guard and no checkpoint from before it exists: lower "
+      "optim.lr or save checkpoints more often (checkpoint.every_steps)"
+    )
   guard.start_rollback(bad_step, earlier[-1], step)
-  log.warning("rolling back to the checkpoint at step %d; skipping the data of steps %d-%d; learning rate x%g "
-              "until step %d", earlier[-1], earlier[-1] + 1, step, guard.cfg.rollback_lr_scale, guard.lowered_lr_until)
+  log.warning(
+    "rolling back to the checkpoint at step %d; skipping the data of steps %d-%d; learning rate x%g until step %d",
+    earlier[-1],
+    earlier[-1] + 1,
+    step,
+    guard.cfg.rollback_lr_scale,
+    guard.lowered_lr_until,
+  )
   return ckpt.restore_state(earlier[-1], s.program.abstract_state), earlier[-1]
 
 

@@ -17,7 +17,6 @@ log = logging.getLogger("maxlm")
 
 
 class MetricsWriter:
-
   def __init__(self, workdir: str, *, tensorboard: bool, enabled: bool = True, after_step: int = 0):
     """`after_step`: a resumed run's starting step; records of later steps (from the lost part of the
     interrupted run) are dropped from metrics.jsonl, since this run writes them again."""
@@ -29,6 +28,7 @@ class MetricsWriter:
     self._tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter  # noqa: PLC0415  Here: it imports torch when installed (seconds).
+
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, record: dict) -> None:
@@ -51,14 +51,27 @@ class MetricsWriter:
 
 
 def _drop_records_after(path: str, step: int) -> None:
-  with open(path) as f:
+  with open(path, errors="replace") as f:
     lines = f.readlines()
-  # A line cut short by a hard kill is dropped too.
-  kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+  kept = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
   if len(kept) != len(lines):
+    unreadable = sum(_step_of(line) is None for line in lines)
+    if unreadable:  # A line cut short by a hard kill or a full disk, or damaged.
+      log.warning("%s: dropped %d unreadable line(s)", path, unreadable)
     with open(path + ".tmp", "w") as f:
       f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a complete metrics.jsonl record, or None for a line that is not one."""
+  if not line.endswith("\n"):
+    return None
+  try:
+    step = json.loads(line).get("step")
+  except (ValueError, AttributeError):
+    return None
+  return step if isinstance(step, int) else None
 
 
 def _jsonable(value):
@@ -79,8 +92,7 @@ class Progress:
   def update(self, step: int, record: dict) -> None:
     if not self.enabled:
       return
-    text = (f"loss {record['loss']:.4f}  {record['tokens_per_sec']:,.0f} tok/s  "
-            f"MFU {100 * record['mfu']:.1f}%")
+    text = f"loss {record['loss']:.4f}  {record['tokens_per_sec']:,.0f} tok/s  MFU {100 * record['mfu']:.1f}%"
     if "eval_loss" in record:
       text += f"  eval {record['eval_loss']:.4f}"
     if self.bar is not None:

@@ -56,8 +56,9 @@ def loss_terms(params, graphdef, batch, z_loss: float, chunk: int = 0):
   net = nnx.merge(graphdef, params)
   x_BxTxD = net.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
   mask_BxT = batch["loss_mask"].astype(jnp.float32)
-  objective, nll_sum, z_sum = loss.cross_entropy(x_BxTxD, net.output_projection(), batch["targets"], mask_BxT,
-                                                 z_loss, chunk)
+  objective, nll_sum, z_sum = loss.cross_entropy(
+    x_BxTxD, net.output_projection(), batch["targets"], mask_BxT, z_loss, chunk
+  )
   return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask_BxT)}
 
 
@@ -69,8 +70,19 @@ def _microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(state: TrainState, batch, controls, *, graphdef, tx, lr_schedule, microbatches: int,
-               z_loss: float, loss_chunk: int, guard: bool):
+def train_step(
+  state: TrainState,
+  batch,
+  controls,
+  *,
+  graphdef,
+  tx,
+  lr_schedule,
+  microbatches: int,
+  z_loss: float,
+  loss_chunk: int,
+  guard: bool,
+):
   """One optimizer step. `controls` are per-step scalars from the host:
 
   loss_scale: multiplies the loss and gradients (1; NaN or 100 only for fault injection),
@@ -81,13 +93,16 @@ def train_step(state: TrainState, batch, controls, *, graphdef, tx, lr_schedule,
   if microbatches == 1:
     grads, sums = grad_fn(state.params, graphdef, batch, z_loss, loss_chunk)
   else:
+
     def accumulate(carry, mb):
       mb = {k: mesh_lib.constrain(v, ("act_batch", "act_seq")) for k, v in mb.items()}
       g, s = grad_fn(state.params, graphdef, mb, z_loss, loss_chunk)
       return jax.tree.map(lambda c, x: c + x.astype(c.dtype), carry, (g, s)), None
 
-    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
-             {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0})
+    zeros = (
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+      {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0},
+    )
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, microbatches))
   tokens = jnp.maximum(sums["tokens"], 1.0)
   scale = controls["loss_scale"]
@@ -115,6 +130,7 @@ def eval_step(params, batch, *, graphdef, loss_chunk: int):
 class StepProgram:
   """The jitted train and eval steps of a config on a mesh, with the abstract inputs to lower them for; no data,
   nothing run. `loop.setup` compiles it for training; `maxlm compile` (maxlm/perf/aot.py) for memory figures."""
+
   mesh: jax.sharding.Mesh
   abstract_state: TrainState  # shapes, dtypes and shardings of the state
   init: Callable[[], TrainState]  # a fresh state, created sharded
@@ -138,27 +154,49 @@ def build_step(cfg: ml_collections.ConfigDict, devices) -> StepProgram:
   # Outside a mesh context: NNX would read the logical names on parameters as mesh axes.
   graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, t.seed)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  abstract_batch = {k: jax.ShapeDtypeStruct((t.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
-                    for k in BATCH_KEYS}
+  abstract_batch = {
+    k: jax.ShapeDtypeStruct((t.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding) for k in BATCH_KEYS
+  }
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   with jax.set_mesh(mesh):
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
-                          microbatches=t.microbatches, z_loss=t.z_loss, loss_chunk=t.loss_chunk,
-                          guard=t.guard.policy != "none"),
-        in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk),
-                      in_shardings=(shardings.params, batch_sharding))
+      functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        microbatches=t.microbatches,
+        z_loss=t.z_loss,
+        loss_chunk=t.loss_chunk,
+        guard=t.guard.policy != "none",
+      ),
+      in_shardings=(shardings, batch_sharding, replicated),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+      functools.partial(eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk),
+      in_shardings=(shardings.params, batch_sharding),
+    )
   controls = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in CONTROLS}
-  start_from = jax.jit(lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                                 opt_state=tx.init(params)), out_shardings=shardings)
-  return StepProgram(mesh=mesh, abstract_state=abstract_state, init=init, batch_sharding=batch_sharding,
-                     step=step_fn, eval=eval_fn, abstract_batch=abstract_batch, abstract_controls=controls,
-                     start_from=start_from)
+  start_from = jax.jit(
+    lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)),
+    out_shardings=shardings,
+  )
+  return StepProgram(
+    mesh=mesh,
+    abstract_state=abstract_state,
+    init=init,
+    batch_sharding=batch_sharding,
+    step=step_fn,
+    eval=eval_fn,
+    abstract_batch=abstract_batch,
+    abstract_controls=controls,
+    start_from=start_from,
+  )
 
 
 def controls(loss_scale: float = 1.0, lr_scale: float = 1.0, max_loss: float = np.inf) -> dict[str, np.float32]:
   """The per-step scalars of `train_step` (defaults: a plain step, nothing injected or guarded)."""
   return {"loss_scale": np.float32(loss_scale), "lr_scale": np.float32(lr_scale), "max_loss": np.float32(max_loss)}
-

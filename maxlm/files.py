@@ -1,0 +1,46 @@
+"""Writing outputs so that a failure (a full disk, a crash, Ctrl-C) never leaves something that looks complete, and
+never damages what was there before."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def partial_directory(final: str) -> Iterator[str]:
+  """Yields `<final>.partial` (emptied first: an interrupted earlier attempt) to write into; renames it to `final`
+  when the block succeeds, and deletes it when the block fails (giving the space back)."""
+  partial = final.rstrip("/") + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  try:
+    yield partial
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  os.replace(partial, final)
+
+
+def write_atomically(path: str, data: str | bytes) -> None:
+  """Writes `path` through a temporary file renamed over it: a failed write leaves the old file whole."""
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def reserve(path: str, nbytes: int) -> None:
+  """Allocates the blocks of an existing file up to `nbytes`, so that running out of space is an OSError now, not a
+  SIGBUS later when the file is written through a memory map."""
+  fd = os.open(path, os.O_RDWR)
+  try:
+    os.posix_fallocate(fd, 0, nbytes)
+  finally:
+    os.close(fd)
