@@ -23,15 +23,13 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grain  # noqa: E402
 import jax  # noqa: E402
-from demo import stdlib_files  # noqa: E402
 
 from maxlm import config  # noqa: E402
-from maxlm.data import corpus, pipeline, tokenizer  # noqa: E402
+from maxlm.data import corpus, pipeline, stdlib_corpus, tokenizer  # noqa: E402
 from maxlm.training import hostmem, loop  # noqa: E402
 
 from timing import step_times  # noqa: E402
@@ -42,7 +40,7 @@ def main() -> None:
   parser.add_argument("--max-files", type=int, default=0, help="only the first N stdlib files (a quick check)")
   args = parser.parse_args()
   hostmem.keep_freed_memory()  # As the `maxlm` command does.
-  files = stdlib_files(args.max_files)
+  files = stdlib_corpus.files(args.max_files)
   megabytes = sum(os.path.getsize(f) for f in files) / 1e6
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()

@@ -115,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every = 10  # Steps between metrics.jsonl / progress updates.
   t.eval_every = 100  # Steps between evals on the held-out split (0 disables).
   t.eval_batches = 4  # Global batches per eval.
+  t.target_eval_loss = 0.0  # Eval loss counted as reached: summary.json has time/tokens/step to it (0 = none).
+  t.stop_at_target = False  # End the run (finished) at the first eval at or below train.target_eval_loss.
   t.inject_nan_at_step = 0  # Fault injection: make this step's loss and gradients NaN (0 = off).
   t.inject_spike_at_step = 0  # Fault injection: multiply this step's loss and gradients by 100 (0 = off).
 

@@ -102,6 +102,13 @@ def check_new_directory(flag: str, path: str) -> None:
 def _train(args: list[str]) -> None:
   flag_values = flags.FlagValues()
   workdir = flags.DEFINE_string("workdir", None, "Directory for the run's outputs.", flag_values=flag_values)
+  stop_at_step = flags.DEFINE_integer(
+    "stop_at_step",
+    None,
+    "Stop after this step with a checkpoint (and an eval).",
+    lower_bound=1,
+    flag_values=flag_values,
+  )
   dist_flags = _distributed_flags(flag_values)
   cfg = config.load(args, flag_values)
   if not workdir.value:
@@ -128,7 +135,7 @@ def _train(args: list[str]) -> None:
     platform=jax.devices()[0].platform,
     num_slices=mesh_lib.num_granules(jax.devices()),
   )
-  loop.run(cfg, workdir.value)
+  loop.run(cfg, workdir.value, stop_at_step=stop_at_step.value)
 
 
 def _bench(args: list[str]) -> None:
@@ -361,11 +368,54 @@ def _sample(args: list[str]) -> None:
     print(json.dumps(result))
 
 
+def _sweep(args: list[str]) -> None:
+  parser = _ArgumentParser("sweep")
+  parser.add_argument("--sweep", required=True)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--parallel", type=int, default=1)
+  parser.add_argument("--dry_run", action="store_true")
+  parser.add_argument("--prune", default="none", choices=("none", "halving"))
+  parser.add_argument("--prune_eta", type=int, default=2)
+  parser.add_argument("--prune_rungs", type=int, default=2)
+  parser.add_argument("--retry_failed", action="store_true")
+  a, rest = parser.parse_known_args(args)
+  from maxlm.research import sweep  # No JAX in this process: the runs are processes of their own.
+
+  if a.parallel < 1 or a.prune_eta < 2 or a.prune_rungs < 1:
+    raise UserError("use --parallel >= 1, --prune_eta >= 2 and --prune_rungs >= 1")
+  s = sweep.Sweep(a.sweep, a.workdir, sweep.parse_base_overrides(rest))
+  if a.dry_run:
+    print(s.describe())
+    return
+  check_new_directory("--workdir", a.workdir)
+  rows = sweep.execute(
+    s, parallel=a.parallel, prune=a.prune, eta=a.prune_eta, rung_count=a.prune_rungs, retry_failed=a.retry_failed
+  )
+  counts = collections.Counter(r["status"] for r in rows)
+  log.info("%s; results in %s/results.md", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), a.workdir)
+  print(open(os.path.join(a.workdir, "results.md")).read(), end="")
+
+
+def _compare(args: list[str]) -> None:
+  parser = _ArgumentParser("compare")
+  parser.add_argument("paths", nargs="+")
+  parser.add_argument("--plot")
+  a = parser.parse_args(args)
+  from maxlm.research import compare
+
+  runs = compare.find_runs(a.paths)
+  print(compare.markdown(*compare.table(runs)), end="")
+  if a.plot:
+    compare.plot(runs, a.plot)
+    log.info("wrote %s", a.plot)
+
+
 COMMANDS = {
   "train": Command(
     """  train            --config=FILE --workdir=DIR [--config.KEY=VALUE ...]
                    train a model; writes DIR/config.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpoints/.
-                   Rerunning on a DIR with checkpoints resumes; SIGTERM/SIGINT stop after a checkpoint.
+                   Rerunning on a DIR with checkpoints resumes; SIGTERM/SIGINT stop after a checkpoint, as does
+                   --stop_at_step=N (after an eval). DIR/summary.json says how the run ended (docs/research.md).
                    e.g. maxlm train --config=configs/tiny.py --workdir=/tmp/run --config.train.steps=50
                    Several processes (multi-host): --coordinator=HOST:PORT --num_processes=N --process_id=I
                    [--heartbeat_timeout_s=60] [--init_timeout_s=300] on each, or nothing under SLURM, Open MPI
@@ -411,6 +461,19 @@ COMMANDS = {
     """  eval             --workdir=RUN [--data=DIR] [--step=N] [--batches=N|all] [--batch_size=B] [--seq_len=T]
                    held-out loss, perplexity and bits per byte on a prepared dataset's val split; JSON to stdout""",
     _eval,
+  ),
+  "sweep": Command(
+    """  sweep            --sweep=FILE --workdir=DIR [--parallel=N] [--dry_run] [--prune=none|halving] [--prune_eta=2]
+                   [--prune_rungs=2] [--retry_failed] [--config.KEY=VALUE ...]
+                   run every run of a sweep file (get_config + get_sweep) as DIR/runs/<name>/, N at a time; reruns
+                   skip ended runs and resume the rest; DIR/results.{csv,md} sorted by the metric (docs/research.md)""",
+    _sweep,
+  ),
+  "compare": Command(
+    """  compare          PATH... [--plot=FILE.png]
+                   runs or sweep directories side by side: the config keys that differ, summary figures, and
+                   train/eval loss against steps, tokens and FLOPs""",
+    _compare,
   ),
   "sample": Command(
     """  sample           --workdir=RUN --prompt=TEXT [--prompt=TEXT ...] [--max_new_tokens=64] [--temperature=1.0]

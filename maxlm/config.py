@@ -56,6 +56,7 @@ MINIMA = {
   "train.log_every": 1,
   "train.eval_every": 0,
   "train.eval_batches": 1,
+  "train.target_eval_loss": 0.0,
   "metrics.peak_tflops": 0.0,
   "checkpoint.every_steps": 0,
   "checkpoint.every_minutes": 0.0,
@@ -116,7 +117,7 @@ def _one_line(error: Exception) -> str:
 
 
 def _explain_flag_error(error: Exception, args: Sequence[str]) -> str:
-  known = _flat_keys(base.get_config())
+  known = flat_keys(base.get_config())
   for arg in args:
     if arg.startswith("--config.") and "=" in arg:
       key = arg[len("--config.") :].split("=", 1)[0]
@@ -159,11 +160,12 @@ def _unknown_key_message(key: str, known: Sequence[str]) -> str:
   return f"unknown config key '{key}': {hint}"
 
 
-def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+def flat_keys(cfg: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, object]:
+  """{"model.d_model": 64, ...}: the leaves of a config (or of a saved config's dict) by dotted key."""
   out = {}
   for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      out.update(_flat_keys(v, f"{prefix}{k}."))
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flat_keys(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -184,15 +186,15 @@ def validate(
   slices, or processes elsewhere. `check_paths=False` skips the checks of files the config names
   (data.path, train.init_from).
   """
-  schema = _flat_keys(base.get_config())
-  values = _flat_keys(cfg)
+  schema = flat_keys(base.get_config())
+  values = flat_keys(cfg)
   for key in values:
     if key not in schema:
       raise UserError(_unknown_key_message(key, list(schema)))
   for key, default in schema.items():
     if key not in values:
       raise UserError(f"config key '{key}' is missing: named configs must start from configs/base.get_config()")
-    _check_type(key, values[key], default)
+    check_type(key, values[key], default)
   for key, options in base.CHOICES.items():
     if values[key] not in options:
       raise UserError(f"{key}={values[key]!r} is not one of {', '.join(options)}")
@@ -268,6 +270,10 @@ def validate(
     raise UserError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
 
   profile_steps(resolved.metrics.profile_steps)  # Raises on a malformed range.
+  if t.stop_at_target and not (t.target_eval_loss > 0 and t.eval_every > 0):
+    raise UserError(
+      "train.stop_at_target needs train.target_eval_loss > 0 and evals (train.eval_every > 0): set both, or turn it off"
+    )
   if t.guard.policy == "rollback" and resolved.checkpoint.every_steps == 0:
     raise UserError(
       "train.guard.policy='rollback' needs checkpoints: set checkpoint.every_steps > 0, or use "
@@ -356,7 +362,7 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
   def merged(defaults: dict, values: dict) -> dict:
     return {k: merged(v, values.get(k, {})) if isinstance(v, dict) else values.get(k, v) for k, v in defaults.items()}
 
-  unknown = sorted(set(_flat_keys(ml_collections.ConfigDict(saved))) - set(_flat_keys(base.get_config())))
+  unknown = sorted(set(flat_keys(ml_collections.ConfigDict(saved))) - set(flat_keys(base.get_config())))
   if unknown:
     raise UserError(f"{path}: unknown config key '{unknown[0]}' (written by another maxlm version?)")
   cfg = ml_collections.ConfigDict(merged(base.get_config().to_dict(), saved))
@@ -394,7 +400,7 @@ def lineage(workdir: str) -> Iterator[tuple[str, dict]]:
     workdir = saved.get("train", {}).get("init_from", "")
 
 
-def _check_type(key: str, value: object, default: object) -> None:
+def check_type(key: str, value: object, default: object) -> None:
   if isinstance(default, bool):
     ok = isinstance(value, bool)
   elif isinstance(default, int):

@@ -28,7 +28,7 @@ def test_choice_lists_match_the_code_that_acts_on_them():
   assert set(attention.IMPLEMENTATIONS) == set(base.ATTENTION) - {"auto"}  # auto is resolved by validate
   assert set(transformer.REMAT_POLICIES) == set(base.REMAT) - {"none"}  # none: no jax.checkpoint at all
   assert set(optim.SCHEDULES) == set(base.SCHEDULES)
-  flat = config._flat_keys(base.get_config())
+  flat = config.flat_keys(base.get_config())
   for key, choices in base.CHOICES.items():
     assert flat[key] in choices, key
   with pytest.raises(UserError, match=r"model.remat='some' is not one of none, full, dots, dots_no_batch"):

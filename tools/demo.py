@@ -2,7 +2,7 @@
 
 1. corpus: the Python standard library's .py files, test folders left out (every Python install has them);
 2. a 4096-token SentencePiece tokenizer, and 3. a prepared dataset (exact and near dedup, code quality
-   rules, one worker process per core), both cached under --cache;
+   rules, one worker process per core), both cached under --cache (maxlm/data/stdlib_corpus.py);
 4. `maxlm train` with configs/demo.py; 5. a few lines sampled from the trained model.
 """
 
@@ -12,35 +12,24 @@ import argparse
 import logging
 import os
 import sys
-import sysconfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from maxlm import config  # noqa: E402
-from maxlm.data import corpus, dataset, prepare, tokenizer  # noqa: E402
+from maxlm.data import stdlib_corpus, tokenizer  # noqa: E402
 from maxlm.errors import UserError  # noqa: E402
 from maxlm.interop import sample  # noqa: E402
 from maxlm.parallel import distributed  # noqa: E402
 from maxlm.training import checkpoint, hostmem, loop  # noqa: E402
 
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 PROMPTS = ["def ", "import ", "class Config", "    return "]
-
-
-def stdlib_files(limit: int = 0) -> list[str]:
-  root = sysconfig.get_paths()["stdlib"]
-  files = []
-  for directory, subdirs, names in os.walk(root):
-    subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS)
-    files.extend(os.path.join(directory, n) for n in sorted(names) if n.endswith(".py"))
-  return files[:limit] if limit else files
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/maxlm-demo")
-  parser.add_argument("--cache", default=os.path.join(REPO, ".cache", "demo"))
+  parser.add_argument("--cache", default=stdlib_corpus.default_cache())
   parser.add_argument("--max-files", type=int, default=0, help="use only the first N stdlib files (tests)")
   parser.add_argument("--val-fraction", type=float, default=0.02)
   args, overrides = parser.parse_known_args()  # The rest: --config.KEY=VALUE overrides of configs/demo.py.
@@ -51,27 +40,7 @@ def main() -> None:
   log.setLevel(logging.INFO)
   hostmem.keep_freed_memory()  # As `maxlm train` does, before any JAX computation.
 
-  name = (
-    f"py{sys.version_info.major}.{sys.version_info.minor}-{args.max_files or 'all'}-val{args.val_fraction}"
-    f"-v{dataset.FORMAT_VERSION}"
-  )
-  cache = os.path.join(args.cache, name)
-  os.makedirs(cache, exist_ok=True)
-  files = stdlib_files(args.max_files)
-  tok_path = os.path.join(cache, "tokenizer.model")
-  if not os.path.exists(tok_path):
-    log.info("training a tokenizer on %d standard-library files", len(files))
-    tokenizer.train(corpus.documents(files, corpus.collections.Counter()), vocab_size=4096, output=tok_path)
-  data_dir = os.path.join(cache, "stdlib")
-  manifest = prepare.prepare(
-    files,
-    tok_path,
-    data_dir,
-    val_fraction=args.val_fraction,
-    dedup="near",
-    workers=prepare.default_workers(),
-    progress=True,
-  )
+  data_dir, tok_path, manifest = stdlib_corpus.prepared(args.cache, args.max_files, args.val_fraction, progress=True)
   log.info(
     "corpus: %s; removed %s (see %s/curation_report.md)",
     ", ".join(f"{k} {v['documents']} files / {v['tokens']:,} tokens" for k, v in manifest["splits"].items()),

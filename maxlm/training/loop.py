@@ -28,7 +28,7 @@ from maxlm.errors import UserError
 from maxlm.files import write_atomically
 from maxlm.model import flops
 from maxlm.parallel import mesh as mesh_lib
-from maxlm.training import checkpoint
+from maxlm.training import checkpoint, summary
 from maxlm.training import step as step_lib
 from maxlm.training.checkpoint import Checkpointer
 from maxlm.training.guard import Diverged, Guard
@@ -151,41 +151,98 @@ def _controls(cfg: ml_collections.ConfigDict, guard: Guard, step: int) -> dict[s
   return step_lib.controls(loss_scale, guard.lr_scale(step), guard.max_loss())
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict]:
+def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None, *, stop_at_step: int | None = None) -> list[dict]:
   """Trains with a validated, resolved config (`maxlm.config.validate`); returns the records logged by this call.
 
   Resumes from the newest readable checkpoint in `workdir`, if any. SIGTERM/SIGINT end the run after the
-  current step with a checkpoint (when checkpointing is on). Raises `guard.Diverged` when the stability
-  guard runs out of rollbacks.
+  current step with a checkpoint (when checkpointing is on), as does reaching `stop_at_step` (after an eval, when
+  evals are on) or, with `train.stop_at_target`, an eval at or below `train.target_eval_loss`. Writes
+  `<workdir>/summary.json` when the run ends, however it ends, except for bad input found before training starts.
+  Raises `guard.Diverged` when the stability guard runs out of rollbacks.
   """
+  started = time.monotonic()
   is_main = jax.process_index() == 0
   checkpoints = os.path.join(workdir, "checkpoints")
   if cfg.train.init_from and not (os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))):
     _init_source(cfg)  # A wrong train.init_from is reported before anything is compiled or created.
   os.makedirs(workdir, exist_ok=True)
   s = setup(cfg, devices)
-  t, c, num_devices = cfg.train, cfg.checkpoint, s.mesh.size
-  ckpt = Checkpointer(workdir, cfg) if c.every_steps > 0 else None
-  guard = Guard(t.guard)
+  ckpt = Checkpointer(workdir, cfg) if cfg.checkpoint.every_steps > 0 else None
+  guard = Guard(cfg.train.guard)
   try:
     state, start = _restore_or_init(s, ckpt, guard)
   except BaseException:
     if ckpt:
       ckpt.close()  # Orbax's threads end before the process reports the error.
     raise
-  if start >= t.steps:
-    log.info(
-      "the checkpoint is at step %d and train.steps=%d: nothing to train; raise train.steps to continue", start, t.steps
-    )
-    ckpt.close()
+  done = _nothing_to_train(cfg, workdir, start)
+  if done:
+    log.info("%s", done)
+    if ckpt:
+      ckpt.close()
     return []
   if is_main:  # Only once the run can go on: a refused resume leaves the run's config.json as it was.
     write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+
+  def finish(status: str, reason: str | None) -> None:
+    if is_main:
+      figures = summary.summarize(
+        summary.records(workdir),
+        status=status,
+        tokens_per_step=s.tokens_per_step,
+        flops_per_step=s.flops_per_step,
+        num_devices=s.mesh.size,
+        peak_tflops=s.peak_tflops,
+        target=cfg.train.target_eval_loss,
+      )
+      devices = f"{s.mesh.size} x {s.mesh.devices.flat[0].device_kind}"
+      summary.write(
+        workdir, cfg.to_dict(), figures, wall_time_s=time.monotonic() - started, reason=reason, devices=devices
+      )
+
+  try:
+    records, status, reason = _train(cfg, workdir, s, ckpt, guard, state, start, stop_at_step)
+  except Diverged as e:
+    finish("diverged", str(e))
+    raise
+  except BaseException as e:
+    finish("stopped" if isinstance(e, KeyboardInterrupt) else "failed", " ".join(f"{type(e).__name__}: {e}".split()))
+    raise
+  finish(status, reason)
+  return records
+
+
+def _nothing_to_train(cfg: ml_collections.ConfigDict, workdir: str, start: int) -> str | None:
+  """Why a resumed run has nothing left to do, or None."""
+  if start >= cfg.train.steps:
+    return (
+      f"the checkpoint is at step {start} and train.steps={cfg.train.steps}: nothing to train; raise train.steps to "
+      "continue"
+    )
+  reached = summary.target_step(summary.records(workdir), cfg.train.target_eval_loss)
+  if cfg.train.stop_at_target and reached is not None and reached <= start:
+    return f"the run reached train.target_eval_loss at step {reached}: nothing to train (train.stop_at_target)"
+  return None
+
+
+def _train(
+  cfg: ml_collections.ConfigDict,
+  workdir: str,
+  s: Session,
+  ckpt: Checkpointer | None,
+  guard: Guard,
+  state: TrainState,
+  start: int,
+  stop_at_step: int | None,
+) -> tuple[list[dict], str, str | None]:
+  """The step loop of `run`; returns (records logged, summary status, why it ended)."""
+  is_main = jax.process_index() == 0
+  t, c, num_devices = cfg.train, cfg.checkpoint, s.mesh.size
   writer = MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main, after_step=start)
   progress = Progress(t.steps, enabled=is_main, initial=start)
   profiler = _Profiler(cfg.metrics.profile_steps, os.path.join(workdir, "profile"), enabled=is_main)
   stop = StopRequest()
-  records, in_flight, stopping = [], None, False
+  records, in_flight, stopping, status, reason = [], None, False, "finished", None
   window_start, window_steps, last_save = time.perf_counter(), 0, time.monotonic()
 
   def settle(step: int, metrics, controls) -> bool:
@@ -197,6 +254,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
       log.warning("step %d: %s", step, ", ".join(f"{k}={v}" for k, v in event.items() if k != "step"))
       writer.write(event)
     return bool(events) and t.guard.policy == "rollback"
+
+  def save(step: int, wait: bool) -> None:
+    ckpt.save(step, state, s.data_iterator, extra={"guard": guard.state()}, wait=wait)
 
   try:
     for step in range(start + 1, t.steps + 1):
@@ -213,11 +273,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
         continue
       in_flight = (step, metrics, controls)
       stopping, time_due = stop.agreed(c.every_minutes > 0 and time.monotonic() - last_save > 60 * c.every_minutes)
-      if ckpt and (step % c.every_steps == 0 or step == t.steps or time_due or stopping):
-        ckpt.save(step, state, s.data_iterator, extra={"guard": guard.state()}, wait=stopping)
+      pause = step == stop_at_step
+      saved = bool(ckpt) and (step % c.every_steps == 0 or step == t.steps or time_due or stopping or pause)
+      if saved:
+        save(step, wait=stopping or pause)
         last_save = time.monotonic()
-      do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
-      if step % t.log_every == 0 or step == t.steps or do_eval or stopping:
+      do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps or pause)
+      reached = False
+      if step % t.log_every == 0 or step == t.steps or do_eval or stopping or pause:
         values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "applied"}
         step_time = (time.perf_counter() - window_start) / window_steps
         achieved = s.flops_per_step / step_time / num_devices / 1e12
@@ -231,13 +294,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
         }
         if do_eval:
           record["eval_loss"] = s.evaluate(state.params)
+          reached = 0 < record["eval_loss"] <= t.target_eval_loss
         writer.write(record)
         progress.update(step, record)
         records.append(record)
         window_start, window_steps = time.perf_counter(), 0
-      if stopping:
-        saved = "a checkpoint was saved; rerun the same command to resume" if ckpt else "checkpointing is off"
-        log.info("stopped by %s after step %d: %s", stop.name or "another process's signal", step, saved)
+      if reached and t.stop_at_target and step < t.steps:
+        if ckpt and not saved:
+          save(step, wait=True)
+        log.info(
+          "eval loss %.4f <= train.target_eval_loss=%g at step %d: done", record["eval_loss"], t.target_eval_loss, step
+        )
+        reason = f"reached train.target_eval_loss={t.target_eval_loss:g} at step {step}"
+        break
+      if stopping or pause:
+        kept = "a checkpoint was saved; rerun the same command to resume" if ckpt else "checkpointing is off"
+        why = (stop.name or "another process's signal") if stopping else f"--stop_at_step={stop_at_step}"
+        log.info("stopped by %s after step %d: %s", why, step, kept)
+        status, reason = "stopped", f"stopped by {why} after step {step}"
         break
     if in_flight is not None:
       settle(*in_flight)  # Log its guard events; a rejected last step stays rejected (nothing left to redo).
@@ -248,18 +322,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> list[dict
     writer.close()
     if ckpt:
       ckpt.close()  # Waits for a save in flight.
-  if records and not stopping:
+  if records and status == "finished":
     last = records[-1]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     log.info(
       "done: %d steps, final loss %.4f%s, %.0f tokens/s, MFU %.1f%%",
-      t.steps,
+      last["step"],
       last["loss"],
       f", eval loss {evals[-1]:.4f}" if evals else "",
       last["tokens_per_sec"],
       100 * last["mfu"],
     )
-  return records
+  return records, status, reason
 
 
 def _rollback(
