@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import json
 import os
 from collections.abc import Iterator, Sequence
 
@@ -20,6 +19,7 @@ from ml_collections import config_flags
 
 from configs import base
 from maxlm.errors import UserError
+from maxlm.files import read_json_object
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DCN_AXES = ("data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
@@ -380,12 +380,8 @@ def read_saved(workdir: str, flag: str = "--workdir") -> dict:
   if not os.path.isfile(path):
     why = "no such directory" if not os.path.isdir(workdir) else "no config.json"
     raise UserError(f"{flag}={workdir}: {why}; pass a maxlm run or a model imported with maxlm convert from-hf")
-  try:
-    with open(path, "rb") as f:
-      saved = json.load(f)
-  except ValueError as e:
-    raise UserError(f"{path} is not valid JSON ({_one_line(e)}): the run's config was damaged; restore it") from None
-  if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+  saved = read_json_object(path, "the run's config was damaged; restore it")
+  if not all(isinstance(v, dict) for v in saved.values()):
     raise UserError(f"{path} is not a maxlm config (a JSON object of groups such as model, data, train)")
   return saved
 

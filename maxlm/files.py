@@ -4,9 +4,12 @@ never damages what was there before."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
+
+from maxlm.errors import UserError
 
 
 @contextlib.contextmanager
@@ -44,3 +47,15 @@ def reserve(path: str, nbytes: int) -> None:
     os.posix_fallocate(fd, 0, nbytes)
   finally:
     os.close(fd)
+
+
+def read_json_object(path: str, fix: str) -> dict:
+  """The JSON object in `path`; a file that is not one is a UserError ending with `fix` (what the user should do)."""
+  try:
+    with open(path, "rb") as f:
+      data = json.load(f)
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({' '.join(str(e).split())}): {fix}") from None
+  if not isinstance(data, dict):
+    raise UserError(f"{path} is not a JSON object: {fix}")
+  return data

@@ -145,27 +145,11 @@ def _tokens_file(tmp: str, ids) -> dict:
   return {"file": _write(os.path.join(tmp, "tokens.bin"), np.asarray(ids, np.uint16).tobytes())}
 
 
-def _bad_ds(change: Callable[[str], None]) -> Callable[[World, str], dict]:
+def _damaged(what: str, change: Callable[[str], None]) -> Callable[[World, str], dict]:
+  """A prep that copies the world's `what` ("ds", "hf" or "run") into the case's directory and damages the copy."""
+
   def prep(w: World, tmp: str) -> dict:
-    copy = _copy(w.ds, os.path.join(tmp, "ds"))
-    change(copy)
-    return {"bad": copy}
-
-  return prep
-
-
-def _bad_hf(change: Callable[[str], None]) -> Callable[[World, str], dict]:
-  def prep(w: World, tmp: str) -> dict:
-    copy = _copy(w.hf, os.path.join(tmp, "hf"))
-    change(copy)
-    return {"bad": copy}
-
-  return prep
-
-
-def _bad_run(change: Callable[[str], None]) -> Callable[[World, str], dict]:
-  def prep(w: World, tmp: str) -> dict:
-    copy = _copy(w.run, os.path.join(tmp, "run"))
+    copy = _copy(getattr(w, what), os.path.join(tmp, what))
     change(copy)
     return {"bad": copy}
 
@@ -283,25 +267,25 @@ CASES = [
     "train_dataset_manifest_not_json",
     TRAIN + " --workdir={tmp}/w " + PREPARED + " --config.data.path={bad}",
     "not a valid dataset manifest",
-    prep=_bad_ds(lambda d: _write(os.path.join(d, "manifest.json"), "{not json")),
+    prep=_damaged("ds", lambda d: _write(os.path.join(d, "manifest.json"), "{not json")),
   ),
   Case(
     "train_dataset_tokens_truncated",
     TRAIN + " --workdir={tmp}/w " + PREPARED + " --config.data.path={bad}",
     "(truncated or mixed up): prepare the dataset again",
-    prep=_bad_ds(lambda d: _truncate(os.path.join(d, "train", "tokens.bin"))),
+    prep=_damaged("ds", lambda d: _truncate(os.path.join(d, "train", "tokens.bin"))),
   ),
   Case(
     "train_dataset_index_missing",
     TRAIN + " --workdir={tmp}/w " + PREPARED + " --config.data.path={bad}",
     "index.npy: unreadable",
-    prep=_bad_ds(lambda d: os.remove(os.path.join(d, "train", "index.npy"))),
+    prep=_damaged("ds", lambda d: os.remove(os.path.join(d, "train", "index.npy"))),
   ),
   Case(
     "train_dataset_index_garbage",
     TRAIN + " --workdir={tmp}/w " + PREPARED + " --config.data.path={bad}",
     "index.npy: unreadable",
-    prep=_bad_ds(lambda d: _write(os.path.join(d, "train", "index.npy"), b"\x93NUMPY garbage")),
+    prep=_damaged("ds", lambda d: _write(os.path.join(d, "train", "index.npy"), b"\x93NUMPY garbage")),
   ),
   Case(
     "train_dataset_vocab_too_big",
@@ -443,55 +427,55 @@ CASES = [
     "from_hf_config_not_json",
     "convert from-hf --hf_dir={bad} --workdir={tmp}/w",
     "config.json is not valid JSON",
-    prep=_bad_hf(lambda d: _write(os.path.join(d, "config.json"), '{"vocab_size": 3')),
+    prep=_damaged("hf", lambda d: _write(os.path.join(d, "config.json"), '{"vocab_size": 3')),
   ),
   Case(
     "from_hf_config_a_list",
     "convert from-hf --hf_dir={bad} --workdir={tmp}/w",
-    "is not a model config",
-    prep=_bad_hf(lambda d: _write(os.path.join(d, "config.json"), "[]")),
+    "is not a JSON object: not a model config",
+    prep=_damaged("hf", lambda d: _write(os.path.join(d, "config.json"), "[]")),
   ),
   Case(
     "from_hf_config_missing_key",
     "convert from-hf --hf_dir={bad} --workdir={tmp}/w",
     "lacks hidden_size",
-    prep=_bad_hf(lambda d: _delete_json_key(os.path.join(d, "config.json"), "hidden_size")),
+    prep=_damaged("hf", lambda d: _delete_json_key(os.path.join(d, "config.json"), "hidden_size")),
   ),
   Case(
     "from_hf_config_wrong_type",
     "convert from-hf --hf_dir={bad} --workdir={tmp}/w",
     "hidden_size='64' should be a positive integer",
-    prep=_bad_hf(lambda d: _edit_json(os.path.join(d, "config.json"), hidden_size="64")),
+    prep=_damaged("hf", lambda d: _edit_json(os.path.join(d, "config.json"), hidden_size="64")),
   ),
   Case(
     "from_hf_rope_scaling_incomplete",
     "convert from-hf --hf_dir={bad} --workdir={tmp}/w",
     "lacks 'factor'",
-    prep=_bad_hf(lambda d: _edit_json(os.path.join(d, "config.json"), rope_scaling={"rope_type": "llama3"})),
+    prep=_damaged("hf", lambda d: _edit_json(os.path.join(d, "config.json"), rope_scaling={"rope_type": "llama3"})),
   ),
   Case(
     "from_hf_architecture",
     "convert from-hf --hf_dir={bad} --workdir={tmp}/w",
     "Qwen2ForCausalLM is not supported",
-    prep=_bad_hf(lambda d: _edit_json(os.path.join(d, "config.json"), architectures=["Qwen2ForCausalLM"])),
+    prep=_damaged("hf", lambda d: _edit_json(os.path.join(d, "config.json"), architectures=["Qwen2ForCausalLM"])),
   ),
   Case(
     "from_hf_no_weights",
     "convert from-hf --hf_dir={bad} --workdir={tmp}/w",
     "no safetensors weights",
-    prep=_bad_hf(lambda d: os.remove(os.path.join(d, "model.safetensors"))),
+    prep=_damaged("hf", lambda d: os.remove(os.path.join(d, "model.safetensors"))),
   ),
   Case(
     "from_hf_truncated_weights",
     "convert from-hf --hf_dir={bad} --workdir={tmp}/w",
     "not a readable safetensors file",
-    prep=_bad_hf(_corrupt_safetensors),
+    prep=_damaged("hf", _corrupt_safetensors),
   ),
   Case(
     "from_hf_shape_mismatch",
     "convert from-hf --hf_dir={bad} --workdir={tmp}/w",
     "but config.json implies",
-    prep=_bad_hf(lambda d: _edit_json(os.path.join(d, "config.json"), intermediate_size=100)),
+    prep=_damaged("hf", lambda d: _edit_json(os.path.join(d, "config.json"), intermediate_size=100)),
   ),
   Case("from_hf_into_a_run", "convert from-hf --hf_dir={hf} --workdir={run}", "exists and is not empty"),
   Case("from_hf_param_dtype", "convert from-hf --hf_dir={hf} --workdir={tmp}/w --param_dtype=float16", "choose one of"),
@@ -505,13 +489,13 @@ CASES = [
     "to_hf_config_damaged",
     "convert to-hf --workdir={bad} --out={tmp}/o",
     "config.json is not valid JSON",
-    prep=_bad_run(lambda d: _write(os.path.join(d, "config.json"), "{")),
+    prep=_damaged("run", lambda d: _write(os.path.join(d, "config.json"), "{")),
   ),
   Case(
     "to_hf_checkpoint_damaged",
     "convert to-hf --workdir={bad} --out={tmp}/o",
     "cannot read the parameters",
-    prep=_bad_run(_corrupt_state),
+    prep=_damaged("run", _corrupt_state),
   ),
   # eval.
   Case("eval_no_workdir", "eval", "required: --workdir"),
@@ -525,7 +509,7 @@ CASES = [
     "eval_config_not_groups",
     "eval --workdir={bad}",
     "is not a maxlm config",
-    prep=_bad_run(lambda d: _write(os.path.join(d, "config.json"), '{"model": 3}')),
+    prep=_damaged("run", lambda d: _write(os.path.join(d, "config.json"), '{"model": 3}')),
   ),
   # sample.
   Case("sample_no_prompt", "sample --workdir={run}", "required: --prompt"),
@@ -536,7 +520,7 @@ CASES = [
     "sample_without_tokenizer",
     "sample --workdir={bad} --prompt=hi",
     "no SentencePiece tokenizer found",
-    prep=_bad_run(lambda d: _edit_json(os.path.join(d, "config.json"), data={"source": "synthetic"})),
+    prep=_damaged("run", lambda d: _edit_json(os.path.join(d, "config.json"), data={"source": "synthetic"})),
   ),
 ]
 

@@ -16,7 +16,7 @@ import jax
 import matplotlib.image
 import pytest
 
-from maxlm.research import compare, hyper, sweep
+from maxlm.research import compare, hyper, results, sweep
 from maxlm.training import loop, summary
 
 from conftest import make_config
@@ -301,3 +301,36 @@ def test_compare_shows_what_differs_and_plots_every_run(uninterrupted, tmp_path)
   )
   bad = _maxlm("compare", str(tmp_path))
   assert bad.returncode == 2 and "not a maxlm run" in bad.stderr
+
+
+def test_results_sort_mark_the_best_and_summarize_seeds(tmp_path):
+  def row(name, overrides, time_to_target, status="finished"):
+    reached = time_to_target is not None
+    return {
+      "run": name,
+      "overrides": overrides,
+      "status": status,
+      "final_eval_loss": 3.0,
+      "time_to_target_s": time_to_target,
+      "tokens_to_target": 1000 if reached else None,
+      "step_to_target": 10 if reached else None,
+    }
+
+  rows = [
+    row("seed=0", {"train.seed": 0}, 4.0),
+    row("seed=1", {"train.seed": 1}, 6.0),
+    row("qk_norm=true,seed=0", {"model.qk_norm": True, "train.seed": 0}, 2.0),
+    row("qk_norm=true,seed=1", {"model.qk_norm": True, "train.seed": 1}, None),
+    row("broken", {"train.seed": 9}, None, status="failed"),
+  ]
+  results.write(str(tmp_path), rows, "time_to_target_s")
+  with open(tmp_path / "results.csv") as f:
+    import csv
+
+    table = list(csv.DictReader(f))
+  assert [r["run"] for r in table] == ["qk_norm=true,seed=0", "seed=0", "seed=1", "broken", "qk_norm=true,seed=1"]
+  assert [r["best"] for r in table] == ["1", "0", "0", "0", "0"]
+  md = (tmp_path / "results.md").read_text()
+  assert "| **best** qk_norm=true,seed=0 |" in md
+  assert "| seed=0, seed=1, broken |  | 3 | 5 ± 1.414 | 1000 ± 0 | 2/3 |" in md
+  assert "| qk_norm=true,seed=0, qk_norm=true,seed=1 | True | 2 | 2 | 1000 | 1/2 |" in md

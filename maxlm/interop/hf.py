@@ -157,13 +157,7 @@ def read_hf_config(hf_dir: str) -> dict:
     raise UserError(f"--hf_dir={hf_dir}: no such directory; pass a Hugging Face model directory")
   if not os.path.isfile(path):
     raise UserError(f"--hf_dir={hf_dir}: no config.json; pass a Hugging Face model directory")
-  try:
-    with open(path, "rb") as f:
-      hf = json.load(f)
-  except ValueError as e:
-    raise UserError(f"{path} is not valid JSON ({' '.join(str(e).split())}): download the model again") from None
-  if not isinstance(hf, dict):
-    raise UserError(f"{path} is not a model config (a JSON object): download the model again")
+  hf = files.read_json_object(path, "not a model config; download the model again")
   names = hf.get("architectures")
   if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
     raise UserError(f"{path}: architectures={names!r} should be a list of class names")

@@ -93,16 +93,18 @@ def markdown(rows: list[dict], keys: list[str], metric: str, best: str | None) -
     lines.append(f"| {mark}{r['run']} | " + " | ".join(cells) + " |")
   groups = seed_groups(rows)
   if any(len(g) > 1 for g in groups.values()):
+    varied = [k for k in keys if k not in SEEDS]
+    figures = list(dict.fromkeys([metric, "time_to_target_s", "tokens_to_target"]))
     lines += ["", f"## Over seeds ({', '.join(SEEDS)}): mean ± standard deviation", ""]
-    lines += [f"| runs | {' | '.join(k for k in keys if k not in SEEDS)} | n | {metric} | time_to_target_s | reached |"]
-    lines += ["|" + " --- |" * (len([k for k in keys if k not in SEEDS]) + 5)]
+    lines += ["| runs | " + " | ".join([*varied, "n", *figures, "reached target"]) + " |"]
+    lines += ["|" + " --- |" * (len(varied) + len(figures) + 3)]
     for label, group in groups.items():
-      reached = [r["time_to_target_s"] for r in group if isinstance(r.get("time_to_target_s"), (int, float))]
-      values = [r[metric] for r in group if isinstance(r.get(metric), (int, float))]
-      cells = [str(dict(label).get(k, "")) for k in keys if k not in SEEDS]
+      cells = [str(dict(label).get(k, "")) for k in varied]
+      spreads = [_spread([r[f] for r in group if isinstance(r.get(f), (int, float))]) for f in figures]
+      reached = sum(isinstance(r.get("step_to_target"), int) for r in group)
       lines.append(
-        f"| {', '.join(r['run'] for r in group)} | {' | '.join(cells)} | {len(group)} | {_spread(values)} | "
-        f"{_spread(reached)} | {len(reached)}/{len(group)} |"
+        f"| {', '.join(r['run'] for r in group)} | " + " | ".join([*cells, str(len(group)), *spreads]) + f" | "
+        f"{reached}/{len(group)} |"
       )
   return "\n".join(lines) + "\n"
 

@@ -188,7 +188,7 @@ class Sweep:
 
   def check_directory(self) -> None:
     """A directory holding another sweep is refused; a new one records this sweep in sweep.json."""
-    record = {"sweep": self.path, "base_overrides": self.base_overrides, "runs": self.overrides}
+    record = json.loads(json.dumps({"sweep": self.path, "base_overrides": self.base_overrides, "runs": self.overrides}))
     path = os.path.join(self.directory, "sweep.json")
     if os.path.exists(path):
       try:
@@ -196,7 +196,7 @@ class Sweep:
           earlier = json.load(f)
       except ValueError:
         earlier = None
-      if not isinstance(earlier, dict) or {k: earlier.get(k) for k in record} != json.loads(json.dumps(record)):
+      if not isinstance(earlier, dict) or {k: earlier.get(k) for k in record} != record:
         raise UserError(
           f"--workdir={self.directory} holds another sweep (other file, overrides or runs; see its sweep.json): "
           "choose a new --workdir, or rerun with the same arguments to resume"
@@ -205,7 +205,7 @@ class Sweep:
     if os.path.exists(self.directory) and os.listdir(self.directory):
       raise UserError(f"--workdir={self.directory} exists and is not a sweep directory: choose a new --workdir")
     os.makedirs(os.path.join(self.directory, "runs"), exist_ok=True)
-    write_atomically(path, json.dumps(record, indent=2, default=str) + "\n")
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
 
   def status(self, name: str) -> str | None:
     s = summary.read(self.workdirs[name])
