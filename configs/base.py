@@ -23,6 +23,8 @@ REMAT = ("none", "full", "dots", "dots_no_batch")
 DATA_SOURCES = ("synthetic", "tokens", "prepared")  # learnable walk | flat token file | maxlm data prepare output.
 TOKEN_DTYPES = ("uint16", "uint32")
 SCHEDULES = ("cosine", "wsd", "constant")  # warmup + cosine | warmup-stable-decay | warmup + flat.
+# adamw: AdamW everywhere; muon: Muon for the blocks' projection matrices, AdamW for embeddings, norms and the head.
+OPTIMIZERS = ("adamw", "muon")
 # none: no checks; skip: reject a non-finite or spiking update and go on; rollback: reject it, then restore the last
 # checkpoint and skip the data that led there.
 GUARD_POLICIES = ("none", "skip", "rollback")
@@ -36,6 +38,7 @@ CHOICES = {
   "data.source": DATA_SOURCES,
   "data.token_dtype": TOKEN_DTYPES,
   "optim.schedule": SCHEDULES,
+  "optim.name": OPTIMIZERS,
   "train.guard.policy": GUARD_POLICIES,
 }
 
@@ -90,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.num_workers = 0  # Grain worker processes for loading (0 = in the training process).
 
   c.optim = o = ml_collections.ConfigDict()
+  o.name = "adamw"  # Optimizer, one of OPTIMIZERS (maxlm/training/optim.py).
   o.lr = 3e-3  # Peak learning rate.
   o.schedule = "cosine"  # Learning-rate schedule, one of SCHEDULES.
   o.warmup_steps = 20  # Linear warmup from 0 to optim.lr.
@@ -101,6 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.1  # Decoupled weight decay on matrices; never on norm scales.
   o.decay_embeddings = False  # Also apply weight decay to the token embedding.
   o.clip_norm = 1.0  # Clip gradients to this global L2 norm (0 disables).
+  o.muon_lr = 0.02  # muon: peak learning rate of the block matrices (same schedule shape); optim.lr is the rest's.
+  o.muon_momentum = 0.95  # muon: Nesterov momentum of the block matrices.
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 200  # Optimizer steps.

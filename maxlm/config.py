@@ -47,6 +47,8 @@ MINIMA = {
   "optim.min_lr_ratio": 0.0,
   "optim.weight_decay": 0.0,
   "optim.clip_norm": 0.0,
+  "optim.muon_lr": 0.0,
+  "optim.muon_momentum": 0.0,
   "optim.eps": 0.0,
   "train.steps": 1,
   "train.global_batch": 1,
@@ -77,6 +79,7 @@ MAXIMA = {
   "optim.min_lr_ratio": 1.0,
   "optim.b1": 1.0,
   "optim.b2": 1.0,
+  "optim.muon_momentum": 1.0,
   "data.eval_fraction": 0.5,
 }
 

@@ -26,6 +26,18 @@ from flax import nnx
 from maxlm.model import attention
 from maxlm.parallel.mesh import constrain
 
+# The (input, output) axes of each projection matrix of a block, per layer (the stacked blocks add a leading
+# "layers" axis): what matrix-aware optimizers (Muon) orthogonalize. Embeddings, norms and lm_head are not here.
+MATRIX_AXES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+  "q_proj": ((0,), (1, 2)),  # [D, H, Dh]
+  "k_proj": ((0,), (1, 2)),  # [D, K, Dh]
+  "v_proj": ((0,), (1, 2)),
+  "o_proj": ((0, 1), (2,)),  # [H, Dh, D]
+  "gate_proj": ((0,), (1,)),  # [D, F]
+  "up_proj": ((0,), (1,)),
+  "down_proj": ((0,), (1,)),  # [F, D]
+}
+
 REMAT_POLICIES: dict[str, Callable | None] = {
   "full": None,  # Save nothing inside a block: recompute the whole forward in the backward pass.
   "dots": jax.checkpoint_policies.checkpoint_dots,

@@ -118,6 +118,8 @@ def tree_shardings(tree, mesh: Mesh):
 
   def sharding(leaf):
     if isinstance(leaf, nnx.Variable):
+      if not hasattr(leaf.get_value(), "shape"):
+        return leaf  # No array inside (an optimizer slot masked out for this parameter, e.g. by optax.partition).
       names = leaf.get_metadata().get("out_sharding") or (None,) * leaf.ndim
       return leaf.replace(NamedSharding(mesh, logical_to_spec(names)))
     return NamedSharding(mesh, P())

@@ -1,10 +1,18 @@
-"""Optax optimizer: global-norm clipping, then AdamW with a weight-decay mask, on a learning-rate schedule."""
+"""Optax optimizers: global-norm clipping, then AdamW (with a weight-decay mask) or Muon, on a learning-rate schedule.
+
+muon (Jordan et al. 2024; as in the modded-nanogpt speedrun records): the blocks' projection matrices get Muon
+(Nesterov momentum orthogonalised by Newton-Schulz, per layer and per matrix as `transformer.MATRIX_AXES` lays them
+out, scaled by sqrt(max(1, fan_out/fan_in))) at peak `optim.muon_lr`; embeddings, norm scales and the output head get
+AdamW at `optim.lr`. Both follow the same schedule shape, and weight decay applies as `decay_mask` says.
+"""
 
 from __future__ import annotations
 
 import jax
 import ml_collections
 import optax
+
+from maxlm.model.transformer import MATRIX_AXES
 
 
 def _cosine(cfg: ml_collections.ConfigDict, total_steps: int, warmup: int) -> optax.Schedule:
@@ -59,15 +67,56 @@ def decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  lr = schedule(cfg, total_steps)
-  adamw = optax.adamw(
-    lr,
-    b1=cfg.b1,
-    b2=cfg.b2,
-    eps=cfg.eps,
-    weight_decay=cfg.weight_decay,
-    mask=lambda p: decay_mask(p, cfg.decay_embeddings),
+def _names(path) -> list[str]:
+  return jax.tree_util.keystr(path, simple=True, separator="/").split("/")
+
+
+def matrix_dimensions(params):
+  """Muon's dimension numbers for each block projection matrix of a parameter tree (None for the rest)."""
+
+  def dims(path, x):
+    names = _names(path)
+    axes = next((MATRIX_AXES[n] for n in names if n in MATRIX_AXES), None)
+    if axes is None or names[0] != "blocks":
+      return None
+    layers = x.ndim - 1 - max(max(a) for a in axes)  # the stacked "layers" axis in front
+    return optax.contrib.MuonDimensionNumbers(tuple(a + layers for a in axes[0]), tuple(a + layers for a in axes[1]))
+
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def labels(params):
+  """ "muon" for the block projection matrices, "adamw" for everything else (see the module docstring)."""
+  return jax.tree.map(
+    lambda d: "adamw" if d is None else "muon",
+    matrix_dimensions(params),
+    is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers),
   )
-  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
-  return tx, lr
+
+
+def _adamw(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  mask = lambda p: decay_mask(p, cfg.decay_embeddings)
+  lr = schedule(cfg, total_steps)
+  return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+
+
+def _muon(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  matrices_cfg = ml_collections.ConfigDict({**cfg.to_dict(), "lr": cfg.muon_lr})
+  matrices = optax.contrib.muon(
+    schedule(matrices_cfg, total_steps),
+    beta=cfg.muon_momentum,
+    weight_decay=cfg.weight_decay,
+    muon_weight_dimension_numbers=matrix_dimensions,
+  )
+  return optax.partition({"muon": matrices, "adamw": _adamw(cfg, total_steps)}, labels)
+
+
+# `optim.name` -> builder; the names are configs/base.py OPTIMIZERS.
+OPTIMIZERS = {"adamw": _adamw, "muon": _muon}
+
+
+def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(the optimizer of `cfg`, its learning-rate schedule: optim.lr's, which metrics report)."""
+  tx = OPTIMIZERS[cfg.name](cfg, total_steps)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm > 0 else tx
+  return tx, schedule(cfg, total_steps)
