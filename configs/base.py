@@ -23,6 +23,10 @@ REMAT = ("none", "full", "dots", "dots_no_batch")
 DATA_SOURCES = ("synthetic", "tokens", "prepared")  # learnable walk | flat token file | maxlm data prepare output.
 TOKEN_DTYPES = ("uint16", "uint32")
 SCHEDULES = ("cosine", "wsd", "constant")  # warmup + cosine | warmup-stable-decay | warmup + flat.
+# sp: standard parametrization; mup: maximal update (Yang et al. 2022): with m = d_model / model.mup_base_width, block
+# matrices' Adam learning rate x 1/m, logits x 1/m, attention scores / Dh, so hyperparameters tuned at the base width
+# transfer to wider models (init: fan-in already; embeddings, norms and the head unchanged).
+PARAMETRIZATIONS = ("sp", "mup")
 # adamw: AdamW everywhere; muon: Muon for the blocks' projection matrices, AdamW for embeddings, norms and the head.
 OPTIMIZERS = ("adamw", "muon")
 # none: no checks; skip: reject a non-finite or spiking update and go on; rollback: reject it, then restore the last
@@ -35,6 +39,7 @@ CHOICES = {
   "model.attention": ATTENTION,
   "model.rope_scaling.type": ROPE_SCALING,
   "model.remat": REMAT,
+  "model.parametrization": PARAMETRIZATIONS,
   "data.source": DATA_SOURCES,
   "data.token_dtype": TOKEN_DTYPES,
   "optim.schedule": SCHEDULES,
@@ -70,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention = "auto"  # Attention implementation, one of ATTENTION.
   m.scan_layers = True  # jax.lax.scan over layers (fast compile); False unrolls. Parameter layout is the same.
   m.remat = "none"  # Rematerialisation per block, one of REMAT.
+  m.parametrization = "sp"  # One of PARAMETRIZATIONS (maxlm/training/optim.py and the model read it).
+  m.mup_base_width = 0  # mup: the d_model whose tuned hyperparameters transfer (0 = this model's d_model, m = 1).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Pure data-parallel axis (replicated params); -1 fills the remaining devices.

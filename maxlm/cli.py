@@ -410,6 +410,90 @@ def _compare(args: list[str]) -> None:
     log.info("wrote %s", a.plot)
 
 
+def _ladder(args: list[str]) -> None:
+  parser = _ArgumentParser("ladder")
+  parser.add_argument("--ladder", required=True)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--parallel", type=int, default=1)
+  parser.add_argument("--dry_run", action="store_true")
+  parser.add_argument("--predict", action="store_true")
+  a, rest = parser.parse_known_args(args)
+  from maxlm.research import ladder, sweep
+
+  if a.parallel < 1:
+    raise UserError("--parallel: use 1 or more")
+  runs = ladder.LadderRuns(a.ladder, a.workdir, sweep.parse_base_overrides(rest))
+  if a.dry_run:
+    print(runs.describe())
+    return
+  check_new_directory("--workdir", a.workdir)
+  ladder.execute(runs, parallel=a.parallel)
+  result = ladder.fit_directory(a.workdir, plot=os.path.join(a.workdir, "fit.png"))
+  law = result["approach3"]
+  log.info(
+    "fit of %d runs: L = %.3f + %.4g/N^%.3f + %.4g/D^%.3f; wrote %s/fit.json and fit.png",
+    law["runs"],
+    law["E"],
+    law["A"],
+    law["alpha"],
+    law["B"],
+    law["beta"],
+    a.workdir,
+  )
+  if a.predict:
+    prediction = ladder.predict_and_check(runs, parallel=a.parallel, plot=os.path.join(a.workdir, "fit.png"))
+    log.info(
+      "held-out %s: predicted %.4f, actual %.4f, error %+.2f%%",
+      prediction["run"],
+      prediction["predicted"],
+      prediction["actual"],
+      100 * prediction["error"],
+    )
+  print(json.dumps(json.load(open(os.path.join(a.workdir, "fit.json")))))
+
+
+def _fit(args: list[str]) -> None:
+  parser = _ArgumentParser("fit")
+  parser.add_argument("directory")
+  parser.add_argument("--budget", type=float)
+  parser.add_argument("--plot")
+  parser.add_argument("--bootstrap", type=int, default=200)
+  a = parser.parse_args(args)
+  from maxlm.research import ladder
+
+  result = ladder.fit_directory(a.directory, budget=a.budget, bootstrap_samples=a.bootstrap, plot=a.plot)
+  print(json.dumps(result))
+
+
+def _mup_check(args: list[str]) -> None:
+  flag_values = flags.FlagValues()
+  widths = flags.DEFINE_list("widths", ["32", "64", "128", "256"], "d_model of each model.", flag_values=flag_values)
+  steps = flags.DEFINE_integer("steps", 4, "Train steps.", lower_bound=1, flag_values=flag_values)
+  lr = flags.DEFINE_float("lr", 1e-2, "Constant learning rate (no warmup).", lower_bound=0.0, flag_values=flag_values)
+  plot = flags.DEFINE_string("plot", None, "Write the RMS-vs-width plot here (.png).", flag_values=flag_values)
+  cfg = config.load(args, flag_values)
+  try:
+    sizes = [int(w) for w in widths.value]
+  except ValueError:
+    raise UserError(f"--widths={','.join(widths.value)}: use comma-separated integers, e.g. 32,64,128,256") from None
+  if len(sizes) < 2 or min(sizes) < 1:
+    raise UserError("--widths: give at least two positive widths")
+  from maxlm.research import mup_check
+
+  result = mup_check.coordinates(cfg, sizes, steps.value, lr.value)
+  if plot.value:
+    mup_check.plot(result, plot.value)
+  growth = mup_check.growth(result, steps.value)
+  log.info(
+    "RMS at width %d / at width %d after %d steps: %s",
+    sizes[-1],
+    sizes[0],
+    steps.value,
+    ", ".join(f"{k} {v:.2f}x" for k, v in growth.items()),
+  )
+  print(json.dumps({**result, "growth": growth}))
+
+
 COMMANDS = {
   "train": Command(
     """  train            --config=FILE --workdir=DIR [--config.KEY=VALUE ...]
@@ -474,6 +558,26 @@ COMMANDS = {
                    runs or sweep directories side by side: the config keys that differ, summary figures, and
                    train/eval loss against steps, tokens and FLOPs""",
     _compare,
+  ),
+  "ladder": Command(
+    """  ladder           --ladder=FILE --workdir=DIR [--parallel=N] [--predict] [--dry_run] [--config.KEY=VALUE ...]
+                   train a scaling ladder (sizes x token or FLOP budgets; WSD: one trunk per size with decay
+                   branches), fit the laws (DIR/fit.json, fit.png); --predict then predicts a held-out bigger run's
+                   loss, trains it and reports the error (docs/research.md)""",
+    _ladder,
+  ),
+  "fit": Command(
+    """  fit              DIR [--budget=FLOPS] [--plot=FILE.png] [--bootstrap=200]
+                   fit L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla approach 3, bootstrap intervals) and IsoFLOP
+                   optima (approach 2) to a ladder's finished runs; the compute-optimal N and D for a budget""",
+    _fit,
+  ),
+  "mup-check": Command(
+    """  mup-check        --config=FILE [--widths=32,64,128,256] [--steps=4] [--lr=0.01] [--plot=FILE.png]
+                   [--config.KEY=VALUE ...]
+                   muP coordinate check: per-layer activation RMS vs width over the first steps (JSON; flat under
+                   --config.model.parametrization=mup, growing under sp)""",
+    _mup_check,
   ),
   "sample": Command(
     """  sample           --workdir=RUN --prompt=TEXT [--prompt=TEXT ...] [--max_new_tokens=64] [--temperature=1.0]

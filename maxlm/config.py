@@ -39,6 +39,7 @@ MINIMA = {
   "model.rope_scaling.low_freq_factor": 1e-9,
   "model.rope_scaling.original_max_len": 1,
   "model.max_position_embeddings": 0,
+  "model.mup_base_width": 0,
   "data.seq_len": 1,
   "data.num_workers": 0,
   "optim.lr": 0.0,

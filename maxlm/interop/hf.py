@@ -49,6 +49,7 @@ from configs import base
 from maxlm import config, files
 from maxlm.data import tokenizer
 from maxlm.errors import UserError
+from maxlm.model import transformer
 from maxlm.training import checkpoint
 
 log = logging.getLogger("maxlm")
@@ -537,6 +538,8 @@ def to_hf(
     token_ids = {
       k: imported[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if imported.get(k) is not None
     }
+  source_model = cfg.model
+  cfg = _as_exported(cfg)
   hf = hf_config(cfg, dtype, token_ids)
   out = os.path.abspath(out)
   if os.path.exists(out) and os.listdir(out):
@@ -552,7 +555,7 @@ def to_hf(
     else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
   )
   with files.partial_directory(out) as partial:
-    _write_tensors(partial, names, shards, plan, directory, cfg, np_dtype, EXPORT_DTYPES[dtype])
+    _write_tensors(partial, names, shards, plan, directory, source_model, np_dtype, EXPORT_DTYPES[dtype])
     if len(shards) > 1:
       weight_map = {plan[j][2]: names[k] for k, shard in enumerate(shards) for j in shard}
       with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
@@ -585,11 +588,36 @@ def _split(nbytes: list[int], limit: int) -> list[list[int]]:
   return shards
 
 
-def _write_tensors(partial, files, shards, plan, directory, cfg, np_dtype, st_dtype) -> None:
+def _as_exported(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the Llama that computes what `cfg`'s model computes: a muP model's output multiplier 1/m moves into
+  an untied lm_head (tied embeddings are untied: the input embedding keeps its scale) and its attention's 1/Dh into
+  q_proj (× Dh^-1/2, so Llama's 1/sqrt(Dh) gives 1/Dh); `_exported_value` applies both. An sp model is itself."""
+  if cfg.model.parametrization != "mup":
+    return cfg
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.model.update(parametrization="sp", mup_base_width=0, tie_embeddings=False)
+  return out
+
+
+def _exported_value(t: Tensor, source: ml_collections.ConfigDict, directory: str, abstract) -> np.ndarray:
+  """The maxlm array behind HF tensor `t` of the exported model (see `_as_exported`), restored from `directory`."""
+  mup = source.parametrization == "mup"
+  name = "embed" if t.name == "lm_head" and source.tie_embeddings else t.name
+  array = checkpoint.restore_params(directory, abstract, names=[name])[name]
+  if name == "embed" and t.name == "lm_head":
+    array = array.T
+  if mup and t.name == "lm_head":
+    array = array * np.asarray(1.0 / transformer.width_multiplier(source), array.dtype)
+  if mup and t.name == "blocks.attn.q_proj":
+    array = array * np.asarray((source.d_model // source.num_heads) ** -0.5, array.dtype)
+  return array
+
+
+def _write_tensors(partial, files, shards, plan, directory, source, np_dtype, st_dtype) -> None:
   """Writes the safetensors files: each header from the plan first, then the tensors in plan order, each
   stacked maxlm array restored once (as a host NumPy array: a JAX array would cost another copy) and
-  written layer by layer."""
-  _, abstract = checkpoint.abstract_params(cfg.model)
+  written layer by layer. `source` is the model config of the checkpoint (see `_as_exported`)."""
+  _, abstract = checkpoint.abstract_params(source)
   current, array = None, None
   for file, shard in zip(files, shards):
     with open(os.path.join(partial, file), "wb") as f:
@@ -606,7 +634,7 @@ def _write_tensors(partial, files, shards, plan, directory, cfg, np_dtype, st_dt
         t, i, _ = plan[j]
         if t.name != current:
           current, array = t.name, None
-          array = checkpoint.restore_params(directory, abstract, names=[t.name])[t.name]
+          array = _exported_value(t, source, directory, abstract)
         value = t.to_hf(array if i is None else array[i]).astype(np_dtype)
         f.write(np.ascontiguousarray(value).tobytes())
 

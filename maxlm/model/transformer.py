@@ -38,6 +38,14 @@ MATRIX_AXES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
   "down_proj": ((0,), (1,)),  # [F, D]
 }
 
+
+def width_multiplier(cfg: ml_collections.ConfigDict) -> float:
+  """muP's m = d_model / model.mup_base_width (1 under sp, or when the base width is this model's)."""
+  if cfg.parametrization != "mup":
+    return 1.0
+  return cfg.d_model / (cfg.mup_base_width or cfg.d_model)
+
+
 REMAT_POLICIES: dict[str, Callable | None] = {
   "full": None,  # Save nothing inside a block: recompute the whole forward in the backward pass.
   "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -112,6 +120,9 @@ class Attention(nnx.Module):
     )
     self.attention_fn = attention.IMPLEMENTATIONS[cfg.attention]
     self.dtype = jnp.dtype(cfg.compute_dtype)
+    # muP scores q·k by 1/Dh, not 1/sqrt(Dh): q takes the extra Dh^-1/2, so every attention implementation (which all
+    # scale by Dh^-1/2) stays as it is.
+    self.q_scale = Dh**-0.5 if cfg.parametrization == "mup" else None
 
   def _project(self, x_BxTxD, positions_BxT):
     """Queries, keys and values of `x`, after the optional QK-norm and RoPE."""
@@ -127,6 +138,8 @@ class Attention(nnx.Module):
     inv_freq_Half = rope_inv_freq(q_BxTxHxDh.shape[-1], self.rope_theta, self.rope_scaling)
     q_BxTxHxDh = rope(q_BxTxHxDh, positions_BxT, inv_freq_Half)
     k_BxSxKxDh = rope(k_BxSxKxDh, positions_BxT, inv_freq_Half)
+    if self.q_scale is not None:
+      q_BxTxHxDh = q_BxTxHxDh * jnp.asarray(self.q_scale, q_BxTxHxDh.dtype)
     return q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
@@ -205,7 +218,10 @@ class Transformer(nnx.Module):
 
     self.blocks = stacked_blocks(rngs)
     self.final_norm = RMSNorm(D, cfg.norm_eps, pdt)
-    self.lm_head = None if cfg.tie_embeddings else _normal(rngs, (D, V), D**-0.5, ("embed", "vocab"), pdt)
+    # muP: the output layer's init and learning rate do not shrink with width; its logits are multiplied by 1/m.
+    head_fan_in = (cfg.mup_base_width or D) if cfg.parametrization == "mup" else D
+    self.lm_head = None if cfg.tie_embeddings else _normal(rngs, (D, V), head_fan_in**-0.5, ("embed", "vocab"), pdt)
+    self.output_multiplier = 1.0 / width_multiplier(cfg)
     self.num_layers = cfg.num_layers
     self.kv_heads, self.head_dim = cfg.num_kv_heads, D // cfg.num_heads
     self.scan_layers = cfg.scan_layers
@@ -245,9 +261,23 @@ class Transformer(nnx.Module):
     return self.final_norm(x_BxTxD)
 
   def output_projection(self):
-    """w_DxV in the compute dtype: the embedding's transpose when tied, else lm_head."""
+    """w_DxV in the compute dtype: the embedding's transpose when tied, else lm_head; times muP's 1/m."""
     w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    if self.output_multiplier != 1.0:
+      w_DxV = w_DxV * self.output_multiplier
     return w_DxV.astype(self.dtype)
+
+  def residuals(self, tokens_BxT) -> list[jax.Array]:
+    """Diagnostics (muP coordinate checks): the residual stream after the embedding and after each block, [N + 1]
+    arrays x_BxTxD, computed layer by layer."""
+    B, T = tokens_BxT.shape
+    positions_BxT, segment_ids_BxT = jnp.broadcast_to(jnp.arange(T), (B, T)), jnp.ones((B, T), jnp.int32)
+    xs = [jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.dtype)]
+    graphdef, stacked = nnx.split(self.blocks)
+    for i in range(self.num_layers):
+      layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+      xs.append(layer(xs[-1], positions_BxT, segment_ids_BxT))
+    return xs
 
   def logits(self, x_BxTxD):
     """x_BxTxD -> logits_BxTxV in the compute dtype (training uses maxlm.model.loss, which never holds them all)."""

@@ -4,6 +4,10 @@ muon (Jordan et al. 2024; as in the modded-nanogpt speedrun records): the blocks
 (Nesterov momentum orthogonalised by Newton-Schulz, per layer and per matrix as `transformer.MATRIX_AXES` lays them
 out, scaled by sqrt(max(1, fan_out/fan_in))) at peak `optim.muon_lr`; embeddings, norm scales and the output head get
 AdamW at `optim.lr`. Both follow the same schedule shape, and weight decay applies as `decay_mask` says.
+
+muP (`model.parametrization="mup"`): the blocks' projection matrices take AdamW at learning rate lr/m (m the width
+multiplier, `transformer.width_multiplier`), everything else (embeddings, norms, the head) lr: `lr_multipliers`
+names each parameter's factor. Under muon the matrices take Muon, whose own shape scaling handles width.
 """
 
 from __future__ import annotations
@@ -94,13 +98,33 @@ def labels(params):
   )
 
 
-def _adamw(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def lr_multipliers(params, width_multiplier: float = 1.0):
+  """Each parameter's AdamW learning-rate factor: 1/m for the block projection matrices under muP, else 1."""
+  return jax.tree.map(
+    lambda d: 1.0 if d is None else 1.0 / width_multiplier,
+    matrix_dimensions(params),
+    is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers),
+  )
+
+
+def _adamw(
+  cfg: ml_collections.ConfigDict, total_steps: int, width_multiplier: float = 1.0
+) -> optax.GradientTransformation:
   mask = lambda p: decay_mask(p, cfg.decay_embeddings)
+  adamw = lambda lr: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
   lr = schedule(cfg, total_steps)
-  return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
+  if width_multiplier == 1.0:
+    return adamw(lr)
+  hidden = adamw(lambda step: lr(step) / width_multiplier)
+  return optax.partition(
+    {"hidden": hidden, "other": adamw(lr)},
+    lambda p: jax.tree.map(lambda k: "other" if k == 1.0 else "hidden", lr_multipliers(p, width_multiplier)),
+  )
 
 
-def _muon(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def _muon(
+  cfg: ml_collections.ConfigDict, total_steps: int, width_multiplier: float = 1.0
+) -> optax.GradientTransformation:
   matrices_cfg = ml_collections.ConfigDict({**cfg.to_dict(), "lr": cfg.muon_lr})
   matrices = optax.contrib.muon(
     schedule(matrices_cfg, total_steps),
@@ -115,8 +139,11 @@ def _muon(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTra
 OPTIMIZERS = {"adamw": _adamw, "muon": _muon}
 
 
-def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(the optimizer of `cfg`, its learning-rate schedule: optim.lr's, which metrics report)."""
-  tx = OPTIMIZERS[cfg.name](cfg, total_steps)
+def make(
+  cfg: ml_collections.ConfigDict, total_steps: int, width_multiplier: float = 1.0
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(the optimizer of `cfg`, its learning-rate schedule: optim.lr's, which metrics report); `width_multiplier` is
+  muP's m (1 under sp)."""
+  tx = OPTIMIZERS[cfg.name](cfg, total_steps, width_multiplier)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm > 0 else tx
   return tx, schedule(cfg, total_steps)

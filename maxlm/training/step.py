@@ -150,7 +150,7 @@ def build_step(cfg: ml_collections.ConfigDict, devices) -> StepProgram:
   """The train step of a validated, resolved config over `devices` (local ones, or a TPU topology's)."""
   t = cfg.train
   mesh = mesh_lib.from_config(cfg.mesh, devices)
-  tx, lr_schedule = optim.make(cfg.optim, t.steps)
+  tx, lr_schedule = optim.make(cfg.optim, t.steps, transformer.width_multiplier(cfg.model))
   # Outside a mesh context: NNX would read the logical names on parameters as mesh axes.
   graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, t.seed)
   batch_sharding = mesh_lib.batch_sharding(mesh)
