@@ -148,14 +148,25 @@ def _config_argument(args: Sequence[str]) -> str | None:
 def _config_file_problem(path: str) -> str | None:
   """Why the config file itself cannot be used (it does not run, or has no get_config), or None."""
   try:
-    spec = importlib.util.spec_from_file_location("maxlm_config_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-  except Exception as e:  # noqa: BLE001  Whatever the file raises is the user's to fix.
-    return _one_line(e)
+    module = load_python(path, "--config")
+  except UserError as e:
+    return str(e).split(": cannot load: ", 1)[-1]
   if not callable(getattr(module, "get_config", None)):
     return "it defines no get_config() (see configs/tiny.py)"
   return None
+
+
+def load_python(path: str, flag: str):
+  """Runs a user's Python file (a config, sweep or ladder file) as a module; its failure is a UserError line."""
+  if not os.path.isfile(path):
+    raise UserError(f"{flag}={path}: no such file")
+  try:
+    spec = importlib.util.spec_from_file_location(f"maxlm_user_{os.path.basename(path).removesuffix('.py')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001  Whatever the file raises is the user's to fix.
+    raise UserError(f"{flag}={path}: cannot load: {_one_line(e)}") from None
+  return module
 
 
 def _unknown_key_message(key: str, known: Sequence[str]) -> str:

@@ -257,6 +257,12 @@ CASES = [
     "--config.train.global_batch=2 --config.model.num_layers=3",
     "saved for a different model (model.num_layers: saved 2, now 3)",
   ),
+  Case(
+    "train_resume_another_optimizer",
+    TRAIN + " --workdir={run} " + PREPARED + " --config.data.path={ds} --config.data.seq_len=32 "
+    "--config.train.global_batch=2 --config.optim.name=muon",
+    "holds another optimizer's state (optim.name: saved 'adamw', now 'muon')",
+  ),
   # train: data.
   Case(
     "train_dataset_missing",

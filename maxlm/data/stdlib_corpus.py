@@ -40,13 +40,18 @@ def files(limit: int = 0) -> list[str]:
 
 
 def prepared(
-  cache: str | None = None, max_files: int = 0, val_fraction: float = 0.02, progress: bool = False
+  cache: str | None = None,
+  max_files: int = 0,
+  val_fraction: float = 0.02,
+  progress: bool = False,
+  vocab_size: int = VOCAB_SIZE,
 ) -> tuple[str, str, dict]:
   """(prepared dataset directory, tokenizer path, the dataset's manifest), built on the first call and checked
   (not rebuilt) after."""
+  vocab = "" if vocab_size == VOCAB_SIZE else f"-vocab{vocab_size}"
   name = (
     f"py{sys.version_info.major}.{sys.version_info.minor}-{max_files or 'all'}-val{val_fraction}"
-    f"-v{dataset.FORMAT_VERSION}"
+    f"-v{dataset.FORMAT_VERSION}{vocab}"
   )
   directory = os.path.join(cache or default_cache(), name)
   os.makedirs(directory, exist_ok=True)
@@ -54,7 +59,7 @@ def prepared(
   tok_path = os.path.join(directory, "tokenizer.model")
   if not os.path.exists(tok_path):
     log.info("training a tokenizer on %d standard-library files", len(inputs))
-    tokenizer.train(corpus.documents(inputs, collections.Counter()), vocab_size=VOCAB_SIZE, output=tok_path)
+    tokenizer.train(corpus.documents(inputs, collections.Counter()), vocab_size=vocab_size, output=tok_path)
   data_dir = os.path.join(directory, "stdlib")
   manifest = prepare.prepare(
     inputs,

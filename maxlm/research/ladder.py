@@ -19,7 +19,6 @@ final eval loss; the fits are in maxlm/research/fit.py.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -114,6 +113,15 @@ class LadderRuns(sweep.Sweep):
           f"inside the warmup (optim.warmup_steps={resolved.optim.warmup_steps}): lower the warmup or raise the budgets"
         )
 
+  def describe(self) -> str:
+    lines = [
+      f"{len(self.rungs)} rungs of {self.path} into {self.directory}/runs/"
+      + (" (WSD: one trunk per size, decay branches for the smaller budgets):" if self.branching else ":")
+    ]
+    for r in self.rungs:
+      lines.append(f"  {r.name}: N={r.N / 1e6:.3g}M, {r.steps} steps, lr {r.overrides.get('optim.lr', 'base')}")
+    return "\n".join(lines)
+
   def add(self, rung: Rung) -> None:
     self.rungs.append(rung)
     self.names.append(rung.name)
@@ -124,15 +132,13 @@ class LadderRuns(sweep.Sweep):
 def load(path: str) -> tuple[ml_collections.ConfigDict, Ladder]:
   if not os.path.isfile(path):
     raise UserError(f"--ladder={path}: no such file; pass a ladder file, e.g. --ladder=configs/ladders/tiny.py")
+  module = config.load_python(path, "--ladder")
+  if not all(callable(getattr(module, f, None)) for f in ("get_config", "get_ladder")):
+    raise UserError(f"--ladder={path}: a ladder file defines get_config() and get_ladder()")
   try:
-    spec = importlib.util.spec_from_file_location("maxlm_ladder_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     cfg, ladder = module.get_config(), module.get_ladder()
-  except AttributeError as e:
-    raise UserError(f"--ladder={path}: {e} (a ladder file defines get_config() and get_ladder())") from None
   except Exception as e:  # noqa: BLE001  The file's own error is the user's to fix.
-    raise UserError(f"--ladder={path}: cannot load: {' '.join(str(e).split())}") from None
+    raise UserError(f"--ladder={path}: get_config() or get_ladder() failed: {' '.join(str(e).split())}") from None
   if not isinstance(cfg, ml_collections.ConfigDict) or not isinstance(ladder, Ladder):
     raise UserError(f"--ladder={path}: get_config() must return a ConfigDict and get_ladder() a ladder.Ladder")
   if len(ladder.sizes) < MIN_SIZES:

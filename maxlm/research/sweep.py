@@ -28,7 +28,6 @@ import collections
 import difflib
 import glob
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -62,12 +61,7 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, list[dict], str]:
   """(base config, runs as override dicts, metric) of a sweep file; every problem is one UserError line."""
   if not os.path.isfile(path):
     raise UserError(f"--sweep={path}: no such file; pass a sweep file, e.g. --sweep=configs/sweeps/lr_width.py")
-  try:
-    spec = importlib.util.spec_from_file_location("maxlm_sweep_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-  except Exception as e:  # noqa: BLE001  Whatever the file raises is the user's to fix.
-    raise UserError(f"--sweep={path}: cannot load: {_one_line(e)}") from None
+  module = config.load_python(path, "--sweep")
   for name in ("get_config", "get_sweep"):
     if not callable(getattr(module, name, None)):
       raise UserError(f"--sweep={path} defines no {name}() (see configs/sweeps/lr_width.py)")
@@ -182,7 +176,7 @@ class Sweep:
     return cmd + ([f"--stop_at_step={stop_at_step}"] if stop_at_step else [])
 
   def describe(self) -> str:
-    lines = [f"{len(self.runs)} runs of {self.path} (sorted by {self.metric}) into {self.directory}/runs/:"]
+    lines = [f"{len(self.names)} runs of {self.path} (sorted by {self.metric}) into {self.directory}/runs/:"]
     lines += [f"  {n}: {' '.join(shlex.quote(a) for a in self.command(n)[3:])}" for n in self.names]
     return "\n".join(lines)
 

@@ -154,7 +154,13 @@ class Checkpointer:
     self._join()
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state, data_iterator, model_cfg: ml_collections.ConfigDict):
+  def restore_latest(
+    self,
+    abstract_state,
+    data_iterator,
+    model_cfg: ml_collections.ConfigDict,
+    optim_cfg: ml_collections.ConfigDict = None,
+  ):
     """(state, step, saved meta) of the newest readable checkpoint, or None if there is none."""
     for step in reversed(self.steps()):
       try:
@@ -165,6 +171,8 @@ class Checkpointer:
         self._set_aside(step, error)
         continue
       _check_model_matches(meta, model_cfg, step)
+      if optim_cfg is not None:
+        _check_optimizer_matches(meta, model_cfg, optim_cfg, step)
       try:
         restored, error = (
           self.manager.restore(
@@ -242,6 +250,28 @@ def _check_model_matches(meta: dict, model_cfg: ml_collections.ConfigDict, step:
     raise UserError(
       f"the checkpoint at step {step} was saved for a different model ({'; '.join(diffs)}): "
       "use the saved model config, or a new --workdir"
+    )
+
+
+def optimizer_layout(optim: dict, model: dict) -> dict:
+  """The settings that shape the optimizer state's tree (not its values): a checkpoint restores only into the same."""
+  base_width = model.get("mup_base_width") or model.get("d_model")
+  return {
+    "optim.name": optim.get("name", "adamw"),
+    "optim.clip_norm > 0": optim.get("clip_norm", 1.0) > 0,
+    "optim.decay_embeddings": optim.get("decay_embeddings", False),
+    "muP width multiplier != 1": model.get("parametrization", "sp") == "mup" and base_width != model.get("d_model"),
+  }
+
+
+def _check_optimizer_matches(meta: dict, model_cfg, optim_cfg, step: int) -> None:
+  saved = optimizer_layout(meta["config"].get("optim", {}), meta["config"]["model"])
+  now = optimizer_layout(optim_cfg.to_dict(), model_cfg.to_dict())
+  diffs = [f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in now if saved[k] != now[k]]
+  if diffs:
+    raise UserError(
+      f"the checkpoint at step {step} holds another optimizer's state ({'; '.join(diffs)}): use the saved optimizer "
+      "settings, or start a new --workdir with train.init_from pointing here (parameters only, fresh optimizer)"
     )
 
 

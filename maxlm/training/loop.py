@@ -108,7 +108,7 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
 
 
 def _restore_or_init(s: Session, ckpt: Checkpointer | None, guard: Guard) -> tuple[TrainState, int]:
-  restored = ckpt.restore_latest(s.program.abstract_state, s.data_iterator, s.cfg.model) if ckpt else None
+  restored = ckpt.restore_latest(s.program.abstract_state, s.data_iterator, s.cfg.model, s.cfg.optim) if ckpt else None
   if restored is None:
     return _init(s), 0
   state, step, meta = restored
