@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from absl import flags
 
-from maxlm import config, errors
+from maxlm import config, errors, provenance
 from maxlm.errors import RunFailed, UserError
 from maxlm.parallel import distributed
 from maxlm.training import hostmem
@@ -637,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
   logging.getLogger("maxlm").setLevel(logging.INFO)
   logging.getLogger("absl").addFilter(_QuietLibraryTracebacks())
   hostmem.keep_freed_memory()  # Before any JAX computation: XLA:CPU steps reuse their memory (training/hostmem.py).
+  # Compiled programs that took a second or more are kept on disk: a resumed run, a sweep's or a ladder's runs and
+  # the segments of a ladder's trunks start without compiling again. JAX_COMPILATION_CACHE_DIR="" turns it off.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(provenance.cache_root(), "xla"))
   distributed.skip_unusable_tpu()  # libtpu on a host without a TPU: CPU, without libtpu's error lines.
   try:
     COMMANDS[command].run(args)

@@ -10,6 +10,11 @@ import re
 import subprocess
 
 
+def cache_root() -> str:
+  """Where maxlm keeps what it can rebuild (compiled programs, the demo corpus): $MAXLM_CACHE, else ~/.cache/maxlm."""
+  return os.environ.get("MAXLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "maxlm")
+
+
 @functools.cache
 def version() -> dict:
   """{"version": the installed maxlm version, "commit": the git commit of this checkout (+"-dirty" with uncommitted

@@ -11,6 +11,7 @@ import os
 import sys
 import sysconfig
 
+from maxlm import provenance
 from maxlm.data import corpus, dataset, prepare, tokenizer
 
 log = logging.getLogger("maxlm")
@@ -21,12 +22,10 @@ VOCAB_SIZE = 4096
 
 def default_cache() -> str:
   """`<repo>/.cache/demo` when maxlm runs from a checkout, else `~/.cache/maxlm/demo` ($MAXLM_CACHE overrides)."""
-  if os.environ.get("MAXLM_CACHE"):
-    return os.path.join(os.environ["MAXLM_CACHE"], "demo")
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if os.path.isfile(os.path.join(repo, "pyproject.toml")):
+  if not os.environ.get("MAXLM_CACHE") and os.path.isfile(os.path.join(repo, "pyproject.toml")):
     return os.path.join(repo, ".cache", "demo")
-  return os.path.join(os.path.expanduser("~"), ".cache", "maxlm", "demo")
+  return os.path.join(provenance.cache_root(), "demo")
 
 
 def files(limit: int = 0) -> list[str]:
