@@ -27,6 +27,8 @@ SCHEDULES = ("cosine", "wsd", "constant")  # warmup + cosine | warmup-stable-dec
 # matrices' Adam learning rate x 1/m, logits x 1/m, attention scores / Dh, so hyperparameters tuned at the base width
 # transfer to wider models (init: fan-in already; embeddings, norms and the head unchanged).
 PARAMETRIZATIONS = ("sp", "mup")
+# softmax: softmax over the experts' logits (Mixtral); sigmoid: independent sigmoid scores (DeepSeek-V3).
+ROUTERS = ("softmax", "sigmoid")
 # adamw: AdamW everywhere; muon: Muon for the blocks' projection matrices, AdamW for embeddings, norms and the head.
 OPTIMIZERS = ("adamw", "muon")
 # none: no checks; skip: reject a non-finite or spiking update and go on; rollback: reject it, then restore the last
@@ -40,6 +42,7 @@ CHOICES = {
   "model.rope_scaling.type": ROPE_SCALING,
   "model.remat": REMAT,
   "model.parametrization": PARAMETRIZATIONS,
+  "model.moe.router": ROUTERS,
   "data.source": DATA_SOURCES,
   "data.token_dtype": TOKEN_DTYPES,
   "optim.schedule": SCHEDULES,
@@ -77,10 +80,24 @@ def get_config() -> ml_collections.ConfigDict:
   m.remat = "none"  # Rematerialisation per block, one of REMAT.
   m.parametrization = "sp"  # One of PARAMETRIZATIONS (maxlm/training/optim.py and the model read it).
   m.mup_base_width = 0  # mup: the d_model whose tuned hyperparameters transfer (0 = this model's d_model, m = 1).
+  m.moe = e = ml_collections.ConfigDict()  # Mixture of Experts (maxlm/model/moe.py); num_experts=0: a dense model.
+  e.num_experts = 0  # Routed experts E in each MoE layer (0 = no MoE layers); mesh.expert must divide it.
+  e.top_k = 2  # Experts each token is sent to.
+  e.mlp_dim = 0  # SwiGLU width of one routed expert (0 = model.mlp_dim).
+  e.shared_experts = 0  # Always-on experts beside the routed ones (DeepSeek): one SwiGLU of shared_experts·moe.mlp_dim.
+  e.first_dense = 0  # Leading layers that stay dense (DeepSeek-MoE: 1).
+  e.every = 1  # After those, every k-th layer is MoE (the last of each group of k): 1 = all, 2 = every other.
+  e.capacity_factor = 0.0  # Expert slots per device = ceil(factor·tokens·top_k/E), overflow dropped; 0 = dropless.
+  e.router = "softmax"  # Routing scores, one of ROUTERS.
+  e.renormalize = True  # Divide the top_k routing weights by their sum (Mixtral; DeepSeek's norm_topk_prob).
+  e.lb_weight = 0.01  # Weight of the load-balance loss E·Σ f_e·p_e (1 when balanced; Switch/GShard).
+  e.router_z_weight = 0.001  # Weight of the router z-loss mean(logsumexp(router logits)²) (ST-MoE).
+  e.bias_update_rate = 0.0  # Auxiliary-loss-free balancing (DeepSeek-V3): per-step bias step γ (1e-3); 0 = off.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Pure data-parallel axis (replicated params); -1 fills the remaining devices.
   c.mesh.fsdp = 1  # Data parallel with parameters and optimizer state sharded (ZeRO-3); -1 fills.
+  c.mesh.expert = 1  # Expert parallel: MoE experts split over it, and a data-parallel axis elsewhere; -1 fills.
   c.mesh.tensor = 1  # Tensor (Megatron) parallel over heads, MLP width and vocab; -1 fills.
   c.mesh.dcn_data = (
     1  # Slices the data axis spans over DCN (multi-slice TPU; processes off TPU); mesh.data is per slice.

@@ -535,10 +535,11 @@ COMMANDS = {
   ),
   "convert": Command(
     """  convert from-hf  --hf_dir=DIR --workdir=OUT [--param_dtype=float32|bfloat16]
-                   import a Hugging Face Llama/Mistral safetensors model into a new workdir (params, config.py,
+                   import a Hugging Face Llama/Mistral/Mixtral safetensors model into a new workdir (params, config.py,
                    tokenizer); continue training with maxlm train --config=OUT/config.py
   convert to-hf    --workdir=RUN --out=DIR [--step=N] [--dtype=float32|bfloat16] [--max_shard_size=5GB]
-                   export a run's newest (or step N) parameters as a LlamaForCausalLM directory (docs/interop.md)""",
+                   export a run's newest (or step N) parameters as a LlamaForCausalLM directory (an MoE model:
+                   MixtralForCausalLM; docs/interop.md)""",
     _convert,
   ),
   "eval": Command(

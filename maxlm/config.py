@@ -21,7 +21,7 @@ from configs import base
 from maxlm.errors import UserError
 from maxlm.files import read_json_object
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 DCN_AXES = ("data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
 
 # (key, lowest allowed value); a key listed here must be >= its bound.
@@ -40,6 +40,16 @@ MINIMA = {
   "model.rope_scaling.original_max_len": 1,
   "model.max_position_embeddings": 0,
   "model.mup_base_width": 0,
+  "model.moe.num_experts": 0,
+  "model.moe.top_k": 1,
+  "model.moe.mlp_dim": 0,
+  "model.moe.shared_experts": 0,
+  "model.moe.first_dense": 0,
+  "model.moe.every": 1,
+  "model.moe.capacity_factor": 0.0,
+  "model.moe.lb_weight": 0.0,
+  "model.moe.router_z_weight": 0.0,
+  "model.moe.bias_update_rate": 0.0,
   "data.seq_len": 1,
   "data.num_workers": 0,
   "optim.lr": 0.0,
@@ -235,6 +245,7 @@ def validate(
       f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
       "choose num_kv_heads dividing num_heads"
     )
+  _check_moe(m)
   r = m.rope_scaling
   if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
     raise UserError(
@@ -259,15 +270,22 @@ def validate(
   for axis, size in zip(MESH_AXES, sizes):
     resolved.mesh[axis] = size
   tensor = resolved.mesh.tensor
-  for key in ("num_heads", "num_kv_heads", "mlp_dim"):
-    if m[key] % tensor:
-      raise UserError(
-        f"model.{key}={m[key]} is not divisible by mesh.tensor={tensor}: choose mesh.tensor dividing {key}"
-      )
+  widths = {"num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "mlp_dim": m.mlp_dim}
+  if m.moe.num_experts:
+    widths["moe.mlp_dim"] = m.moe.mlp_dim or m.mlp_dim
+  for key, value in widths.items():
+    if value % tensor:
+      raise UserError(f"model.{key}={value} is not divisible by mesh.tensor={tensor}: choose mesh.tensor dividing it")
+  expert = resolved.mesh.expert
+  if m.moe.num_experts % expert:
+    raise UserError(
+      f"model.moe.num_experts={m.moe.num_experts} is not divisible by mesh.expert={expert}: "
+      "choose mesh.expert dividing the number of experts"
+    )
 
   t = resolved.train
-  dp = resolved.mesh.data * resolved.mesh.fsdp * dcn
-  dp_keys = "mesh.data*mesh.fsdp" + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn > 1 else "")
+  dp = resolved.mesh.data * resolved.mesh.fsdp * resolved.mesh.expert * dcn
+  dp_keys = "mesh.data*mesh.fsdp*mesh.expert" + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn > 1 else "")
   if t.global_batch % t.microbatches:
     raise UserError(f"train.global_batch={t.global_batch} is not divisible by train.microbatches={t.microbatches}")
   micro = t.global_batch // t.microbatches
@@ -327,6 +345,20 @@ def validate(
   return resolved
 
 
+def _check_moe(m: ml_collections.ConfigDict) -> None:
+  e = m.moe
+  if e.num_experts == 0:
+    return
+  if e.top_k > e.num_experts:
+    raise UserError(f"model.moe.top_k={e.top_k} exceeds model.moe.num_experts={e.num_experts}: choose top_k <= experts")
+  moe_layers = m.num_layers - e.first_dense
+  if moe_layers <= 0 or moe_layers % e.every:
+    raise UserError(
+      f"model.num_layers={m.num_layers} - model.moe.first_dense={e.first_dense} must be a positive multiple of "
+      f"model.moe.every={e.every} (each group of `every` layers ends in an MoE layer)"
+    )
+
+
 def _resolve_attention(m: ml_collections.ConfigDict, platform: str, seq_len: int) -> None:
   """Chooses the kernel for model.attention='auto' and checks an explicit choice fits the platform."""
   if m.attention == "auto":
@@ -381,7 +413,7 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
   if unknown:
     raise UserError(f"{path}: unknown config key '{unknown[0]}' (written by another maxlm version?)")
   cfg = ml_collections.ConfigDict(merged(base.get_config().to_dict(), saved))
-  cfg.mesh.update(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1)
+  cfg.mesh.update(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   try:
     return validate(cfg, num_devices=1, platform=platform, check_paths=False)
   except UserError as e:

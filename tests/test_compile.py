@@ -44,7 +44,11 @@ def test_compiles_for_a_v5e_2x2_from_a_cpu_host():
   proc = compile_cli("--topology=v5e:2x2", "--json", "--config.mesh.fsdp=2")
   assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads(proc.stdout)
-  assert (r["device_kind"], r["num_devices"], r["mesh"]) == ("TPU v5 lite", 4, {"data": 2, "fsdp": 2, "tensor": 1})
+  assert (r["device_kind"], r["num_devices"], r["mesh"]) == (
+    "TPU v5 lite",
+    4,
+    {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1},
+  )
   assert r["compute_dtype"] == "bfloat16" and r["hbm_bytes"] == 16 * GIB and r["fits"]
   m = r["memory_per_device"]
   # The f32 state (params + 2 Adam moments, ~0.12M parameters) is split over fsdp=2 and donated: outputs alias it.

@@ -82,7 +82,7 @@ def test_missing_config_file():
     ({"model.d_model": 100, "model.num_heads": 3}, "model.d_model=100 is not divisible by model.num_heads=3"),
     ({"model.num_heads": 4, "model.num_kv_heads": 3}, "model.num_heads=4 is not divisible by model.num_kv_heads=3"),
     ({"model.d_model": 60, "model.num_heads": 4}, "RoPE needs an even head_dim"),
-    ({"train.global_batch": 12}, "not divisible by the data-parallel size mesh.data*mesh.fsdp=8"),
+    ({"train.global_batch": 12}, "not divisible by the data-parallel size mesh.data*mesh.fsdp*mesh.expert=8"),
     ({"train.global_batch": 16, "train.microbatches": 3}, "not divisible by train.microbatches=3"),
     ({"mesh.data": 3}, "multiply to 3 but there are 8 devices"),
     ({"mesh.dcn_data": 2}, "mesh.dcn_data*mesh.dcn_fsdp=2 but the devices form 1 slice(s)"),

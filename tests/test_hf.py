@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from maxlm import cli, config
 from maxlm.data import pipeline, tokenizer
+from maxlm.errors import UserError
 from maxlm.interop import hf, sample
 from maxlm.training import checkpoint, loop
 
@@ -47,6 +48,8 @@ def build_hf(directory, arch="llama", dtype=torch.float32, max_shard_size="50GB"
   settings.update(overrides)
   if arch == "mistral":
     cfg, cls = transformers.MistralConfig(**settings), transformers.MistralForCausalLM
+  elif arch == "mixtral":
+    cfg, cls = transformers.MixtralConfig(**settings), transformers.MixtralForCausalLM
   else:
     cfg, cls = transformers.LlamaConfig(**settings), transformers.LlamaForCausalLM
   torch.manual_seed(0)
@@ -68,6 +71,9 @@ def maxlm_model(workdir, **model_overrides):
   cfg = config.load_workdir(str(workdir))
   cfg.model.update(model_overrides)
   return cfg, checkpoint.restore_model(cfg, str(workdir), devices=jax.devices()[:1])
+
+
+MIXTRAL = {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, "router_aux_loss_coef": 0.01}
 
 
 @pytest.mark.parametrize(
@@ -93,6 +99,7 @@ def maxlm_model(workdir, **model_overrides):
       },
     ),
     ("mistral", "mistral", torch.float32, {"num_attention_heads": 6, "num_key_value_heads": 2, "sliding_window": None}),
+    ("mixtral_top2_sharded", "mixtral", torch.float32, MIXTRAL),
   ],
 )
 def test_import_matches_transformers_logits(tmp_path, case, arch, dtype, overrides):
@@ -189,6 +196,52 @@ def test_export_matches_transformers_and_round_trips_exactly(tuned, tmp_path):
   _, again = maxlm_model(tmp_path / "back")
   for a, b in zip(jax.tree.leaves(nnx.split(m)[1]), jax.tree.leaves(nnx.split(again)[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # Bit-exact: f32 out, f32 in.
+
+
+def test_mixtral_trained_in_maxlm_exports_to_transformers_and_back(tmp_path):
+  """A random Mixtral imported (config mapped: 4 experts, top-2, balance weight x top_k), trained 3 steps on 2
+  devices with expert parallelism, exported: transformers gives the same logits, and the import is bit-exact."""
+  build_hf(tmp_path / "hf", "mixtral", **MIXTRAL)
+  hf.from_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
+  imported = config.load_workdir(str(tmp_path / "imported"))
+  e = imported.model.moe
+  assert (e.num_experts, e.top_k, e.router, e.renormalize, e.lb_weight) == (4, 2, "softmax", True, 0.02)
+  cfg = config.validate(
+    config.load(
+      [f"--config={tmp_path}/imported/config.py", "--config.train.steps=3", "--config.mesh.expert=2", *TRAIN]
+    ),
+    num_devices=2,
+  )
+  loop.run(cfg, str(tmp_path / "tuned"), devices=jax.devices()[:2])
+  hf.to_hf(str(tmp_path / "tuned"), str(tmp_path / "out"))
+  exported = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+  assert exported.config.num_local_experts == 4 and exported.config.router_aux_loss_coef == pytest.approx(0.01)
+  _, m = maxlm_model(tmp_path / "tuned")
+  want = np.asarray(m(TOKENS))
+  assert want.std() > 0.3
+  np.testing.assert_allclose(hf_logits(exported), want, rtol=0, atol=TOL)
+  hf.from_hf(str(tmp_path / "out"), str(tmp_path / "back"))
+  _, again = maxlm_model(tmp_path / "back")
+  for a, b in zip(jax.tree.leaves(nnx.split(m)[1]), jax.tree.leaves(nnx.split(again)[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_moe_models_without_a_mixtral_equivalent_are_not_exported(tmp_path):
+  cfg = config.validate(
+    config.load(
+      [
+        f"--config={REPO}/configs/tiny.py",
+        "--config.model.moe.num_experts=4",
+        "--config.model.moe.shared_experts=1",
+        "--config.train.steps=1",
+        *TRAIN,
+      ]
+    ),
+    num_devices=1,
+  )
+  loop.run(cfg, str(tmp_path / "run"), devices=jax.devices()[:1])
+  with pytest.raises(UserError, match="no Mixtral equivalent"):
+    hf.to_hf(str(tmp_path / "run"), str(tmp_path / "out"))
 
 
 def test_bfloat16_export_rounds_each_tensor(tuned, tmp_path):

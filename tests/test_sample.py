@@ -50,7 +50,10 @@ def full_logits(m, seq):
       "model.rope_scaling.original_max_len": 8,
       "model.rope_theta": 50.0,
     },
+    # MoE (dropless: a token's output never depends on the others): dense first layer, shared expert
+    {"model.num_layers": 3, "model.moe.num_experts": 4, "model.moe.first_dense": 1, "model.moe.shared_experts": 1},
   ],
+  ids=["gqa-tied-scan", "mha-qknorm-llama3-unrolled", "moe"],
 )
 def test_kv_cache_decoding_equals_full_recomputation(overrides):
   m = transformer.create(make_config(**{"model.init_std": 0.5, **overrides}).model, seed=2)
@@ -152,7 +155,7 @@ def test_eos_stops_each_row(m):
 
 def test_a_model_sharded_over_a_mesh_samples_as_on_one_device(spread, devices):
   graphdef, params = nnx.split(spread)
-  mesh = mesh_lib.build_mesh((2, 2, 2), devices)
+  mesh = mesh_lib.build_mesh((2, 2, 1, 2), devices)
   sharded = nnx.merge(graphdef, jax.device_put(params, mesh_lib.tree_shardings(params, mesh)))
   prompts = [[5, 9, 13], [7], [200, 3, 3, 3, 3, 3, 3]]
   assert sample.generate(sharded, prompts, max_new_tokens=N) == sample.generate(spread, prompts, max_new_tokens=N)

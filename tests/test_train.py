@@ -62,7 +62,7 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, single_device_losses)
 
 def test_parameters_and_optimizer_state_follow_the_rules(devices):
   cfg = make_config(num_devices=8, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-  mesh = mesh_lib.build_mesh([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor], devices)
+  mesh = mesh_lib.from_config(cfg.mesh, devices)
   tx, _ = optim.make(cfg.optim, cfg.train.steps)
   _, abstract, init = step_lib.init_state(cfg.model, tx, mesh, seed=0)
   state = init()
@@ -127,7 +127,7 @@ def test_cli_writes_config_metrics_and_tensorboard(tmp_path):
   assert "MEASURED peak" in proc.stderr and "final loss" in proc.stderr
 
   cfg = json.loads((workdir / "config.json").read_text())
-  assert cfg["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
+  assert cfg["mesh"] == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
   assert cfg["model"]["compute_dtype"] == "float32"
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [4, 6, 8, 12]

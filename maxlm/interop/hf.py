@@ -1,8 +1,8 @@
-"""Hugging Face interop: Llama-family safetensors checkpoints <-> maxlm workdirs, without torch.
+"""Hugging Face interop: Llama-family and Mixtral safetensors checkpoints <-> maxlm workdirs, without torch.
 
-`from_hf` reads `config.json` and the safetensors weights of a `LlamaForCausalLM` or `MistralForCausalLM`
-directory and writes a maxlm workdir: `config.json` (the maxlm config), `config.py` (the same as a config
-file for `maxlm train`, with `train.init_from` pointing here), `params/` (an Orbax checkpoint of the
+`from_hf` reads `config.json` and the safetensors weights of a `LlamaForCausalLM`, `MistralForCausalLM` or
+`MixtralForCausalLM` directory and writes a maxlm workdir: `config.json` (the maxlm config), `config.py` (the same
+as a config file for `maxlm train`, with `train.init_from` pointing here), `params/` (an Orbax checkpoint of the
 parameters, see `maxlm.training.checkpoint.save_params`), `tokenizer.model` when the directory has a SentencePiece
 model, and `hf/`: the small Hugging Face files (config, tokenizer and generation configs, `tokenizer.json`),
 kept verbatim for provenance and carried back out by `to_hf`.
@@ -19,6 +19,12 @@ Layout (HF Linear weights are [out, in]; maxlm stores [in..., out...] and stacks
   layers.i.{input,post_attention}_layernorm.weight  blocks.{attn,mlp}_norm.scale[i] [D]
   model.norm.weight [D]                             final_norm.scale [D]
   lm_head.weight [V, D]                             lm_head [D, V] (absent when tied)
+Mixtral (every layer MoE, maxlm's `moe_blocks` in place of `blocks`; E experts; the hub's layout, which
+transformers 5 also writes):
+  layers.i.block_sparse_moe.gate.weight [E, D]      moe_blocks.mlp.router[i] [D, E]
+  layers.i.block_sparse_moe.experts.j.w1.weight [F, D]  moe_blocks.mlp.w_gate[i, j] [D, F]  (w3: w_up)
+  layers.i.block_sparse_moe.experts.j.w2.weight [D, F]  moe_blocks.mlp.w_down[i, j] [F, D]
+  (maxlm's balancing bias `router_bias` has no HF tensor: zero on import, and export needs it zero or refuses.)
 Both sides use the half-split ("rotate_half") RoPE pairing, so Q and K need no permutation; the stacked
 layer axis is the same whether `model.scan_layers` is on or off, so the scan setting never changes a file.
 
@@ -54,8 +60,8 @@ from maxlm.training import checkpoint
 
 log = logging.getLogger("maxlm")
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # when `architectures` is absent
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
 REFUSED = {
   "Qwen2ForCausalLM": "Qwen2 has q/k/v projection biases, which the maxlm model does not have",
   "Qwen3ForCausalLM": "Qwen3 sets head_dim apart from hidden_size / num_attention_heads",
@@ -75,13 +81,14 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
 class Tensor(NamedTuple):
-  """One maxlm parameter and its Hugging Face tensors (one per layer for stacked parameters)."""
+  """One maxlm parameter and its Hugging Face tensors (one per layer for stacked parameters, and per expert)."""
 
   name: str  # maxlm parameter, e.g. blocks.attn.q_proj
-  hf: str  # HF tensor name; {i} stands for the layer
-  shape: tuple[int, ...]  # maxlm shape of one layer (the whole array for unstacked parameters)
+  hf: str  # HF tensor name; {i} stands for the layer, {j} for the expert
+  shape: tuple[int, ...]  # maxlm shape of one layer's (one expert's) tensor; the whole array if not stacked
   n_in: int  # leading maxlm dims that are the HF "in" dim (transposed); 0: copied as is
   stacked: bool
+  experts: int = 0  # > 0: one HF tensor per expert, stacked after the layer axis in maxlm
 
   def hf_shape(self) -> tuple[int, ...]:
     if not self.n_in:
@@ -95,21 +102,42 @@ class Tensor(NamedTuple):
     return x.reshape(self.hf_shape()[::-1]).T if self.n_in else x
 
 
+def is_mixtral(m: ml_collections.ConfigDict) -> bool:
+  """An MoE model in Mixtral's layout: every layer MoE, softmax routing renormalised, no shared experts."""
+  e = m.moe
+  return e.num_experts > 0 and e.first_dense == 0 and e.every == 1
+
+
 def tensors(m: ml_collections.ConfigDict) -> list[Tensor]:
   V, D, H, K, F = m.vocab_size, m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim
   Dh = D // H
   layer = "model.layers.{i}."
+  blocks = "moe_blocks" if is_mixtral(m) else "blocks"
   out = [
     Tensor("embed", "model.embed_tokens.weight", (V, D), 0, False),
-    Tensor("blocks.attn.q_proj", layer + "self_attn.q_proj.weight", (D, H, Dh), 1, True),
-    Tensor("blocks.attn.k_proj", layer + "self_attn.k_proj.weight", (D, K, Dh), 1, True),
-    Tensor("blocks.attn.v_proj", layer + "self_attn.v_proj.weight", (D, K, Dh), 1, True),
-    Tensor("blocks.attn.o_proj", layer + "self_attn.o_proj.weight", (H, Dh, D), 2, True),
-    Tensor("blocks.mlp.gate_proj", layer + "mlp.gate_proj.weight", (D, F), 1, True),
-    Tensor("blocks.mlp.up_proj", layer + "mlp.up_proj.weight", (D, F), 1, True),
-    Tensor("blocks.mlp.down_proj", layer + "mlp.down_proj.weight", (F, D), 1, True),
-    Tensor("blocks.attn_norm.scale", layer + "input_layernorm.weight", (D,), 0, True),
-    Tensor("blocks.mlp_norm.scale", layer + "post_attention_layernorm.weight", (D,), 0, True),
+    Tensor(f"{blocks}.attn.q_proj", layer + "self_attn.q_proj.weight", (D, H, Dh), 1, True),
+    Tensor(f"{blocks}.attn.k_proj", layer + "self_attn.k_proj.weight", (D, K, Dh), 1, True),
+    Tensor(f"{blocks}.attn.v_proj", layer + "self_attn.v_proj.weight", (D, K, Dh), 1, True),
+    Tensor(f"{blocks}.attn.o_proj", layer + "self_attn.o_proj.weight", (H, Dh, D), 2, True),
+  ]
+  if is_mixtral(m):
+    E, Fe = m.moe.num_experts, m.moe.mlp_dim or F
+    expert = layer + "block_sparse_moe.experts.{j}."
+    out += [
+      Tensor("moe_blocks.mlp.router", layer + "block_sparse_moe.gate.weight", (D, E), 1, True),
+      Tensor("moe_blocks.mlp.w_gate", expert + "w1.weight", (D, Fe), 1, True, E),
+      Tensor("moe_blocks.mlp.w_up", expert + "w3.weight", (D, Fe), 1, True, E),
+      Tensor("moe_blocks.mlp.w_down", expert + "w2.weight", (Fe, D), 1, True, E),
+    ]
+  else:
+    out += [
+      Tensor("blocks.mlp.gate_proj", layer + "mlp.gate_proj.weight", (D, F), 1, True),
+      Tensor("blocks.mlp.up_proj", layer + "mlp.up_proj.weight", (D, F), 1, True),
+      Tensor("blocks.mlp.down_proj", layer + "mlp.down_proj.weight", (F, D), 1, True),
+    ]
+  out += [
+    Tensor(f"{blocks}.attn_norm.scale", layer + "input_layernorm.weight", (D,), 0, True),
+    Tensor(f"{blocks}.mlp_norm.scale", layer + "post_attention_layernorm.weight", (D,), 0, True),
     Tensor("final_norm.scale", "model.norm.weight", (D,), 0, False),
   ]
   if not m.tie_embeddings:
@@ -117,9 +145,19 @@ def tensors(m: ml_collections.ConfigDict) -> list[Tensor]:
   return out
 
 
-def _layers(t: Tensor, num_layers: int) -> list[tuple[int | None, str]]:
-  """(layer, HF name) for each HF tensor of `t`."""
-  return [(i, t.hf.format(i=i)) for i in range(num_layers)] if t.stacked else [(None, t.hf)]
+def stacked_shape(t: Tensor, num_layers: int) -> tuple[int, ...]:
+  """The shape of the whole maxlm array behind `t`: [layers, (experts,) ...] or `t.shape`."""
+  return ((num_layers,) if t.stacked else ()) + ((t.experts,) if t.experts else ()) + t.shape
+
+
+def _layers(t: Tensor, num_layers: int) -> list[tuple[tuple[int, ...], str]]:
+  """(index into the maxlm array, HF name) for each HF tensor of `t`: () for an unstacked one, (layer,) or
+  (layer, expert)."""
+  if not t.stacked:
+    return [((), t.hf)]
+  if t.experts:
+    return [((i, j), t.hf.format(i=i, j=j)) for i in range(num_layers) for j in range(t.experts)]
+  return [((i,), t.hf.format(i=i)) for i in range(num_layers)]
 
 
 # Config mapping -------------------------------------------------------------------------------------------
@@ -148,6 +186,9 @@ OPTIONAL_KEYS = {
   "rope_parameters": dict,
   "sliding_window": int,
   "pretraining_tp": int,
+  "num_local_experts": int,
+  "num_experts_per_tok": int,
+  "router_aux_loss_coef": float,
 }
 
 
@@ -230,9 +271,19 @@ def model_config_from_hf(hf: dict) -> dict:
     }
   elif rope_type != "default":
     refuse.append(f"rope scaling type {rope_type!r} (maxlm supports default RoPE and llama3 scaling)")
+  moe = {}
+  if arch == "MixtralForCausalLM":
+    experts, top_k = hf.get("num_local_experts", 8), hf.get("num_experts_per_tok", 2)
+    if not (isinstance(experts, int) and isinstance(top_k, int) and 1 <= top_k <= experts):
+      refuse.append(f"num_experts_per_tok={top_k} and num_local_experts={experts} (need 1 <= top_k <= experts)")
+    # HF's balance loss sums over the top_k slots: top_k times maxlm's (1 when balanced), so the weight is scaled.
+    coef = float(hf.get("router_aux_loss_coef", 0.02))
+    moe = {"num_experts": experts, "top_k": top_k, "router": "softmax", "renormalize": True, "lb_weight": coef * top_k}
+    moe["router_z_weight"] = 0.0  # Mixtral trains without one.
   if refuse:
     raise UserError(f"config.json ({arch}) is not supported: {'; '.join(refuse)}")
   return {
+    "moe": moe,
     "vocab_size": hf["vocab_size"],
     "d_model": D,
     "num_layers": hf["num_hidden_layers"],
@@ -250,11 +301,20 @@ def model_config_from_hf(hf: dict) -> dict:
 
 
 def hf_config(cfg: ml_collections.ConfigDict, dtype: str, token_ids: dict) -> dict:
-  """A `LlamaForCausalLM` config.json for a maxlm config. Legacy key names (rope_theta, rope_scaling,
-  torch_dtype) are used because every transformers version reads them; 5.x maps them to rope_parameters."""
+  """A `LlamaForCausalLM` (`MixtralForCausalLM` for an MoE model) config.json for a maxlm config. Legacy key names
+  (rope_theta, rope_scaling, torch_dtype) are used because every transformers version reads them; 5.x maps them to
+  rope_parameters."""
   m = cfg.model
   if m.qk_norm:
     raise UserError("model.qk_norm=true has no Llama equivalent: this model cannot be exported as a LlamaForCausalLM")
+  e = m.moe
+  if e.num_experts and not (is_mixtral(m) and e.shared_experts == 0 and e.router == "softmax" and e.renormalize):
+    raise UserError(
+      "this MoE model has no Mixtral equivalent (Mixtral: every layer MoE, model.moe.first_dense=0, every=1, "
+      "shared_experts=0, router=softmax, renormalize=true): it cannot be exported"
+    )
+  if e.num_experts and (e.mlp_dim or m.mlp_dim) != m.mlp_dim:
+    raise UserError("model.moe.mlp_dim differs from model.mlp_dim, which Mixtral cannot express: it cannot be exported")
   r = m.rope_scaling
   scaling = None
   if r.type == "llama3":
@@ -265,9 +325,19 @@ def hf_config(cfg: ml_collections.ConfigDict, dtype: str, token_ids: dict) -> di
       "high_freq_factor": r.high_freq_factor,
       "original_max_position_embeddings": r.original_max_len,
     }
+  moe = {}
+  if e.num_experts:
+    moe = {
+      "num_local_experts": e.num_experts,
+      "num_experts_per_tok": e.top_k,
+      "router_aux_loss_coef": e.lb_weight / e.top_k,
+      "router_jitter_noise": 0.0,
+      "output_router_logits": False,
+      "sliding_window": None,
+    }
   return {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
+    "architectures": ["MixtralForCausalLM" if e.num_experts else "LlamaForCausalLM"],
+    "model_type": "mixtral" if e.num_experts else "llama",
     "vocab_size": m.vocab_size,
     "hidden_size": m.d_model,
     "intermediate_size": m.mlp_dim,
@@ -288,6 +358,7 @@ def hf_config(cfg: ml_collections.ConfigDict, dtype: str, token_ids: dict) -> di
     "initializer_range": m.init_std,
     "use_cache": True,
     "torch_dtype": dtype,
+    **moe,
     **token_ids,
   }
 
@@ -394,8 +465,9 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
     what = f"lacks {e}" if isinstance(e, KeyError) else f"has a value of the wrong type ({e})"
     raise UserError(f"{hf_dir}/config.json {what}: not a complete transformers model config") from None
   cfg = base.get_config()
-  cfg.model.update({k: v for k, v in mapped.items() if k != "rope_scaling"})
+  cfg.model.update({k: v for k, v in mapped.items() if k not in ("rope_scaling", "moe")})
   cfg.model.rope_scaling.update(mapped["rope_scaling"])
+  cfg.model.moe.update(mapped["moe"])
   cfg.model.param_dtype = param_dtype
   cfg.data.seq_len = min(cfg.model.max_position_embeddings, 2048)
   cfg.train.init_from = workdir
@@ -417,19 +489,17 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
     arrays = {}
     m = cfg.model
     for t in tensors(m):
-      shape = ((m.num_layers,) if t.stacked else ()) + t.shape
       arrays[t.name] = np.lib.format.open_memmap(
-        os.path.join(scratch, t.name + ".npy"), mode="w+", dtype=dtype, shape=shape
+        os.path.join(scratch, t.name + ".npy"), mode="w+", dtype=dtype, shape=stacked_shape(t, m.num_layers)
       )
       files.reserve(os.path.join(scratch, t.name + ".npy"), arrays[t.name].offset + arrays[t.name].nbytes)
-      for i, name in _layers(t, m.num_layers):
-        value = t.to_maxlm(weights.get(name)).astype(dtype)
-        if i is None:
-          arrays[t.name][...] = value
-        else:
-          arrays[t.name][i] = value
+      for index, name in _layers(t, m.num_layers):
+        arrays[t.name][index] = t.to_maxlm(weights.get(name)).astype(dtype)
       arrays[t.name].flush()
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    for name, leaf in zip(names, leaves):
+      if name.endswith("router_bias"):  # Not an HF tensor: the balancing bias starts at zero.
+        arrays[name] = np.zeros(leaf.shape, leaf.dtype)
     checkpoint.save_params(
       os.path.join(partial, checkpoint.PARAMS_DIR), jax.tree_util.tree_unflatten(treedef, [arrays[n] for n in names])
     )
@@ -449,7 +519,7 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   summary = {
     "workdir": workdir,
     "architecture": architecture(hf),
-    "parameters": int(sum(math.prod(a.shape) for a in leaves)),
+    "parameters": int(sum(math.prod(a.shape) for n, a in zip(names, leaves) if not n.endswith("router_bias"))),
     "param_dtype": param_dtype,
     "tokenizer": "tokenizer.model" if tok is not None else None,
   }
@@ -461,7 +531,7 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
 
 def _config_file(cfg: ml_collections.ConfigDict, hf_dir: str, arch: str) -> str:
   m = cfg.model
-  model = {k: v for k, v in m.items() if k != "rope_scaling"}  # All of them: the file must not drift with base.
+  model = {k: v for k, v in m.items() if k not in ("rope_scaling", "moe")}  # All: the file must not drift with base.
   lines = [
     f'"""{arch} imported from {hf_dir} by `maxlm convert from-hf`.',
     "",
@@ -477,6 +547,7 @@ def _config_file(cfg: ml_collections.ConfigDict, hf_dir: str, arch: str) -> str:
     "  c = base.get_config()",
     f"  c.model.update({_kwargs(model)})",
     f"  c.model.rope_scaling.update({_kwargs(m.rope_scaling.to_dict())})",
+    f"  c.model.moe.update({_kwargs(m.moe.to_dict())})",
   ]
   lines += [
     f"  c.data.seq_len = {cfg.data.seq_len}",
@@ -546,7 +617,7 @@ def to_hf(
     raise UserError(f"--out={out} exists and is not empty: choose a new directory")
   m = cfg.model
   np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
-  plan = [(t, i, name) for t in tensors(m) for i, name in _layers(t, m.num_layers)]
+  plan = [(t, index, name) for t in tensors(m) for index, name in _layers(t, m.num_layers)]
   nbytes = [math.prod(t.hf_shape()) * np_dtype.itemsize for t, _, _ in plan]
   shards = _split(nbytes, max_shard_bytes)
   names = (
@@ -608,7 +679,14 @@ def _exported_value(t: Tensor, source: ml_collections.ConfigDict, directory: str
     array = array.T
   if mup and t.name == "lm_head":
     array = array * np.asarray(1.0 / transformer.width_multiplier(source), array.dtype)
-  if mup and t.name == "blocks.attn.q_proj":
+  if t.name == "moe_blocks.mlp.router":
+    bias = checkpoint.restore_params(directory, abstract, names=["moe_blocks.mlp.router_bias"])
+    if np.any(bias["moe_blocks.mlp.router_bias"] != 0):
+      raise UserError(
+        "the routers' balancing bias (model.moe.bias_update_rate) is not zero and Mixtral has none: "
+        "this model cannot be exported"
+      )
+  if mup and t.name.endswith("attn.q_proj"):
     array = array * np.asarray((source.d_model // source.num_heads) ** -0.5, array.dtype)
   return array
 
@@ -631,11 +709,11 @@ def _write_tensors(partial, files, shards, plan, directory, source, np_dtype, st
       blob += b" " * (-len(blob) % 8)  # The format pads the header so the data starts 8-byte aligned.
       f.write(struct.pack("<Q", len(blob)) + blob)
       for j in shard:
-        t, i, _ = plan[j]
+        t, index, _ = plan[j]
         if t.name != current:
           current, array = t.name, None
           array = _exported_value(t, source, directory, abstract)
-        value = t.to_hf(array if i is None else array[i]).astype(np_dtype)
+        value = t.to_hf(array[index]).astype(np_dtype)
         f.write(np.ascontiguousarray(value).tobytes())
 
 

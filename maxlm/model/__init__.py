@@ -3,6 +3,7 @@
   transformer  Llama-style decoder (RMSNorm, RoPE, GQA, SwiGLU), training and KV-cache forward passes
   attention    attention in plain einsums (training, with a hand-written VJP; KV-cache decoding)
   kernels      fused attention: cuDNN (GPU), Pallas splash (TPU)
+  moe          Mixture-of-Experts layers: routing, expert-parallel dispatch, balancing terms
   loss         chunked cross-entropy fused with its gradient
   flops        model FLOPs per token, device peaks, for MFU
 
@@ -19,5 +20,10 @@ are handled (the train step, sampling, evaluation); tests/test_style.py checks t
   Half  Dh/2 (RoPE pairs)                 F     MLP width
   V     vocabulary                        N     layers
   b, k  the part of B, K on one device (inside shard_map)
+  X     tokens on one device, b·T (MoE)   E     routed experts
+  A     experts chosen per token, top_k   e     the experts on one device, E/Ep
+  R     routed copies of tokens, X·A      Ep    devices on the expert mesh axis
+  M     rows a device receives, Ep·R      Cap   slots per expert (capacity)
+  Nm    MoE layers
   1, 2  literal sizes: 1 a broadcast axis, 2 the stacked gate and up projections
 """

@@ -8,6 +8,9 @@ Training FLOPs per token (PaLM appendix B; attention counted like MaxText after 
 
 N_matmul = L · (D·H·Dh + 2·D·K·Dh + H·Dh·D + 3·D·F) + D·V. The output projection D·V counts whether or
 not it is tied to the embedding; the embedding lookup is a gather, not a matmul, and counts zero.
+In an MoE layer 3·D·F becomes the *active* weights of a token: the router D·E, top_k routed experts
+top_k · 3·D·Fe and the shared experts 3·D·Fs (Fe = moe.mlp_dim, Fs = shared_experts · Fe); the FLOPs
+(and so MFU) count these, while `param_count` counts all E experts.
 Rematerialised recomputation is not counted (it is not model FLOPs), so remat lowers MFU honestly.
 Packed rows are counted as full causal rows of length T.
 """
@@ -19,6 +22,8 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from maxlm.model import moe
 
 # Dense bf16 peak TFLOP/s per device (datasheets). Matched against `device.device_kind`, longest key first.
 PEAK_TFLOPS = {
@@ -37,18 +42,25 @@ PEAK_TFLOPS = {
 }
 
 
-def matmul_params(m: ml_collections.ConfigDict) -> int:
+def matmul_params(m: ml_collections.ConfigDict, active: bool = True) -> int:
+  """Weights in matmuls: those one token uses (`active`, the FLOP count's N) or all of them (every expert)."""
   D, H, K, F, V, L = m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim, m.vocab_size, m.num_layers
   Dh = D // H
-  return L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + D * V
+  attention = D * H * Dh + 2 * D * K * Dh + H * Dh * D
+  e = m.moe
+  moe_layers = sum(moe.is_moe_layer(m))
+  Fe = moe.expert_dim(m)
+  routed = (e.top_k if active else e.num_experts) * 3 * D * Fe
+  moe_ff = D * e.num_experts + routed + 3 * D * e.shared_experts * Fe
+  return L * attention + (L - moe_layers) * 3 * D * F + moe_layers * moe_ff + D * V
 
 
 def param_count(m: ml_collections.ConfigDict) -> int:
-  """All parameters: the matmul weights, the embedding if untied, and the norm scales."""
+  """All parameters: the matmul weights (every expert), the embedding if untied, and the norm scales."""
   D, H, L = m.d_model, m.num_heads, m.num_layers
   embedding = 0 if m.tie_embeddings else m.vocab_size * D
   norms = L * (2 * D + (2 * (D // H) if m.qk_norm else 0)) + D
-  return matmul_params(m) + embedding + norms
+  return matmul_params(m, active=False) + embedding + norms
 
 
 def training_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:

@@ -9,6 +9,9 @@ checkpoint layout does not depend on `model.scan_layers`, which only chooses sca
 Logical axis names on parameters and activations are mapped to the mesh by `maxlm.parallel.mesh.RULES`.
 RoPE uses the half-split ("rotate_half") convention of Hugging Face Llama checkpoints.
 
+Mixture-of-Experts models (`model.moe.num_experts` > 0, maxlm/model/moe.py) keep their dense blocks in `blocks` and
+their MoE blocks in `moe_blocks`, each stacked in layer order; `moe.is_moe_layer` says which layer is which.
+
 `Transformer.decode` is the inference path: the same blocks over a KV cache (prefill and one-token steps),
 used by `maxlm.interop.sample`; training never touches it.
 """
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from maxlm.model import attention
+from maxlm.model import attention, moe
 from maxlm.parallel.mesh import constrain
 
 # The (input, output) axes of each projection matrix of a block, per layer (the stacked blocks add a leading
@@ -36,6 +39,9 @@ MATRIX_AXES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
   "gate_proj": ((0,), (1,)),  # [D, F]
   "up_proj": ((0,), (1,)),
   "down_proj": ((0,), (1,)),  # [F, D]
+  "w_gate": ((1,), (2,)),  # MoE experts [E, D, F]: one matrix per expert
+  "w_up": ((1,), (2,)),
+  "w_down": ((1,), (2,)),  # [E, F, D]
 }
 
 
@@ -161,8 +167,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    D, F = cfg.d_model, cfg.mlp_dim
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, width: int = 0):
+    D, F = cfg.d_model, width or cfg.mlp_dim
     pdt = jnp.dtype(cfg.param_dtype)
     self.gate_proj = _normal(rngs, (D, F), D**-0.5, ("embed", "mlp"), pdt)
     self.up_proj = _normal(rngs, (D, F), D**-0.5, ("embed", "mlp"), pdt)
@@ -185,22 +191,49 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  """Attention and a feed-forward layer, each pre-normed on a residual branch. The feed-forward layer is a SwiGLU
+  MLP, or with `is_moe` the routed experts (maxlm/model/moe.py) plus, if configured, the shared experts."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, is_moe: bool = False):
     pdt = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = moe.MoE(cfg, rngs) if is_moe else MLP(cfg, rngs)
+    shared = cfg.moe.shared_experts * moe.expert_dim(cfg)
+    self.shared = MLP(cfg, rngs, shared) if is_moe and shared else None
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    """(x_BxTxD, aux): the block's output and, for an MoE block, its auxiliary terms (else None)."""
     x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
-    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
-    return constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
+    ff_BxTxD, aux = self._feed_forward(self.mlp_norm(x_BxTxD))
+    return constrain(x_BxTxD + ff_BxTxD, ("act_batch", "act_seq", "act_embed")), aux
+
+  def _feed_forward(self, h_BxTxD):
+    if not isinstance(self.mlp, moe.MoE):
+      return self.mlp(h_BxTxD), None
+    y_BxTxD, aux = self.mlp(h_BxTxD)
+    if self.shared is not None:
+      y_BxTxD = y_BxTxD + self.shared(h_BxTxD)
+    return y_BxTxD, aux
 
   def decode(self, x_BxTxD, positions_BxT, cache):
     attn_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), positions_BxT, cache)
     x_BxTxD = x_BxTxD + attn_BxTxD
-    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+    return x_BxTxD + self._feed_forward(self.mlp_norm(x_BxTxD))[0], cache
+
+
+def _stack(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, count: int, is_moe: bool):
+  """`count` blocks with their parameters stacked on a leading "layers" axis (None when count is 0)."""
+  if count == 0:
+    return None
+
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def stacked_blocks(rngs):
+    return Block(cfg, rngs, is_moe)
+
+  return stacked_blocks(rngs)
 
 
 class Transformer(nnx.Module):
@@ -210,13 +243,12 @@ class Transformer(nnx.Module):
     V, D = cfg.vocab_size, cfg.d_model
     pdt = jnp.dtype(cfg.param_dtype)
     self.embed = _normal(rngs, (V, D), cfg.init_std, ("vocab", "embed"), pdt)
-
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def stacked_blocks(rngs):
-      return Block(cfg, rngs)
-
-    self.blocks = stacked_blocks(rngs)
+    self.is_moe = tuple(moe.is_moe_layer(cfg))
+    self.blocks = _stack(cfg, rngs, self.is_moe.count(False), is_moe=False)
+    self.moe_blocks = _stack(cfg, rngs, self.is_moe.count(True), is_moe=True)
+    # Leading dense layers, then groups of `every` layers whose last is MoE (all N dense without experts).
+    self.lead = cfg.moe.first_dense if any(self.is_moe) else cfg.num_layers
+    self.every = cfg.moe.every
     self.final_norm = RMSNorm(D, cfg.norm_eps, pdt)
     # muP: the output layer's init and learning rate do not shrink with width; its logits are multiplied by 1/m.
     head_fan_in = (cfg.mup_base_width or D) if cfg.parametrization == "mup" else D
@@ -233,6 +265,11 @@ class Transformer(nnx.Module):
 
   def hidden(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
     """The final-normed residual stream x_BxTxD, before the output projection."""
+    return self.forward(tokens_BxT, positions_BxT, segment_ids_BxT)[0]
+
+  def forward(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    """(x_BxTxD final-normed, aux): aux holds the MoE layers' auxiliary terms (maxlm/model/moe.py), each stacked
+    over the MoE layers in order ([G] scalars, counts [G, E]); None for a dense model."""
     B, T = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -241,24 +278,82 @@ class Transformer(nnx.Module):
     x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.dtype)
     x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
 
-    graphdef, stacked = nnx.split(self.blocks)
+    def runner(stack):
+      """(block(x, layer params) -> (x, aux), the stacked params) of a stack of blocks; (None, None) if absent."""
+      if stack is None:
+        return None, None
+      graphdef, stacked = nnx.split(stack)
 
-    def block(x_BxTxD, layer_params):
-      return nnx.merge(graphdef, layer_params)(x_BxTxD, positions_BxT, segment_ids_BxT), None
+      def block(x_BxTxD, layer_params):
+        return nnx.merge(graphdef, layer_params)(x_BxTxD, positions_BxT, segment_ids_BxT)
 
-    if self.remat != "none":
-      block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+      if self.remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+      return block, stacked
+
+    dense, dense_stacked = runner(self.blocks)
+    routed, moe_stacked = runner(self.moe_blocks)
     if self.scan_layers:
-      x_BxTxD, _ = jax.lax.scan(block, x_BxTxD, stacked)
+      x_BxTxD, aux = self._scan(x_BxTxD, dense, dense_stacked, routed, moe_stacked)
     else:
+      x_BxTxD, aux = self._unrolled(x_BxTxD, dense, dense_stacked, routed, moe_stacked)
+    return self.final_norm(x_BxTxD), aux
+
+  def _scan(self, x_BxTxD, dense, dense_stacked, routed, moe_stacked):
+    """The leading dense layers in one scan, then one scan over the groups of `every` layers (the last MoE)."""
+    lead, rest = dense_stacked, None
+    if dense_stacked is not None and self.lead < self.is_moe.count(False):
+      # Split once (one concatenate in the gradient), not sliced per use.
+      halves = jax.tree.map(lambda a: jnp.split(a, [self.lead]), dense_stacked)
+      lead, rest = (jax.tree.map(lambda h, i=i: h[i], halves, is_leaf=lambda x: isinstance(x, list)) for i in (0, 1))
+    if self.lead:
+      x_BxTxD, _ = jax.lax.scan(lambda x, p: (dense(x, p)[0], None), x_BxTxD, lead)
+    if routed is None:
+      return x_BxTxD, None
+    groups = (
+      moe_stacked
+      if rest is None
+      else (jax.tree.map(lambda a: a.reshape(-1, self.every - 1, *a.shape[1:]), rest), moe_stacked)
+    )
+
+    def group(x_BxTxD, params):
+      if rest is None:
+        return routed(x_BxTxD, params)
+      dense_params, moe_params = params
+      for j in range(self.every - 1):
+        x_BxTxD, _ = dense(x_BxTxD, jax.tree.map(lambda a, j=j: a[j], dense_params))
+      return routed(x_BxTxD, moe_params)
+
+    return jax.lax.scan(group, x_BxTxD, groups)
+
+  def _unrolled(self, x_BxTxD, dense, dense_stacked, routed, moe_stacked):
+    """Every layer in turn, in the order `is_moe` gives."""
+
+    def layers(stacked):
       # Split once rather than index a[i] per layer: the gradient of a split is one concatenate, that of
       # N indexings N zero-padded copies of the whole stack summed together.
-      split = jax.tree.map(lambda a: jnp.split(a, self.num_layers), stacked)
-      for i in range(self.num_layers):
-        layer_params = jax.tree.map(lambda parts, i=i: parts[i][0], split, is_leaf=lambda x: isinstance(x, list))
-        x_BxTxD, _ = block(x_BxTxD, layer_params)
+      if stacked is None:
+        return iter(())
+      n = jax.tree.leaves(stacked)[0].shape[0]
+      split = jax.tree.map(lambda a: jnp.split(a, n), stacked)
+      return iter(
+        [jax.tree.map(lambda parts, i=i: parts[i][0], split, is_leaf=lambda x: isinstance(x, list)) for i in range(n)]
+      )
 
-    return self.final_norm(x_BxTxD)
+    dense_layers, moe_layers, auxes = layers(dense_stacked), layers(moe_stacked), []
+    for is_moe in self.is_moe:
+      x_BxTxD, aux = routed(x_BxTxD, next(moe_layers)) if is_moe else dense(x_BxTxD, next(dense_layers))
+      if is_moe:
+        auxes.append(aux)
+    return x_BxTxD, (jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None)
+
+  def layer(self, i: int) -> Block:
+    """Layer i as its own Block (parameters indexed out of its stack): for diagnostics and decoding."""
+    stack, index = (
+      (self.moe_blocks, self.is_moe[:i].count(True)) if self.is_moe[i] else (self.blocks, self.is_moe[:i].count(False))
+    )
+    graphdef, stacked = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], stacked))
 
   def output_projection(self):
     """w_DxV in the compute dtype: the embedding's transpose when tied, else lm_head; times muP's 1/m."""
@@ -273,10 +368,8 @@ class Transformer(nnx.Module):
     B, T = tokens_BxT.shape
     positions_BxT, segment_ids_BxT = jnp.broadcast_to(jnp.arange(T), (B, T)), jnp.ones((B, T), jnp.int32)
     xs = [jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.dtype)]
-    graphdef, stacked = nnx.split(self.blocks)
     for i in range(self.num_layers):
-      layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
-      xs.append(layer(xs[-1], positions_BxT, segment_ids_BxT))
+      xs.append(self.layer(i)(xs[-1], positions_BxT, segment_ids_BxT)[0])
     return xs
 
   def logits(self, x_BxTxD):
@@ -294,6 +387,13 @@ class Transformer(nnx.Module):
     row's earlier tokens in `cache`. Prefill passes the prompts (T = prompt length, positions 0..T-1);
     each decode step passes one token. One sequence per row (no segments); layers always scan."""
     x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.dtype)
+    if self.moe_blocks is not None:  # Two stacks: layer by layer, each with its slice of the cache.
+      layer_caches = []
+      for i in range(self.num_layers):
+        x_BxTxD, layer_cache = self.layer(i).decode(x_BxTxD, positions_BxT, jax.tree.map(lambda c, i=i: c[i], cache))
+        layer_caches.append(layer_cache)
+      cache = jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
+      return self.logits(self.final_norm(x_BxTxD)), cache
     graphdef, stacked = nnx.split(self.blocks)
 
     def block(x_BxTxD, layer):

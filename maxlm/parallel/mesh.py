@@ -6,6 +6,7 @@ maps each name to mesh axes, so DP, FSDP and TP (and mixes) differ only in the m
   data   : batch split, parameters replicated.
   fsdp   : batch split, parameters and optimizer state split on their "embed" dimension (ZeRO-3);
            XLA all-gathers each weight before use and reduce-scatters its gradient.
+  expert : MoE experts split (maxlm/model/moe.py moves tokens to them with all_to_all); batch split elsewhere.
   tensor : Megatron tensor parallelism: heads, MLP width and vocab split; one all-reduce per block half.
 
 Across TPU slices (or hosts, off TPU) the data-parallel axes may also span the slower data-centre network
@@ -34,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from maxlm.config import DCN_AXES, MESH_AXES
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 RULES: dict[str, str | tuple[str, ...] | None] = {
   # Parameters.
@@ -44,6 +45,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "kv_heads": "tensor",
   "head_dim": None,
   "mlp": "tensor",
+  "expert": "expert",
   "norm": None,
   "layers": None,
   # Activations.

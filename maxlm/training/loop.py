@@ -225,6 +225,11 @@ def _nothing_to_train(cfg: ml_collections.ConfigDict, workdir: str, start: int) 
   return None
 
 
+def _scalar_or_list(value) -> float | list[float]:
+  """A metric for metrics.jsonl: a float, or a list of floats for a per-layer one (e.g. moe_layer_load)."""
+  return float(value) if np.ndim(value) == 0 else [float(v) for v in np.ravel(value)]
+
+
 def _train(
   cfg: ml_collections.ConfigDict,
   workdir: str,
@@ -281,7 +286,7 @@ def _train(
       do_eval = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps or pause)
       reached = False
       if step % t.log_every == 0 or step == t.steps or do_eval or stopping or pause:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "applied"}
+        values = {k: _scalar_or_list(v) for k, v in jax.device_get(metrics).items() if k != "applied"}
         step_time = (time.perf_counter() - window_start) / window_steps
         achieved = s.flops_per_step / step_time / num_devices / 1e12
         record = {

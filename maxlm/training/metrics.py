@@ -41,6 +41,10 @@ class MetricsWriter:
       for key, value in clean.items():
         if key != "step" and isinstance(value, (int, float)):
           self._tb.add_scalar(key, value, clean["step"])
+        elif isinstance(value, list):  # per layer: one curve each
+          for i, v in enumerate(value):
+            if isinstance(v, (int, float)):
+              self._tb.add_scalar(f"{key}/{i}", v, clean["step"])
       self._tb.flush()
 
   def close(self) -> None:
@@ -75,6 +79,8 @@ def _step_of(line: str) -> int | None:
 
 
 def _jsonable(value):
+  if isinstance(value, list):
+    return [_jsonable(v) for v in value]
   value = value.item() if hasattr(value, "item") else value
   if isinstance(value, float) and not math.isfinite(value):
     return None  # JSON has no NaN/inf; null marks a non-finite value.

@@ -57,12 +57,13 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule
 def decay_mask(params, decay_embeddings: bool):
   """True for leaves that get weight decay: every projection matrix, the embedding only if configured.
 
-  Norm scales never decay (decaying them pulls the normalised activations towards zero).
+  Norm scales never decay (decaying them pulls the normalised activations towards zero), nor do the MoE routers'
+  balancing biases (no gradient reaches them; maxlm/model/moe.py moves them).
   """
 
   def wants_decay(path, _):
     names = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
-    if any("norm" in n for n in names):
+    if any("norm" in n for n in names) or "router_bias" in names:
       return False
     if "embed" in names:
       return decay_embeddings
@@ -81,7 +82,7 @@ def matrix_dimensions(params):
   def dims(path, x):
     names = _names(path)
     axes = next((MATRIX_AXES[n] for n in names if n in MATRIX_AXES), None)
-    if axes is None or names[0] != "blocks":
+    if axes is None or names[0] not in ("blocks", "moe_blocks"):
       return None
     layers = x.ndim - 1 - max(max(a) for a in axes)  # the stacked "layers" axis in front
     return optax.contrib.MuonDimensionNumbers(tuple(a + layers for a in axes[0]), tuple(a + layers for a in axes[1]))

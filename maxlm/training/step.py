@@ -5,6 +5,10 @@ that jits it with explicit shardings over a mesh (`build_step`), shared by train
 The loss is the token-mean cross-entropy over `loss_mask`; with gradient accumulation the step sums
 per-token losses and gradients over microbatches and divides once by the total token count, so 4
 microbatches of B/4 rows give the gradient of one batch of B rows. The old state is donated.
+
+MoE models add `moe.lb_weight` · balance loss + `moe.router_z_weight` · router z-loss (means over their MoE layers)
+per token to the objective, log them with the dropped fraction and each layer's load (the busiest expert's routed
+copies over the mean), and, with `moe.bias_update_rate`, move the routers' balancing bias after each step.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from maxlm.model import loss, transformer
+from maxlm.model import loss, moe, transformer
 from maxlm.parallel import mesh as mesh_lib
 from maxlm.training import optim
 
@@ -50,16 +54,24 @@ def init_state(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransform
   return graphdef, abstract, jax.jit(init, out_shardings=shardings)
 
 
-def loss_terms(params, graphdef, batch, z_loss: float, chunk: int = 0):
-  """Summed masked cross-entropy (+ z-loss) and the sums needed to normalise it. The output projection and
-  softmax run `chunk` positions at a time (0: all T at once), fused with their gradient (maxlm/model/loss.py)."""
+def loss_terms(params, graphdef, batch, z_loss: float, chunk: int = 0, moe_weights: tuple[float, float] = (0.0, 0.0)):
+  """Summed masked cross-entropy (+ z-loss, + the MoE terms weighted by `moe_weights` = (balance, router z) per
+  token) and the sums needed to normalise and log them. The output projection and softmax run `chunk` positions at
+  a time (0: all T at once), fused with their gradient (maxlm/model/loss.py)."""
   net = nnx.merge(graphdef, params)
-  x_BxTxD = net.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+  x_BxTxD, aux = net.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
   mask_BxT = batch["loss_mask"].astype(jnp.float32)
   objective, nll_sum, z_sum = loss.cross_entropy(
     x_BxTxD, net.output_projection(), batch["targets"], mask_BxT, z_loss, chunk
   )
-  return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask_BxT)}
+  tokens = jnp.sum(mask_BxT)
+  sums = {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": tokens}
+  if aux is not None:
+    # Token-weighted, so microbatches average like the cross-entropy; counts are summed.
+    means = {k: tokens * jnp.mean(aux[k]) for k in ("balance_loss", "router_z_loss", "dropped")}
+    objective = objective + moe_weights[0] * means["balance_loss"] + moe_weights[1] * means["router_z_loss"]
+    sums.update({f"moe_{k}": v for k, v in means.items()}, moe_counts=aux["counts"])
+  return objective, sums
 
 
 def _microbatches(batch, n: int):
@@ -82,6 +94,8 @@ def train_step(
   z_loss: float,
   loss_chunk: int,
   guard: bool,
+  moe_weights: tuple[float, float] = (0.0, 0.0),
+  bias_update_rate: float = 0.0,
 ):
   """One optimizer step. `controls` are per-step scalars from the host:
 
@@ -89,7 +103,7 @@ def train_step(
   lr_scale:   multiplies the update (the stability guard lowers it after a rollback),
   max_loss:   with `guard`, a step whose loss exceeds it or is not finite keeps the old state.
   """
-  grad_fn = jax.grad(loss_terms, has_aux=True)
+  grad_fn = functools.partial(jax.grad(loss_terms, has_aux=True), moe_weights=moe_weights)
   if microbatches == 1:
     grads, sums = grad_fn(state.params, graphdef, batch, z_loss, loss_chunk)
   else:
@@ -99,21 +113,28 @@ def train_step(
       g, s = grad_fn(state.params, graphdef, mb, z_loss, loss_chunk)
       return jax.tree.map(lambda c, x: c + x.astype(c.dtype), carry, (g, s)), None
 
-    zeros = (
-      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
-      {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0},
-    )
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, microbatches))
+    batches = _microbatches(batch, microbatches)
+    one = jax.tree.map(lambda x: x[0], batches)
+    shapes = jax.eval_shape(lambda params, mb: grad_fn(params, graphdef, mb, z_loss, loss_chunk), state.params, one)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), shapes)
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, batches)
   tokens = jnp.maximum(sums["tokens"], 1.0)
   scale = controls["loss_scale"]
   grads = jax.tree.map(lambda g: g * (scale / tokens), grads)
   loss, grad_norm = sums["nll_sum"] * scale / tokens, optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   updates = jax.tree.map(lambda u: u * controls["lr_scale"].astype(u.dtype), updates)
-  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+  params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step) * controls["lr_scale"]}
   if z_loss:
     metrics["z_loss"] = sums["z_sum"] / tokens
+  if "moe_counts" in sums:
+    counts_NmxE = sums["moe_counts"]
+    if bias_update_rate:
+      params = moe.update_router_bias(params, counts_NmxE, bias_update_rate)
+    metrics.update({f"moe_{k}": sums[f"moe_{k}"] / tokens for k in ("balance_loss", "router_z_loss", "dropped")})
+    metrics["moe_layer_load"] = jnp.max(counts_NmxE, axis=-1) / jnp.maximum(jnp.mean(counts_NmxE, axis=-1), 1e-9)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
   if guard:
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= controls["max_loss"])
     new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
@@ -170,6 +191,8 @@ def build_step(cfg: ml_collections.ConfigDict, devices) -> StepProgram:
         z_loss=t.z_loss,
         loss_chunk=t.loss_chunk,
         guard=t.guard.policy != "none",
+        moe_weights=(cfg.model.moe.lb_weight, cfg.model.moe.router_z_weight),
+        bias_update_rate=cfg.model.moe.bias_update_rate,
       ),
       in_shardings=(shardings, batch_sharding, replicated),
       out_shardings=(shardings, None),

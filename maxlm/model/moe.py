@@ -1,0 +1,266 @@
+"""Mixture-of-Experts feed-forward layers: a router sends each token to `top_k` of E SwiGLU experts.
+
+Per token (x the normed residual stream):
+
+  logits_E = x · router                     in float32
+  scores_E = softmax(logits) | sigmoid(logits)                            (`model.moe.router`)
+  chosen   = top_k(scores + bias)           the bias (auxiliary-loss-free balancing) steers the choice only
+  weights  = scores[chosen] (/ their sum if `model.moe.renormalize`)
+  y        = Σ_chosen weight · expert(x)  +  shared(x)                    (shared: DeepSeek's always-on experts)
+
+Experts run on the devices of the `expert` mesh axis (E/Ep each). The layer is a `shard_map` over the whole mesh:
+every device routes its own tokens (rows split over data, fsdp and expert; replicated over tensor), sends each
+routed copy to the device holding its expert with `all_to_all`, runs its experts, and sends the outputs back.
+Expert weights are split over `expert` (experts) and `tensor` (the SwiGLU width, so the outputs are summed over
+tensor); fsdp-sharded expert weights are gathered at the shard_map boundary, as XLA does for dense FSDP weights.
+Outside the MoE layers the expert axis is one more data-parallel axis.
+
+Two dispatch schemes (`model.moe.capacity_factor`):
+
+  dropless (0)  copies sorted by expert and multiplied with `jax.lax.ragged_dot` (grouped matmuls, no padding
+                FLOPs). Across devices the all_to_all buffers hold the worst case (all X·A copies of a device for one
+                destination), as a static shape must; `jax.lax.ragged_all_to_all` would send only the rows used, but
+                XLA:CPU does not implement it, and it would still need the same receive buffer.
+  capacity (>0) each expert takes at most Cap = ceil(capacity_factor · X·A / E) copies per device, first choices
+                first (GShard); the rest are dropped (their expert output is zero, the residual carries the token).
+                Fixed [E, Cap, D] buffers: all_to_all moves exactly them.
+
+Auxiliary terms, over the whole global batch (psum over the batch axes):
+
+  balance loss  E · Σ_e f_e · p_e   f_e: fraction of the X·A routed copies that chose e; p_e: mean routing
+                                    probability of e (sigmoid scores normalised per token). 1 when uniform (Switch).
+  router z-loss mean(logsumexp(logits)²)                                                    (ST-MoE)
+  dropped       fraction of routed copies over capacity
+  counts        routed copies per expert (the load; the balancing bias moves against it)
+
+Shape suffixes (legend in maxlm/model/__init__.py): X tokens on a device, E experts, e experts on a device,
+A choices per token (top_k), R routed copies (X·A), M rows a device receives (Ep·R), Cap capacity slots, Ep devices
+on the expert axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from maxlm.parallel import mesh as mesh_lib
+
+AUX_KEYS = ("balance_loss", "router_z_loss", "dropped", "counts")
+
+
+def is_moe_layer(m: ml_collections.ConfigDict) -> list[bool]:
+  """Which of the model's layers are MoE: after `first_dense` dense layers, every `every`-th (the last of each
+  group of `every`); all False for a dense model (moe.num_experts == 0)."""
+  e = m.moe
+  if e.num_experts == 0:
+    return [False] * m.num_layers
+  return [i >= e.first_dense and (i - e.first_dense + 1) % e.every == 0 for i in range(m.num_layers)]
+
+
+def expert_dim(m: ml_collections.ConfigDict) -> int:
+  """The SwiGLU width of one routed expert (moe.mlp_dim, else model.mlp_dim)."""
+  return m.moe.mlp_dim or m.mlp_dim
+
+
+class RouterBias(nnx.Variable):
+  """The auxiliary-loss-free balancing bias (DeepSeek-V3): not trained by the optimizer, moved after each step by
+  `update_router_bias`; it only changes which experts are chosen, never the weights."""
+
+
+class MoE(nnx.Module):
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    e = cfg.moe
+    D, E, F = cfg.d_model, e.num_experts, expert_dim(cfg)
+    pdt = jnp.dtype(cfg.param_dtype)
+
+    def normal(shape, std, names):
+      return nnx.Param(std * jax.random.normal(rngs.params(), shape, pdt), out_sharding=names)
+
+    self.router = normal((D, E), D**-0.5, ("embed", None))
+    self.w_gate = normal((E, D, F), D**-0.5, ("expert", "embed", "mlp"))
+    self.w_up = normal((E, D, F), D**-0.5, ("expert", "embed", "mlp"))
+    self.w_down = normal((E, F, D), F**-0.5, ("expert", "mlp", "embed"))
+    self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,))
+    self.top_k, self.capacity_factor = e.top_k, e.capacity_factor
+    self.router_fn, self.renormalize = e.router, e.renormalize
+    self.dtype = jnp.dtype(cfg.compute_dtype)
+
+  def __call__(self, x_BxTxD) -> tuple[jax.Array, dict]:
+    """(y_BxTxD, aux): the routed experts' output and this layer's auxiliary terms (module docstring)."""
+    weights = (self.router[...], self.w_gate[...], self.w_up[...], self.w_down[...], self.router_bias[...])
+    routed = lambda x, w: _moe_local(x, *w, **self._options())
+    if jax.sharding.get_abstract_mesh().empty:
+      return routed(x_BxTxD, weights)
+    batch = mesh_lib.logical_to_spec(("act_batch",))[0]
+    x_spec = P(batch, None, None)
+    w_specs = (P(), P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None), P())
+    aux_specs = {k: P() for k in AUX_KEYS}
+    return jax.shard_map(routed, in_specs=(x_spec, w_specs), out_specs=(x_spec, aux_specs))(x_BxTxD, weights)
+
+  def _options(self) -> dict:
+    return {
+      "top_k": self.top_k,
+      "capacity_factor": self.capacity_factor,
+      "router_fn": self.router_fn,
+      "renormalize": self.renormalize,
+      "dtype": self.dtype,
+    }
+
+
+def _axis(name: str) -> str | None:
+  """`name` when this code runs inside a shard_map over a mesh with that axis, else None (no collective)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or name not in mesh.axis_names else name
+
+
+def _batch_axes() -> tuple[str, ...]:
+  mesh = jax.sharding.get_abstract_mesh()
+  return () if mesh.empty else tuple(a for a in mesh_lib.BATCH_AXES if a in mesh.axis_names)
+
+
+def route(x_XxD, router_DxE, bias_E, top_k: int, router_fn: str, renormalize: bool):
+  """(chosen_XxA expert ids, weights_XxA float32, probs_XxE for the balance loss, logits_XxE float32)."""
+  logits_XxE = jnp.einsum("xd,de->xe", x_XxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
+  if router_fn == "softmax":
+    scores_XxE = jax.nn.softmax(logits_XxE, axis=-1)
+    probs_XxE = scores_XxE
+  else:
+    scores_XxE = jax.nn.sigmoid(logits_XxE)
+    probs_XxE = scores_XxE / jnp.sum(scores_XxE, axis=-1, keepdims=True)
+  _, chosen_XxA = jax.lax.top_k(scores_XxE + jax.lax.stop_gradient(bias_E), top_k)
+  weights_XxA = jnp.take_along_axis(scores_XxE, chosen_XxA, axis=-1)
+  if renormalize:
+    weights_XxA = weights_XxA / jnp.sum(weights_XxA, axis=-1, keepdims=True)
+  return chosen_XxA, weights_XxA, probs_XxE, logits_XxE
+
+
+def _moe_local(x_BxTxD, router_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, bias_E, **options):
+  """One device's part of the layer (the whole layer without a mesh): its tokens, its experts (e = E/Ep)."""
+  b, T, D = x_BxTxD.shape
+  E = router_DxE.shape[1]
+  dt = options["dtype"]
+  x_XxD = x_BxTxD.reshape(b * T, D)
+  chosen_XxA, weights_XxA, probs_XxE, logits_XxE = route(
+    x_XxD, router_DxE, bias_E, options["top_k"], options["router_fn"], options["renormalize"]
+  )
+  experts = (w_gate_ExDxF.astype(dt), w_up_ExDxF.astype(dt), w_down_ExFxD.astype(dt))
+  x_XxD = x_XxD.astype(dt)
+  if options["capacity_factor"] > 0:
+    y_XxAxD, kept_XxA = _capacity(x_XxD, chosen_XxA, experts, E, options["capacity_factor"])
+  else:
+    y_XxAxD, kept_XxA = _dropless(x_XxD, chosen_XxA, experts, E), jnp.ones(chosen_XxA.shape, bool)
+  y_XxD = jnp.einsum("xad,xa->xd", y_XxAxD, weights_XxA.astype(dt))
+  if tensor := _axis("tensor"):
+    y_XxD = jax.lax.psum(y_XxD, tensor)  # Each tensor shard summed its part of the SwiGLU width.
+
+  # Auxiliary terms over the global batch: local sums, then psum over the batch axes.
+  counts_E = jnp.zeros((E,), jnp.float32).at[chosen_XxA.reshape(-1)].add(1.0)
+  sums = {
+    "tokens": jnp.float32(b * T),
+    "counts": counts_E,
+    "probs": jnp.sum(probs_XxE, axis=0),
+    "z": jnp.sum(jnp.square(jax.nn.logsumexp(logits_XxE, axis=-1))),
+    "dropped": jnp.sum(1.0 - kept_XxA.astype(jnp.float32)),
+  }
+  if axes := _batch_axes():
+    sums = jax.lax.psum(sums, axes)
+  copies = sums["tokens"] * options["top_k"]
+  aux = {
+    "balance_loss": E * jnp.sum(sums["counts"] / copies * sums["probs"] / sums["tokens"]),
+    "router_z_loss": sums["z"] / sums["tokens"],
+    "dropped": sums["dropped"] / copies,
+    "counts": sums["counts"],
+  }
+  return y_XxD.reshape(b, T, D), aux
+
+
+def _swiglu_grouped(x_RxD, group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD):
+  """Expert g's SwiGLU on its rows (rows sorted by expert, group_sizes_e of each); rows past the groups give 0."""
+  gate_RxF = jax.lax.ragged_dot(x_RxD, w_gate_exDxF, group_sizes_e)
+  up_RxF = jax.lax.ragged_dot(x_RxD, w_up_exDxF, group_sizes_e)
+  return jax.lax.ragged_dot(jax.nn.silu(gate_RxF) * up_RxF, w_down_exFxD, group_sizes_e)
+
+
+def _dropless(x_XxD, chosen_XxA, experts, E: int):
+  """Every routed copy's expert output, y_XxAxD, with no copy dropped (module docstring)."""
+  X, A = chosen_XxA.shape
+  D = x_XxD.shape[1]
+  R = X * A
+  expert_R = chosen_XxA.reshape(R)
+  order_R = jnp.argsort(expert_R, stable=True)  # routed copies grouped by expert
+  sorted_expert_R = expert_R[order_R]
+  x_RxD = x_XxD[order_R // A]
+  counts_E = jnp.zeros((E,), jnp.int32).at[expert_R].add(1)
+  expert_axis = _axis("expert")
+  Ep = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
+  if Ep == 1:
+    y_RxD = _swiglu_grouped(x_RxD, counts_E, *experts)
+  else:
+    e = E // Ep
+    # Send: destination device d gets its copies in the first rows of block d (sorted by expert, so contiguous).
+    dest_R = sorted_expert_R // e
+    sent_Ep = counts_E.reshape(Ep, e).sum(axis=1)
+    slot_R = jnp.arange(R) - (jnp.cumsum(sent_Ep) - sent_Ep)[dest_R]
+    send_EpxRxD = jnp.zeros((Ep, R, D), x_RxD.dtype).at[dest_R, slot_R].set(x_RxD)
+    send_EpxR = jnp.full((Ep, R), e, jnp.int32).at[dest_R, slot_R].set(sorted_expert_R - dest_R * e)  # e = empty
+    recv_EpxRxD = jax.lax.all_to_all(send_EpxRxD, expert_axis, 0, 0)  # block s: what source device s sent
+    local_expert_M = jax.lax.all_to_all(send_EpxR, expert_axis, 0, 0).reshape(Ep * R)
+    # Group the received rows by local expert (empty rows last, where ragged_dot leaves them zero).
+    order_M = jnp.argsort(local_expert_M, stable=True)
+    groups_e = jnp.zeros((e + 1,), jnp.int32).at[local_expert_M].add(1)[:e]
+    y_MxD = _swiglu_grouped(recv_EpxRxD.reshape(Ep * R, D)[order_M], groups_e, *experts)
+    y_EpxRxD = jnp.zeros_like(y_MxD).at[order_M].set(y_MxD).reshape(Ep, R, D)
+    y_RxD = jax.lax.all_to_all(y_EpxRxD, expert_axis, 0, 0)[dest_R, slot_R]
+  return jnp.zeros((R, D), y_RxD.dtype).at[order_R].set(y_RxD).reshape(X, A, D)
+
+
+def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+  """Slots per expert on one device: ceil(capacity_factor · tokens · top_k / num_experts)."""
+  return max(1, math.ceil(capacity_factor * tokens * top_k / num_experts))
+
+
+def _capacity(x_XxD, chosen_XxA, experts, E: int, capacity_factor: float):
+  """(y_XxAxD, kept_XxA): each expert takes at most Cap copies, all first choices before any second (GShard)."""
+  X, A = chosen_XxA.shape
+  D = x_XxD.shape[1]
+  Cap = capacity(X, A, E, capacity_factor)
+  # Slot of each copy in its expert's buffer, counting choice-major (choice 0 of every token, then choice 1, ...).
+  onehot_AxXxE = jax.nn.one_hot(chosen_XxA.T, E, dtype=jnp.int32)
+  before_AxXxE = jnp.cumsum(onehot_AxXxE.reshape(A * X, E), axis=0).reshape(A, X, E) - onehot_AxXxE
+  slot_XxA = jnp.sum(before_AxXxE * onehot_AxXxE, axis=-1).T
+  kept_XxA = slot_XxA < Cap
+  slot_XxA = jnp.where(kept_XxA, slot_XxA, Cap)  # out of bounds: dropped by the scatter, zero from the gather
+  x_XxAxD = jnp.broadcast_to(x_XxD[:, None], (X, A, D))
+  buffer_ExCapxD = jnp.zeros((E, Cap, D), x_XxD.dtype).at[chosen_XxA, slot_XxA].set(x_XxAxD, mode="drop")
+  expert_axis = _axis("expert")
+  Ep = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
+  w_gate_exDxF, w_up_exDxF, w_down_exFxD = experts
+  e = E // Ep
+  if Ep > 1:  # [Ep, e, Cap, D] by destination -> by source, then each local expert's rows from every source.
+    recv_EpxexCapxD = jax.lax.all_to_all(buffer_ExCapxD.reshape(Ep, e, Cap, D), expert_axis, 0, 0)
+    buffer_ExCapxD = recv_EpxexCapxD.swapaxes(0, 1).reshape(e, Ep * Cap, D)
+  gate_ExCapxF = jnp.einsum("ecd,edf->ecf", buffer_ExCapxD, w_gate_exDxF)
+  up_ExCapxF = jnp.einsum("ecd,edf->ecf", buffer_ExCapxD, w_up_exDxF)
+  out_ExCapxD = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate_ExCapxF) * up_ExCapxF, w_down_exFxD)
+  if Ep > 1:
+    out_EpxexCapxD = out_ExCapxD.reshape(e, Ep, Cap, D).swapaxes(0, 1)
+    out_ExCapxD = jax.lax.all_to_all(out_EpxexCapxD, expert_axis, 0, 0).reshape(E, Cap, D)
+  y_XxAxD = out_ExCapxD.at[chosen_XxA, slot_XxA].get(mode="fill", fill_value=0)
+  return y_XxAxD, kept_XxA
+
+
+def update_router_bias(params, counts_NmxE: jax.Array, rate: float):
+  """DeepSeek-V3's auxiliary-loss-free balancing: each MoE layer's bias moves by `rate` towards the experts that got
+  fewer routed copies than the mean this step: b_e += rate · sign(mean − count_e). `counts_NmxE` is the `counts` aux
+  of the stacked MoE layers (the one RouterBias leaf is [Nm, E])."""
+  step_NmxE = rate * jnp.sign(jnp.mean(counts_NmxE, axis=-1, keepdims=True) - counts_NmxE)
+  return jax.tree.map(
+    lambda v: v.replace(v[...] + step_NmxE) if isinstance(v, RouterBias) else v,
+    params,
+    is_leaf=lambda v: isinstance(v, nnx.Variable),
+  )
