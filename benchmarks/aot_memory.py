@@ -39,27 +39,50 @@ ROWS = [
   ),
   ("llama3_8b", "v5p:2x2x2", 1, []),
   ("llama3_8b", "v5p:2x2x2", 1, ["--config.train.microbatches=64"]),
+  # MoE: experts over mesh.expert (8), everything else FSDP; the batch split over fsdp x expert.
+  ("mixtral_8x7b", "v5p:4x4x4", 1, ["--config.train.microbatches=16"]),
+  ("deepseek_moe_16b", "v5p:4x4x2", 1, ["--config.train.microbatches=8"]),
 ]
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--only", default="", help="comma-separated config names")
+  parser.add_argument("--only", default="", help="comma-separated config names (the other rows are kept)")
   args = parser.parse_args()
-  rows = []
+  rows = _previous_rows()
   for name, topology, slices, overrides in ROWS:
     if args.only and name not in args.only.split(","):
       continue
     cfg = config.load([f"--config={REPO}/configs/{name}.py", *overrides])
     r = aot.compile_report(cfg, topology, slices)
-    r.update(config=name, overrides=" ".join(o.replace("--config.", "") for o in overrides))
+    r.update(
+      config=name,
+      overrides=" ".join(o.replace("--config.", "") for o in overrides),
+      date=datetime.date.today().isoformat(),
+    )
     print(aot.format_report(r), flush=True)
-    rows.append(r)
+    rows[_key(r)] = r
     write(rows)  # After every row: a big config's compile takes minutes on a small CPU.
   print(table(write(rows)))
 
 
-def write(rows: list[dict]) -> dict:
+def _key(r: dict) -> tuple:
+  return r["config"], r["topology"], r["num_slices"], r["overrides"]
+
+
+def _previous_rows() -> dict[tuple, dict]:
+  """The rows of the last results file still in ROWS, by (config, topology, slices, overrides)."""
+  path = os.path.join(REPO, "benchmarks", "results", "aot_memory.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    previous = json.load(f)
+  return {_key(r): {"date": previous["date"], **r} for r in previous["rows"]}
+
+
+def write(rows: dict[tuple, dict]) -> dict:
+  order = [(n, t, s, " ".join(o.replace("--config.", "") for o in ov)) for n, t, s, ov in ROWS]
+  rows = [rows[k] for k in order if k in rows]
   result = {
     "benchmark": "aot_memory",
     "date": datetime.date.today().isoformat(),
@@ -79,13 +102,13 @@ def write(rows: list[dict]) -> dict:
 def table(result: dict) -> str:
   gib = aot.GIB
   lines = [
-    "| config | topology | overrides | mesh (data, fsdp, tensor) | args | temps | XLA peak | peak (checked) "
+    "| config | topology | overrides | mesh (data, fsdp, expert, tensor) | args | temps | XLA peak | peak (checked) "
     "| HBM/device | fits | compile s |",
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in result["rows"]:
     where = r["topology"] + (f" ×{r['num_slices']} slices" if r["num_slices"] > 1 else "")
-    mesh = ", ".join(str(v) for v in r["mesh"].values())
+    mesh = ", ".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "expert", "tensor"))
     if "memory_per_device" in r:
       m = r["memory_per_device"]
       figures = " | ".join(f"{m[k] / gib:.2f}" for k in ("argument", "temp", "xla_peak", "peak"))
@@ -97,7 +120,8 @@ def table(result: dict) -> str:
       f"{r['hbm_bytes'] / gib:.0f} | {'yes' if r['fits'] else '**no**'} | {r['compile_s']:.0f} |"
     )
   return "\n".join(lines) + (
-    f"\n\nGiB per device; {result['date']}, jax {result['jax']}, compiled on {result['host']} with libtpu.\n"
+    f"\n\nGiB per device; compiled {', '.join(sorted({r['date'] for r in result['rows']}))}, jax {result['jax']}, "
+    f"on {result['host']} with libtpu.\n"
   )
 
 

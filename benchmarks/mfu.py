@@ -19,12 +19,20 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+MOE_ONE_DEVICE = [
+  "--config.mesh.data=-1",
+  "--config.mesh.fsdp=1",
+  "--config.mesh.expert=1",
+  "--config.train.global_batch=4",
+  "--config.train.microbatches=1",
+]
 # (name, config, overrides). Batches are per step with no accumulation: the step is what is timed.
 PRESETS = {
   "cpu": [
     ("tiny", "tiny", []),
     ("cpu_10m", "cpu_10m", []),
     ("cpu_10m/chunked_loss", "cpu_10m", ["--config.train.loss_chunk=64"]),
+    ("moe_tiny", "moe_tiny", []),
   ],
   "gpu": [
     (
@@ -50,10 +58,19 @@ PRESETS = {
     ("llama_1b/dots_no_batch", "llama_1b", ["--config.train.global_batch=8", "--config.model.remat=dots_no_batch"]),
     ("llama_1b/no_remat", "llama_1b", ["--config.train.global_batch=4", "--config.model.remat=none"]),
     ("llama_1b/full_remat", "llama_1b", ["--config.train.global_batch=16", "--config.model.remat=full"]),
+    # MoE, cut to fit one device (MFU counts active parameters): dropless ragged_dot, then capacity-factor 1.25.
+    ("mixtral_8x7b/2_layers", "mixtral_8x7b", MOE_ONE_DEVICE + ["--config.model.num_layers=2"]),
+    ("deepseek_moe_16b/4_layers", "deepseek_moe_16b", MOE_ONE_DEVICE + ["--config.model.num_layers=4"]),
+    (
+      "deepseek_moe_16b/4_layers_capacity",
+      "deepseek_moe_16b",
+      MOE_ONE_DEVICE + ["--config.model.num_layers=4", "--config.model.moe.capacity_factor=1.25"],
+    ),
   ],
   "tpu": [
     ("gpt2_124m/splash", "gpt2_124m", ["--config.train.global_batch=32", "--config.train.microbatches=1"]),
     ("llama_1b/splash", "llama_1b", ["--config.train.global_batch=16"]),
+    ("deepseek_moe_16b/4_layers", "deepseek_moe_16b", MOE_ONE_DEVICE + ["--config.model.num_layers=4"]),
   ],
 }
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from maxlm import config
 from maxlm.errors import UserError
 from maxlm.model import flops, moe, transformer
 from maxlm.parallel import mesh as mesh_lib
@@ -17,6 +18,7 @@ from maxlm.training import loop
 
 from conftest import make_config
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOE = {
   "model.moe.num_experts": 4,
   "model.moe.top_k": 2,
@@ -277,3 +279,15 @@ def test_moe_training_on_8_devices_matches_one(tmp_path, devices):
   loop.run(sharded_cfg, str(tmp_path / "eight"), devices=devices)
   eight = _losses(tmp_path / "eight")
   np.testing.assert_allclose([eight[s]["loss"] for s in range(1, 7)], [one[s]["loss"] for s in range(1, 7)], rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+  "name, total, active",
+  [("mixtral_8x7b", 46.70e9, 12.75e9), ("deepseek_moe_16b", 16.38e9, 2.62e9), ("moe_tiny", 436_288, 214_528)],
+)
+def test_shipped_moe_configs_have_their_published_sizes(name, total, active):
+  """Mixtral 8x7B: 46.7B parameters; DeepSeek-MoE 16B: 16.4B (their model cards); active = matmul weights per token."""
+  c = config.load_python(os.path.join(REPO, "configs", f"{name}.py"), "--config").get_config()
+  cfg = config.validate(c, num_devices=64 if name != "moe_tiny" else 1, check_paths=False)
+  assert flops.param_count(cfg.model) == pytest.approx(total, rel=2e-3)
+  assert flops.matmul_params(cfg.model) == pytest.approx(active, rel=2e-3)
