@@ -40,8 +40,10 @@ ROWS = [
   ("llama3_8b", "v5p:2x2x2", 1, []),
   ("llama3_8b", "v5p:2x2x2", 1, ["--config.train.microbatches=64"]),
   # MoE: experts over mesh.expert (8), everything else FSDP; the batch split over fsdp x expert.
-  ("mixtral_8x7b", "v5p:4x4x4", 1, ["--config.train.microbatches=16"]),
+  ("mixtral_8x7b", "v5p:4x4x4", 1, ["--config.train.microbatches=4"]),
+  ("mixtral_8x7b", "v5p:4x4x4", 1, ["--config.train.microbatches=4", "--config.model.moe.capacity_factor=1.25"]),
   ("deepseek_moe_16b", "v5p:4x4x2", 1, ["--config.train.microbatches=8"]),
+  ("deepseek_moe_16b", "v5p:4x4x2", 1, ["--config.train.microbatches=8", "--config.model.moe.capacity_factor=1.25"]),
 ]
 
 

@@ -1,7 +1,10 @@
 """The learning-rate transfer table and plot of a sweep over parametrization x width x learning rate
 (configs/sweeps/mup_transfer.py): the best learning rate per width, and final eval loss against learning rate.
+Several sweep directories (the same sweep with other seeds) are averaged: the mean final eval loss per point.
 
-  python tools/lr_transfer.py /tmp/mup_transfer --plot=/tmp/mup_transfer.png
+  for s in 0 1 2; do maxlm sweep --sweep=configs/sweeps/mup_transfer.py --workdir=/tmp/mup_s$s --parallel=2 \
+      --config.train.seed=$s --config.data.seed=$s; done
+  python tools/lr_transfer.py /tmp/mup_s0 /tmp/mup_s1 /tmp/mup_s2 --plot=/tmp/mup_transfer.png
 """
 
 from __future__ import annotations
@@ -17,19 +20,24 @@ sys.path.insert(0, REPO)
 from maxlm.training import summary  # noqa: E402
 
 
-def collect(directory: str) -> dict:
-  """{parametrization: {width: {lr: final eval loss}}} of the sweep's finished runs."""
-  out: dict = {}
-  for name in sorted(os.listdir(os.path.join(directory, "runs"))):
-    workdir = os.path.join(directory, "runs", name)
-    s = summary.read(workdir)
-    if not s or s["status"] != "finished" or s.get("final_eval_loss") is None:
-      continue
-    with open(os.path.join(workdir, "overrides.json")) as f:
-      o = json.load(f)
-    by_width = out.setdefault(o["model.parametrization"], {}).setdefault(o["model.d_model"], {})
-    by_width[o["optim.lr"]] = s["final_eval_loss"]
-  return out
+def collect(directories: list[str]) -> tuple[dict, dict]:
+  """({parametrization: {width: {lr: mean final eval loss}}}, the same with the list of losses) over the finished
+  runs of the sweep directories."""
+  losses: dict = {}
+  for directory in directories:
+    for name in sorted(os.listdir(os.path.join(directory, "runs"))):
+      workdir = os.path.join(directory, "runs", name)
+      s = summary.read(workdir)
+      if not s or s["status"] != "finished" or s.get("final_eval_loss") is None:
+        continue
+      with open(os.path.join(workdir, "overrides.json")) as f:
+        o = json.load(f)
+      by_width = losses.setdefault(o["model.parametrization"], {}).setdefault(o["model.d_model"], {})
+      by_width.setdefault(o["optim.lr"], []).append(s["final_eval_loss"])
+  means = {
+    p: {w: {lr: sum(v) / len(v) for lr, v in by_lr.items()} for w, by_lr in bw.items()} for p, bw in losses.items()
+  }
+  return means, losses
 
 
 def table(data: dict) -> str:
@@ -45,7 +53,7 @@ def table(data: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(data: dict, path: str) -> None:
+def plot(data: dict, path: str, every: dict | None = None) -> None:
   from matplotlib.figure import Figure
 
   fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -53,25 +61,30 @@ def plot(data: dict, path: str) -> None:
   for ax, (name, by_width) in zip(axes, sorted(data.items(), reverse=True)):
     for width, losses in sorted(by_width.items()):
       lrs = sorted(losses)
-      ax.plot(lrs, [losses[lr] for lr in lrs], marker="o", label=f"width {width}")
+      line = ax.plot(lrs, [losses[lr] for lr in lrs], marker="o", label=f"width {width}")[0]
+      if every is not None:  # each seed's loss, faint
+        for lr in lrs:
+          ax.plot([lr] * len(every[name][width][lr]), every[name][width][lr], ".", color=line.get_color(), alpha=0.35)
       best = min(losses, key=losses.get)
       ax.plot(best, losses[best], "k*", markersize=12)
     ax.set(xscale="log", xlabel="learning rate", title=name)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-  axes[0].set_ylabel("final eval loss (★ best per width)")
+  axes[0].set_ylabel("final eval loss, mean over seeds (★ best per width)")
   fig.savefig(path, dpi=100)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("directory")
+  parser.add_argument("directories", nargs="+", help="sweep directories of the same sweep (other seeds)")
   parser.add_argument("--plot")
   args = parser.parse_args()
-  data = collect(args.directory)
+  data, every = collect(args.directories)
+  seeds = sorted({len(v) for bw in every.values() for by_lr in bw.values() for v in by_lr.values()})
   print(table(data), end="")
+  print(f"\nmean final eval loss over {'-'.join(map(str, sorted(set(seeds))))} run(s) per point")
   if args.plot:
-    plot(data, args.plot)
+    plot(data, args.plot, every)
 
 
 if __name__ == "__main__":
