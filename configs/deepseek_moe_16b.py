@@ -1,6 +1,6 @@
-"""DeepSeek-MoE 16B shapes (16.4B parameters, 2.8B active): 28 layers, the first dense (width 10944), then 64 fine-grained
-routed experts (width 1408) with top-6 softmax routing (not renormalised) and 2 shared experts; MHA 16 heads, vocab
-102400; seq 4096."""
+"""DeepSeek-MoE 16B shapes (16.4B parameters, 2.8B active): 28 layers, the first dense (width 10944), then 64
+fine-grained routed experts (width 1408) with top-6 softmax routing (not renormalised) and 2 shared experts; MHA 16
+heads, vocab 102400; seq 4096."""
 
 from configs import base
 

@@ -57,6 +57,35 @@ def test_compiles_for_a_v5e_2x2_from_a_cpu_host():
 
 
 @needs_libtpu
+def test_an_moe_model_compiles_with_experts_over_a_split_physical_axis():
+  """moe_tiny on a v5e 4x4 with mesh.expert=8: 8 is no product of the physical axes (4, 4), so the mesh splits one;
+  the expert-parallel shard_map (all_to_all, ragged_dot) compiles for the TPU."""
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "maxlm",
+      "compile",
+      "--config=configs/moe_tiny.py",
+      "--topology=v5e:4x4",
+      "--json",
+      "--config.mesh.data=1",
+      "--config.mesh.fsdp=2",
+      "--config.mesh.expert=8",
+      "--config.train.global_batch=16",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=cli_env(1),
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(proc.stdout)
+  assert r["mesh"] == {"data": 1, "fsdp": 2, "expert": 8, "tensor": 1} and r["fits"]
+
+
+@needs_libtpu
 def test_two_slices_use_the_dcn_axis():
   proc = compile_cli("--topology=v5e:2x2", "--num_slices=2", "--config.mesh.dcn_data=2", "--json")
   assert proc.returncode == 0, proc.stderr[-2000:]

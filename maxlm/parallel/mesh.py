@@ -88,7 +88,12 @@ def build_mesh(
     raise ValueError(f"mesh sizes {total} do not multiply to the {len(devices)} devices")
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if int(np.prod(dcn_sizes)) == 1:
-    return jax.make_mesh(total, MESH_AXES, axis_types=axis_types, devices=devices)
+    try:
+      return jax.make_mesh(total, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+      # An axis that is no product of physical axes (fsdp 8 x expert 8 on a 4x4x4 slice): split a physical axis.
+      grid = mesh_utils.create_device_mesh(total, devices, allow_split_physical_axes=True)
+      return Mesh(grid, MESH_AXES, axis_types=axis_types)
   # Granules are TPU slices; elsewhere (GPU nodes, CPU test processes) each process is one.
   grid = mesh_utils.create_hybrid_device_mesh(
     sizes, dcn_sizes, devices, process_is_granule=not _has_slices(devices), allow_split_physical_axes=True
