@@ -29,6 +29,9 @@ SCHEDULES = ("cosine", "wsd", "constant")  # warmup + cosine | warmup-stable-dec
 PARAMETRIZATIONS = ("sp", "mup")
 # softmax: softmax over the experts' logits (Mixtral); sigmoid: independent sigmoid scores (DeepSeek-V3).
 ROUTERS = ("softmax", "sigmoid")
+# Dropless MoE's grouped matmuls. auto: megablox on TPU, ragged_dot elsewhere; ragged_dot: jax.lax.ragged_dot (XLA);
+# megablox: the Pallas TPU kernel (jax.experimental.pallas.ops.tpu.megablox; interpreted off TPU: slow, for tests).
+GROUPED_MATMULS = ("auto", "ragged_dot", "megablox")
 # adamw: AdamW everywhere; muon: Muon for the blocks' projection matrices, AdamW for embeddings, norms and the head.
 OPTIMIZERS = ("adamw", "muon")
 # none: no checks; skip: reject a non-finite or spiking update and go on; rollback: reject it, then restore the last
@@ -43,6 +46,7 @@ CHOICES = {
   "model.remat": REMAT,
   "model.parametrization": PARAMETRIZATIONS,
   "model.moe.router": ROUTERS,
+  "model.moe.grouped_matmul": GROUPED_MATMULS,
   "data.source": DATA_SOURCES,
   "data.token_dtype": TOKEN_DTYPES,
   "optim.schedule": SCHEDULES,
@@ -89,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.every = 1  # After those, every k-th layer is MoE (the last of each group of k): 1 = all, 2 = every other.
   e.capacity_factor = 0.0  # Expert slots per device = ceil(factor·tokens·top_k/E), overflow dropped; 0 = dropless.
   e.router = "softmax"  # Routing scores, one of ROUTERS.
+  e.grouped_matmul = "auto"  # Dropless grouped-matmul kernel, one of GROUPED_MATMULS.
   e.renormalize = True  # Divide the top_k routing weights by their sum (Mixtral; DeepSeek's norm_topk_prob).
   e.lb_weight = 0.01  # Weight of the load-balance loss E·Σ f_e·p_e (1 when balanced; Switch/GShard).
   e.router_z_weight = 0.001  # Weight of the router z-loss mean(logsumexp(router logits)²) (ST-MoE).

@@ -254,6 +254,10 @@ def validate(
   if m.compute_dtype == "auto":
     m.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
   _resolve_attention(m, platform, resolved.data.seq_len)
+  if m.moe.grouped_matmul == "auto":
+    m.moe.grouped_matmul = "megablox" if platform == "tpu" else "ragged_dot"
+  elif m.moe.grouped_matmul == "megablox" and platform == "gpu":
+    raise UserError("model.moe.grouped_matmul='megablox' is a TPU kernel: use 'auto' or 'ragged_dot' on a GPU")
 
   dcn = int(np.prod([resolved.mesh[f"dcn_{a}"] for a in DCN_AXES]))
   if dcn > 1 and dcn != num_slices:

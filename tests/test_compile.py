@@ -57,9 +57,13 @@ def test_compiles_for_a_v5e_2x2_from_a_cpu_host():
 
 
 @needs_libtpu
-def test_an_moe_model_compiles_with_experts_over_a_split_physical_axis():
+def test_an_moe_model_compiles_with_experts_over_a_split_physical_axis(tmp_path):
   """moe_tiny on a v5e 4x4 with mesh.expert=8: 8 is no product of the physical axes (4, 4), so the mesh splits one;
-  the expert-parallel shard_map (all_to_all, ragged_dot) compiles for the TPU."""
+  the TPU program dispatches with ragged_all_to_all and multiplies with the Megablox kernel (forward and backward),
+  where the CPU program has its all_to_all stand-in and ragged_dot."""
+  env = cli_env(1)
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={tmp_path}"
+  env["JAX_COMPILATION_CACHE_DIR"] = ""  # a cache hit would compile (and dump) nothing
   proc = subprocess.run(
     [
       sys.executable,
@@ -78,11 +82,16 @@ def test_an_moe_model_compiles_with_experts_over_a_split_physical_axis():
     capture_output=True,
     text=True,
     timeout=600,
-    env=cli_env(1),
+    env=env,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads(proc.stdout)
   assert r["mesh"] == {"data": 1, "fsdp": 2, "expert": 8, "tensor": 1} and r["fits"]
+  (hlo,) = [p for p in tmp_path.glob("*jit_train_step*.after_optimizations.txt")]
+  text = hlo.read_text()
+  # 2 dispatches (out and back) forward, 2 in the backward pass; 3 grouped matmuls forward, 6 backward.
+  assert text.count("ragged-all-to-all(") == 4
+  assert text.count('custom_call_target="tpu_custom_call"') == 9
 
 
 @needs_libtpu

@@ -17,10 +17,12 @@ Outside the MoE layers the expert axis is one more data-parallel axis.
 
 Two dispatch schemes (`model.moe.capacity_factor`):
 
-  dropless (0)  copies sorted by expert and multiplied with `jax.lax.ragged_dot` (grouped matmuls, no padding
-                FLOPs). Across devices the all_to_all buffers hold the worst case (all X·A copies of a device for one
-                destination), as a static shape must; `jax.lax.ragged_all_to_all` would send only the rows used, but
-                XLA:CPU does not implement it, and it would still need the same receive buffer.
+  dropless (0)  copies sorted by expert and multiplied as grouped matmuls (no padding FLOPs): `jax.lax.ragged_dot`
+                or the Megablox kernel on TPU (`model.moe.grouped_matmul`). Across devices each device sends every
+                destination exactly its rows with `jax.lax.ragged_all_to_all` (offsets from an all_gather of the
+                per-expert counts); the receive buffer holds the worst case (Ep·X·A rows), as a static shape must.
+                XLA:CPU does not implement ragged_all_to_all, so on CPU the same call runs as an all_to_all of
+                X·A-row blocks, one per destination (`_ragged_all_to_all`).
   capacity (>0) each expert takes at most Cap = ceil(capacity_factor · X·A / E) copies per device, first choices
                 first (GShard); the rest are dropped (their expert output is zero, the residual carries the token).
                 Fixed [E, Cap, D] buffers: all_to_all moves exactly them.
@@ -34,12 +36,13 @@ Auxiliary terms, over the whole global batch (psum over the batch axes):
   counts        routed copies per expert (the load; the balancing bias moves against it)
 
 Shape suffixes (legend in maxlm/model/__init__.py): X tokens on a device, E experts, e experts on a device,
-A choices per token (top_k), R routed copies (X·A), M rows a device receives (Ep·R), Cap capacity slots, Ep devices
-on the expert axis.
+A choices per token (top_k), R routed copies (X·A), M rows a device can receive (Ep·R), Cap capacity slots, Ep devices
+on the expert axis, N rows of a ragged_all_to_all operand.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -88,6 +91,7 @@ class MoE(nnx.Module):
     self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,))
     self.top_k, self.capacity_factor = e.top_k, e.capacity_factor
     self.router_fn, self.renormalize = e.router, e.renormalize
+    self.grouped_matmul = e.grouped_matmul
     self.dtype = jnp.dtype(cfg.compute_dtype)
 
   def __call__(self, x_BxTxD) -> tuple[jax.Array, dict]:
@@ -100,7 +104,10 @@ class MoE(nnx.Module):
     x_spec = P(batch, None, None)
     w_specs = (P(), P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None), P())
     aux_specs = {k: P() for k in AUX_KEYS}
-    return jax.shard_map(routed, in_specs=(x_spec, w_specs), out_specs=(x_spec, aux_specs))(x_BxTxD, weights)
+    # check_vma=False: the Megablox pallas_call carries no varying-axes types (as for splash attention).
+    return jax.shard_map(routed, in_specs=(x_spec, w_specs), out_specs=(x_spec, aux_specs), check_vma=False)(
+      x_BxTxD, weights
+    )
 
   def _options(self) -> dict:
     return {
@@ -108,6 +115,7 @@ class MoE(nnx.Module):
       "capacity_factor": self.capacity_factor,
       "router_fn": self.router_fn,
       "renormalize": self.renormalize,
+      "grouped_matmul": self.grouped_matmul,
       "dtype": self.dtype,
     }
 
@@ -153,7 +161,8 @@ def _moe_local(x_BxTxD, router_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, bias
   if options["capacity_factor"] > 0:
     y_XxAxD, kept_XxA = _capacity(x_XxD, chosen_XxA, experts, E, options["capacity_factor"])
   else:
-    y_XxAxD, kept_XxA = _dropless(x_XxD, chosen_XxA, experts, E), jnp.ones(chosen_XxA.shape, bool)
+    y_XxAxD = _dropless(x_XxD, chosen_XxA, experts, E, options["grouped_matmul"])
+    kept_XxA = jnp.ones(chosen_XxA.shape, bool)
   y_XxD = jnp.einsum("xad,xa->xd", y_XxAxD, weights_XxA.astype(dt))
   if tensor := _axis("tensor"):
     y_XxD = jax.lax.psum(y_XxD, tensor)  # Each tensor shard summed its part of the SwiGLU width.
@@ -179,43 +188,104 @@ def _moe_local(x_BxTxD, router_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, bias
   return y_XxD.reshape(b, T, D), aux
 
 
-def _swiglu_grouped(x_RxD, group_sizes_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD):
-  """Expert g's SwiGLU on its rows (rows sorted by expert, group_sizes_e of each); rows past the groups give 0."""
-  gate_RxF = jax.lax.ragged_dot(x_RxD, w_gate_exDxF, group_sizes_e)
-  up_RxF = jax.lax.ragged_dot(x_RxD, w_up_exDxF, group_sizes_e)
-  return jax.lax.ragged_dot(jax.nn.silu(gate_RxF) * up_RxF, w_down_exFxD, group_sizes_e)
+def _grouped_matmul(x_MxK, w_gxKxN, groups_g, kernel: str):
+  """Row block g of x (rows sorted by group, groups_g of each) times w[g]; rows past the groups give 0."""
+  if kernel != "megablox":
+    return jax.lax.ragged_dot(x_MxK, w_gxKxN, groups_g)
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+  M = x_MxK.shape[0]
+  tm = min(128, -(-M // 8) * 8)  # the kernel's row tile must divide the rows: pad them with rows in no group
+  x_MxK = jnp.pad(x_MxK, ((0, -M % tm), (0, 0)))
+
+  def run(interpret, x, w, groups):
+    return megablox.gmm(x, w, groups, x.dtype, (tm, 128, 128), interpret=interpret)
+
+  # The TPU kernel where the program is compiled for a TPU; the Pallas interpreter elsewhere (tests, slow).
+  y = jax.lax.platform_dependent(
+    x_MxK, w_gxKxN, groups_g, tpu=functools.partial(run, False), default=functools.partial(run, True)
+  )
+  return y[:M]
 
 
-def _dropless(x_XxD, chosen_XxA, experts, E: int):
+def _swiglu_grouped(x_RxD, groups_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD, kernel: str):
+  """Expert g's SwiGLU on its rows (rows sorted by expert, groups_e of each); rows past the groups give 0."""
+  gate_RxF = _grouped_matmul(x_RxD, w_gate_exDxF, groups_e, kernel)
+  up_RxF = _grouped_matmul(x_RxD, w_up_exDxF, groups_e, kernel)
+  return _grouped_matmul(jax.nn.silu(gate_RxF) * up_RxF, w_down_exFxD, groups_e, kernel)
+
+
+def _exclusive_cumsum(x, axis=0):
+  return jnp.cumsum(x, axis=axis) - x
+
+
+def _ragged_all_to_all(operand_NxD, output_MxD, input_offsets, send_sizes, output_offsets, recv_sizes, axis: str):
+  """`jax.lax.ragged_all_to_all`: this device's rows [input_offsets[d], +send_sizes[d]) go to device d, written there
+  from output_offsets[d]; recv_sizes[s] rows come from device s. XLA:CPU lacks the collective, so the CPU program
+  sends N-row blocks (one per destination, padded) with all_to_all and writes the same rows."""
+
+  def blocks(operand_NxD, output_MxD, input_offsets, send_sizes, output_offsets, recv_sizes):
+    N, M = operand_NxD.shape[0], output_MxD.shape[0]
+    Ep = send_sizes.shape[0]
+    i_N = jnp.arange(N)
+    rows_EpxN = jnp.minimum(input_offsets[:, None] + i_N, N - 1)
+    send_EpxNxD = jnp.where((i_N < send_sizes[:, None])[..., None], operand_NxD[rows_EpxN], 0)
+    got_EpxNxD = jax.lax.all_to_all(send_EpxNxD, axis, 0, 0)  # block s: what device s sent here
+    at_Ep = jax.lax.all_to_all(output_offsets.reshape(Ep, 1), axis, 0, 0).reshape(Ep)  # where s's rows go here
+    dest_EpxN = jnp.where(i_N < recv_sizes[:, None], at_Ep[:, None] + i_N, M)  # M: out of bounds, dropped
+    return output_MxD.at[dest_EpxN].set(got_EpxNxD, mode="drop")
+
+  ragged = functools.partial(jax.lax.ragged_all_to_all, axis_name=axis)
+  args = (operand_NxD, output_MxD, input_offsets, send_sizes, output_offsets, recv_sizes)
+  return jax.lax.platform_dependent(*args, cpu=blocks, default=ragged)
+
+
+def _dropless(x_XxD, chosen_XxA, experts, E: int, kernel: str):
   """Every routed copy's expert output, y_XxAxD, with no copy dropped (module docstring)."""
   X, A = chosen_XxA.shape
   D = x_XxD.shape[1]
   R = X * A
   expert_R = chosen_XxA.reshape(R)
   order_R = jnp.argsort(expert_R, stable=True)  # routed copies grouped by expert
-  sorted_expert_R = expert_R[order_R]
   x_RxD = x_XxD[order_R // A]
   counts_E = jnp.zeros((E,), jnp.int32).at[expert_R].add(1)
   expert_axis = _axis("expert")
   Ep = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
   if Ep == 1:
-    y_RxD = _swiglu_grouped(x_RxD, counts_E, *experts)
+    y_RxD = _swiglu_grouped(x_RxD, counts_E, *experts, kernel)
   else:
-    e = E // Ep
-    # Send: destination device d gets its copies in the first rows of block d (sorted by expert, so contiguous).
-    dest_R = sorted_expert_R // e
-    sent_Ep = counts_E.reshape(Ep, e).sum(axis=1)
-    slot_R = jnp.arange(R) - (jnp.cumsum(sent_Ep) - sent_Ep)[dest_R]
-    send_EpxRxD = jnp.zeros((Ep, R, D), x_RxD.dtype).at[dest_R, slot_R].set(x_RxD)
-    send_EpxR = jnp.full((Ep, R), e, jnp.int32).at[dest_R, slot_R].set(sorted_expert_R - dest_R * e)  # e = empty
-    recv_EpxRxD = jax.lax.all_to_all(send_EpxRxD, expert_axis, 0, 0)  # block s: what source device s sent
-    local_expert_M = jax.lax.all_to_all(send_EpxR, expert_axis, 0, 0).reshape(Ep * R)
-    # Group the received rows by local expert (empty rows last, where ragged_dot leaves them zero).
-    order_M = jnp.argsort(local_expert_M, stable=True)
-    groups_e = jnp.zeros((e + 1,), jnp.int32).at[local_expert_M].add(1)[:e]
-    y_MxD = _swiglu_grouped(recv_EpxRxD.reshape(Ep * R, D)[order_M], groups_e, *experts)
-    y_EpxRxD = jnp.zeros_like(y_MxD).at[order_M].set(y_MxD).reshape(Ep, R, D)
-    y_RxD = jax.lax.all_to_all(y_EpxRxD, expert_axis, 0, 0)[dest_R, slot_R]
+    e, M = E // Ep, Ep * R
+    me = jax.lax.axis_index(expert_axis)
+    counts_EpxE = jax.lax.all_gather(counts_E, expert_axis)  # [source, expert]: every device's routed copies
+    sent_EpxEp = counts_EpxE.reshape(Ep, Ep, e).sum(axis=-1)  # [source, destination]
+    mine_Epxe = jax.lax.dynamic_slice_in_dim(counts_EpxE, me * e, e, axis=1)  # [source, local expert] for here
+    sent_Ep, recv_Ep = sent_EpxEp[me], mine_Epxe.sum(axis=1)
+    # Out: the rows for destination d are contiguous (sorted by expert); there they follow those of devices < me.
+    recv_MxD = _ragged_all_to_all(
+      x_RxD,
+      jnp.zeros((M, D), x_RxD.dtype),
+      _exclusive_cumsum(sent_Ep),
+      sent_Ep,
+      _exclusive_cumsum(sent_EpxEp, axis=0)[me],
+      recv_Ep,
+      expert_axis,
+    )
+    # Received rows: source after source, each sorted by local expert. Group them by local expert (empty rows last).
+    ends = jnp.cumsum(mine_Epxe.reshape(Ep * e))
+    segment_M = jnp.searchsorted(ends, jnp.arange(M), side="right")  # source·e + local expert; Ep·e when empty
+    order_M = jnp.argsort(jnp.where(segment_M < Ep * e, segment_M % e, e), stable=True)
+    y_MxD = _swiglu_grouped(recv_MxD[order_M], mine_Epxe.sum(axis=0), *experts, kernel)
+    y_MxD = jnp.zeros_like(y_MxD).at[order_M].set(y_MxD)
+    # Back: source s's rows return to where it sent them from.
+    y_RxD = _ragged_all_to_all(
+      y_MxD,
+      jnp.zeros((R, D), y_MxD.dtype),
+      _exclusive_cumsum(recv_Ep),
+      recv_Ep,
+      _exclusive_cumsum(sent_EpxEp, axis=1)[:, me],
+      sent_Ep,
+      expert_axis,
+    )
   return jnp.zeros((R, D), y_RxD.dtype).at[order_R].set(y_RxD).reshape(X, A, D)
 
 
