@@ -322,3 +322,18 @@ def test_shipped_moe_configs_have_their_published_sizes(name, total, active):
   cfg = config.validate(c, num_devices=64 if name != "moe_tiny" else 1, check_paths=False)
   assert flops.param_count(cfg.model) == pytest.approx(total, rel=2e-3)
   assert flops.matmul_params(cfg.model) == pytest.approx(active, rel=2e-3)
+
+
+@pytest.mark.parametrize("rows, groups", [(64, [10, 0, 30, 24]), (50, [0, 7, 0, 20]), (8, [8, 0, 0, 0])])
+def test_tiled_grouped_matmul_equals_ragged_dot(rows, groups):
+  """The CPU grouped matmul (segments of tiles) against jax.lax.ragged_dot's own CPU expansion: empty groups, rows
+  past the groups (zero), values and gradients."""
+  x = jax.random.normal(jax.random.key(0), (rows, 16))
+  w = jax.random.normal(jax.random.key(1), (4, 16, 24))
+  g = jnp.asarray(groups, jnp.int32)
+  np.testing.assert_allclose(moe._grouped_matmul_tiled(x, w, g), jax.lax.ragged_dot(x, w, g), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, g)))
+  got = jax.grad(loss(moe._grouped_matmul_tiled), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

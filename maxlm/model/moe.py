@@ -191,7 +191,8 @@ def _moe_local(x_BxTxD, router_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, bias
 def _grouped_matmul(x_MxK, w_gxKxN, groups_g, kernel: str):
   """Row block g of x (rows sorted by group, groups_g of each) times w[g]; rows past the groups give 0."""
   if kernel != "megablox":
-    return jax.lax.ragged_dot(x_MxK, w_gxKxN, groups_g)
+    # XLA:CPU expands ragged_dot into a dense product with every group (G times the FLOPs): tiles there instead.
+    return jax.lax.platform_dependent(x_MxK, w_gxKxN, groups_g, cpu=_grouped_matmul_tiled, default=jax.lax.ragged_dot)
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
   M = x_MxK.shape[0]
@@ -206,6 +207,28 @@ def _grouped_matmul(x_MxK, w_gxKxN, groups_g, kernel: str):
     x_MxK, w_gxKxN, groups_g, tpu=functools.partial(run, False), default=functools.partial(run, True)
   )
   return y[:M]
+
+
+def _grouped_matmul_tiled(x_MxK, w_gxKxN, groups_g):
+  """ragged_dot as batched matmuls over segments: the rows are cut at every tile start and every group end, so each
+  segment lies in one tile and one group, and there are at most M/t + G of them (Megablox's scheme in XLA). Each
+  segment multiplies its whole tile, masked to its rows: (M + G·t)·K·N multiply-adds instead of G·M·K·N."""
+  M, K = x_MxK.shape
+  G, _, N = w_gxKxN.shape
+  t = min(256, max(8, 1 << (max(1, M // G) - 1).bit_length()))  # rows per tile: about a group's share, 8..256
+  n = -(-M // t)  # tiles
+  x_nxtxK = jnp.pad(x_MxK, ((0, n * t - M), (0, 0))).reshape(n, t, K)
+  ends_g = jnp.cumsum(groups_g)
+  start_P = jnp.sort(jnp.concatenate([jnp.arange(n, dtype=ends_g.dtype) * t, ends_g]))
+  end_P = jnp.concatenate([start_P[1:], jnp.full((1,), n * t, start_P.dtype)])
+  tile_P = jnp.minimum(start_P // t, n - 1)
+  group_P = jnp.searchsorted(ends_g, start_P, side="right")  # G: past every group (padding rows)
+  row_PxT = tile_P[:, None] * t + jnp.arange(t)
+  mine_PxT = (row_PxT >= start_P[:, None]) & (row_PxT < end_P[:, None]) & (group_P[:, None] < G)
+  x_PxTxK = jnp.where(mine_PxT[..., None], x_nxtxK[tile_P], 0)
+  y_PxTxN = jnp.einsum("ptk,pkn->ptn", x_PxTxK, w_gxKxN[jnp.minimum(group_P, G - 1)])
+  y_nxtxN = jnp.zeros((n, t, N), y_PxTxN.dtype).at[tile_P].add(y_PxTxN)
+  return y_nxtxN.reshape(n * t, N)[:M]
 
 
 def _swiglu_grouped(x_RxD, groups_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD, kernel: str):
