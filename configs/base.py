@@ -32,6 +32,9 @@ ROUTERS = ("softmax", "sigmoid")
 # Dropless MoE's grouped matmuls. auto: megablox on TPU, ragged_dot elsewhere; ragged_dot: jax.lax.ragged_dot (XLA);
 # megablox: the Pallas TPU kernel (jax.experimental.pallas.ops.tpu.megablox; interpreted off TPU: slow, for tests).
 GROUPED_MATMULS = ("auto", "ragged_dot", "megablox")
+# How context-parallel attention (mesh.context > 1, maxlm/parallel/context.py) sees the other shards' keys.
+# all_gather: K and V gathered over the context axis at once; ring: passed around the ring block by block (ppermute).
+CONTEXT_ATTENTION = ("all_gather", "ring")
 # adamw: AdamW everywhere; muon: Muon for the blocks' projection matrices, AdamW for embeddings, norms and the head.
 OPTIMIZERS = ("adamw", "muon")
 # none: no checks; skip: reject a non-finite or spiking update and go on; rollback: reject it, then restore the last
@@ -44,6 +47,7 @@ CHOICES = {
   "model.attention": ATTENTION,
   "model.rope_scaling.type": ROPE_SCALING,
   "model.remat": REMAT,
+  "model.context_attention": CONTEXT_ATTENTION,
   "model.parametrization": PARAMETRIZATIONS,
   "model.moe.router": ROUTERS,
   "model.moe.grouped_matmul": GROUPED_MATMULS,
@@ -82,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention = "auto"  # Attention implementation, one of ATTENTION.
   m.scan_layers = True  # jax.lax.scan over layers (fast compile); False unrolls. Parameter layout is the same.
   m.remat = "none"  # Rematerialisation per block, one of REMAT.
+  m.context_attention = "all_gather"  # With mesh.context > 1, one of CONTEXT_ATTENTION (replaces model.attention).
   m.parametrization = "sp"  # One of PARAMETRIZATIONS (maxlm/training/optim.py and the model read it).
   m.mup_base_width = 0  # mup: the d_model whose tuned hyperparameters transfer (0 = this model's d_model, m = 1).
   m.moe = e = ml_collections.ConfigDict()  # Mixture of Experts (maxlm/model/moe.py); num_experts=0: a dense model.
@@ -103,6 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Pure data-parallel axis (replicated params); -1 fills the remaining devices.
   c.mesh.fsdp = 1  # Data parallel with parameters and optimizer state sharded (ZeRO-3); -1 fills.
   c.mesh.expert = 1  # Expert parallel: MoE experts split over it, and a data-parallel axis elsewhere; -1 fills.
+  # Context parallel: every row's sequence split (load-balanced for the causal mask), attention by
+  # model.context_attention; parameters sharded over it like fsdp. data.seq_len must divide by 2*context; -1 fills.
+  c.mesh.context = 1
   c.mesh.tensor = 1  # Tensor (Megatron) parallel over heads, MLP width and vocab; -1 fills.
   c.mesh.dcn_data = (
     1  # Slices the data axis spans over DCN (multi-slice TPU; processes off TPU); mesh.data is per slice.

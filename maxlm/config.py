@@ -21,7 +21,7 @@ from configs import base
 from maxlm.errors import UserError
 from maxlm.files import read_json_object
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 DCN_AXES = ("data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
 
 # (key, lowest allowed value); a key listed here must be >= its bound.
@@ -287,6 +287,8 @@ def validate(
       "choose mesh.expert dividing the number of experts"
     )
 
+  _check_context(resolved, num_devices // process_count)
+
   t = resolved.train
   dp = resolved.mesh.data * resolved.mesh.fsdp * resolved.mesh.expert * dcn
   dp_keys = "mesh.data*mesh.fsdp*mesh.expert" + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn > 1 else "")
@@ -363,6 +365,28 @@ def _check_moe(m: ml_collections.ConfigDict) -> None:
     )
 
 
+def _check_context(cfg: ml_collections.ConfigDict, devices_per_process: int) -> None:
+  """Context parallelism's constraints on the sequence, the loss chunks and the hosts."""
+  context, seq_len, chunk = cfg.mesh.context, cfg.data.seq_len, cfg.train.loss_chunk
+  if context == 1:
+    return
+  if seq_len % (2 * context):
+    raise UserError(
+      f"data.seq_len={seq_len} is not divisible by 2*mesh.context={2 * context}: context parallelism cuts each row "
+      "into 2*context chunks; choose a mesh.context with 2*context dividing seq_len"
+    )
+  if chunk and chunk % context:
+    raise UserError(
+      f"train.loss_chunk={chunk} is not divisible by mesh.context={context}: each loss chunk spans every context "
+      "shard; choose a multiple of mesh.context, or 0"
+    )
+  if devices_per_process % (context * cfg.mesh.tensor):
+    raise UserError(
+      f"mesh.context*mesh.tensor={context * cfg.mesh.tensor} does not divide the {devices_per_process} devices of a "
+      "process: a row's context shards must live on one host; lower mesh.context or mesh.tensor"
+    )
+
+
 def _resolve_attention(m: ml_collections.ConfigDict, platform: str, seq_len: int) -> None:
   """Chooses the kernel for model.attention='auto' and checks an explicit choice fits the platform."""
   if m.attention == "auto":
@@ -417,7 +441,7 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
   if unknown:
     raise UserError(f"{path}: unknown config key '{unknown[0]}' (written by another maxlm version?)")
   cfg = ml_collections.ConfigDict(merged(base.get_config().to_dict(), saved))
-  cfg.mesh.update(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1)
+  cfg.mesh.update(data=-1, fsdp=1, expert=1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   try:
     return validate(cfg, num_devices=1, platform=platform, check_paths=False)
   except UserError as e:

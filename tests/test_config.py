@@ -23,10 +23,12 @@ def test_named_configs_load_and_validate():
 
 def test_choice_lists_match_the_code_that_acts_on_them():
   from maxlm.model import attention, transformer
+  from maxlm.parallel import context
   from maxlm.training import optim
 
   assert set(attention.IMPLEMENTATIONS) == set(base.ATTENTION) - {"auto"}  # auto is resolved by validate
-  assert set(transformer.REMAT_POLICIES) == set(base.REMAT) - {"none"}  # none: no jax.checkpoint at all
+  assert set(transformer.REMAT_POLICIES) == set(base.REMAT) - {"none"}
+  assert context.VARIANTS == base.CONTEXT_ATTENTION  # none: no jax.checkpoint at all
   assert set(optim.SCHEDULES) == set(base.SCHEDULES)
   flat = config.flat_keys(base.get_config())
   for key, choices in base.CHOICES.items():

@@ -12,7 +12,13 @@ import pytest
 import maxlm.model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPED = ["maxlm/model/*.py", "maxlm/training/step.py", "maxlm/interop/sample.py", "maxlm/interop/evaluate.py"]
+SHAPED = [
+  "maxlm/model/*.py",
+  "maxlm/parallel/context.py",
+  "maxlm/training/step.py",
+  "maxlm/interop/sample.py",
+  "maxlm/interop/evaluate.py",
+]
 # A name's shape suffix: dimensions joined by "x" after the last underscore, e.g. `x_BxTxD`, `q_bxkxGxTxDh`, `w_2xDxF`.
 DIM = r"(?:[A-Z][a-z]*|[0-9]+|[a-z])"
 SUFFIX = re.compile(rf"\b[a-z][a-z0-9_]*?_({DIM}(?:x{DIM})*)\b")

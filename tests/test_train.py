@@ -61,18 +61,19 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, single_device_losses)
 
 
 def test_parameters_and_optimizer_state_follow_the_rules(devices):
-  cfg = make_config(num_devices=8, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  cfg = make_config(num_devices=8, **{"mesh.data": 1, "mesh.fsdp": 2, "mesh.context": 2, "mesh.tensor": 2})
   mesh = mesh_lib.from_config(cfg.mesh, devices)
   tx, _ = optim.make(cfg.optim, cfg.train.steps)
   _, abstract, init = step_lib.init_state(cfg.model, tx, mesh, seed=0)
   state = init()
   assert jax.tree.map(lambda a: a.sharding, abstract) == jax.tree.map(lambda a: a.sharding, state)
   q = state.params["blocks"]["attn"]["q_proj"]
-  assert q.sharding.spec == P(None, "fsdp", "tensor", None)
-  assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)  # [N, D/fsdp, H/tensor, Dh]
-  assert state.params["embed"].sharding.spec == P("tensor", "fsdp")
+  fsdp = ("fsdp", "context")  # Context shards split the parameters too.
+  assert q.sharding.spec == P(None, fsdp, "tensor", None)
+  assert q.addressable_shards[0].data.shape == (2, 16, 2, 16)  # [N, D/(fsdp·context), H/tensor, Dh]
+  assert state.params["embed"].sharding.spec == P("tensor", fsdp)
   mu = state.opt_state[1][0].mu["blocks"]["mlp"]["down_proj"]
-  assert mu.sharding.spec == P(None, "tensor", "fsdp")
+  assert mu.sharding.spec == P(None, "tensor", fsdp)
 
 
 def test_loss_falls_on_the_synthetic_task(tmp_path):
@@ -127,7 +128,7 @@ def test_cli_writes_config_metrics_and_tensorboard(tmp_path):
   assert "MEASURED peak" in proc.stderr and "final loss" in proc.stderr
 
   cfg = json.loads((workdir / "config.json").read_text())
-  assert cfg["mesh"] == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
+  assert cfg["mesh"] == {"data": 2, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
   assert cfg["model"]["compute_dtype"] == "float32"
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [4, 6, 8, 12]

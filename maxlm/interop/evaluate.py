@@ -100,7 +100,7 @@ def evaluate(
   dp = len(devices)
   padded = -(-batch_size // dp) * dp  # Rows per batch, a multiple of the devices; extra rows are masked.
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  cfg.mesh.update(data=dp, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1)
+  cfg.mesh.update(data=dp, fsdp=1, expert=1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   _, step = checkpoint.params_location(workdir, step)
   m = checkpoint.restore_model(cfg, workdir, devices, step)
   mesh = mesh_lib.from_config(cfg.mesh, devices)

@@ -19,11 +19,12 @@ are handled (the train step, sampling, evaluation); tests/test_style.py checks t
   Q     query rows of an attention block: G·t for t positions (the G heads of a kv head folded in)
   Half  Dh/2 (RoPE pairs)                 F     MLP width
   V     vocabulary                        N     layers
-  b, k  the part of B, K on one device (inside shard_map)
+  b, k, h  the part of B, K, H on one device (inside shard_map)
   X     tokens on one device, b·T (MoE)   E     routed experts
   A     experts chosen per token, top_k   e     the experts on one device, E/Ep
   R     routed copies of tokens, X·A      Ep    devices on the expert mesh axis
   M     rows a device receives, Ep·R      Cap   slots per expert (capacity)
   Nm    MoE layers
+  g, t  groups of a grouped matmul; rows of a tile of its CPU form (n tiles, P segments)
   1, 2  literal sizes: 1 a broadcast axis, 2 the stacked gate and up projections
 """

@@ -100,8 +100,7 @@ class MoE(nnx.Module):
     routed = lambda x, w: _moe_local(x, *w, **self._options())
     if jax.sharding.get_abstract_mesh().empty:
       return routed(x_BxTxD, weights)
-    batch = mesh_lib.logical_to_spec(("act_batch",))[0]
-    x_spec = P(batch, None, None)
+    x_spec = mesh_lib.logical_to_spec(("act_batch", "act_seq", None))
     w_specs = (P(), P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None), P())
     aux_specs = {k: P() for k in AUX_KEYS}
     # check_vma=False: the Megablox pallas_call carries no varying-axes types (as for splash attention).
@@ -127,8 +126,9 @@ def _axis(name: str) -> str | None:
 
 
 def _batch_axes() -> tuple[str, ...]:
+  """The mesh axes that split the tokens: the batch axes and the sequence's context axis."""
   mesh = jax.sharding.get_abstract_mesh()
-  return () if mesh.empty else tuple(a for a in mesh_lib.BATCH_AXES if a in mesh.axis_names)
+  return () if mesh.empty else tuple(a for a in (*mesh_lib.BATCH_AXES, "context") if a in mesh.axis_names)
 
 
 def route(x_XxD, router_DxE, bias_E, top_k: int, router_fn: str, renormalize: bool):
@@ -223,11 +223,11 @@ def _grouped_matmul_tiled(x_MxK, w_gxKxN, groups_g):
   end_P = jnp.concatenate([start_P[1:], jnp.full((1,), n * t, start_P.dtype)])
   tile_P = jnp.minimum(start_P // t, n - 1)
   group_P = jnp.searchsorted(ends_g, start_P, side="right")  # G: past every group (padding rows)
-  row_PxT = tile_P[:, None] * t + jnp.arange(t)
-  mine_PxT = (row_PxT >= start_P[:, None]) & (row_PxT < end_P[:, None]) & (group_P[:, None] < G)
-  x_PxTxK = jnp.where(mine_PxT[..., None], x_nxtxK[tile_P], 0)
-  y_PxTxN = jnp.einsum("ptk,pkn->ptn", x_PxTxK, w_gxKxN[jnp.minimum(group_P, G - 1)])
-  y_nxtxN = jnp.zeros((n, t, N), y_PxTxN.dtype).at[tile_P].add(y_PxTxN)
+  row_Pxt = tile_P[:, None] * t + jnp.arange(t)
+  mine_Pxt = (row_Pxt >= start_P[:, None]) & (row_Pxt < end_P[:, None]) & (group_P[:, None] < G)
+  x_PxtxK = jnp.where(mine_Pxt[..., None], x_nxtxK[tile_P], 0)
+  y_PxtxN = jnp.einsum("ptk,pkn->ptn", x_PxtxK, w_gxKxN[jnp.minimum(group_P, G - 1)])
+  y_nxtxN = jnp.zeros((n, t, N), y_PxtxN.dtype).at[tile_P].add(y_PxtxN)
   return y_nxtxN.reshape(n * t, N)[:M]
 
 

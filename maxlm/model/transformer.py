@@ -27,6 +27,7 @@ import ml_collections
 from flax import nnx
 
 from maxlm.model import attention, moe
+from maxlm.parallel import context
 from maxlm.parallel.mesh import constrain
 
 # The (input, output) axes of each projection matrix of a block, per layer (the stacked blocks add a leading
@@ -125,6 +126,7 @@ class Attention(nnx.Module):
       RopeScaling(r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_len) if r.type == "llama3" else None
     )
     self.attention_fn = attention.IMPLEMENTATIONS[cfg.attention]
+    self.context_attention = cfg.context_attention
     self.dtype = jnp.dtype(cfg.compute_dtype)
     # muP scores q·k by 1/Dh, not 1/sqrt(Dh): q takes the extra Dh^-1/2, so every attention implementation (which all
     # scale by Dh^-1/2) stays as it is.
@@ -150,7 +152,12 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh = self._project(x_BxTxD, positions_BxT)
-    out_BxTxHxDh = self.attention_fn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)
+    if context.size() > 1:  # The sequence is split over the mesh's context axis, in context.balance's layout.
+      out_BxTxHxDh = context.attention(
+        q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, variant=self.context_attention
+      )
+    else:
+      out_BxTxHxDh = self.attention_fn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)
     return jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_proj[...].astype(self.dtype))
 
   def decode(self, x_BxTxD, positions_BxT, cache):

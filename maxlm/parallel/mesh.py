@@ -7,6 +7,8 @@ maps each name to mesh axes, so DP, FSDP and TP (and mixes) differ only in the m
   fsdp   : batch split, parameters and optimizer state split on their "embed" dimension (ZeRO-3);
            XLA all-gathers each weight before use and reduce-scatters its gradient.
   expert : MoE experts split (maxlm/model/moe.py moves tokens to them with all_to_all); batch split elsewhere.
+  context: every row's sequence split (maxlm/parallel/context.py: load-balanced layout, attention over the shards);
+           parameters split on "embed" over fsdp × context, so context shards do not hold replicas.
   tensor : Megatron tensor parallelism: heads, MLP width and vocab split; one all-reduce per block half.
 
 Across TPU slices (or hosts, off TPU) the data-parallel axes may also span the slower data-centre network
@@ -40,7 +42,7 @@ BATCH_AXES = ("data", "fsdp", "expert")
 RULES: dict[str, str | tuple[str, ...] | None] = {
   # Parameters.
   "vocab": "tensor",
-  "embed": "fsdp",
+  "embed": ("fsdp", "context"),
   "heads": "tensor",
   "kv_heads": "tensor",
   "head_dim": None,
@@ -50,7 +52,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "layers": None,
   # Activations.
   "act_batch": BATCH_AXES,
-  "act_seq": None,
+  "act_seq": "context",
   "act_embed": None,
   "act_heads": "tensor",
   "act_kv_heads": "tensor",
@@ -68,7 +70,7 @@ def mesh_sizes(mesh_cfg, dcn: bool = False) -> list[int]:
   """Per-slice (ICI) sizes of the mesh axes, or with `dcn` their sizes across slices (1 for `tensor`)."""
   if dcn:
     return [mesh_cfg.get(f"dcn_{a}", 1) if a in DCN_AXES else 1 for a in MESH_AXES]
-  return [mesh_cfg[a] for a in MESH_AXES]
+  return [mesh_cfg.get(a, 1) for a in MESH_AXES]  # An axis missing from an older run's config had size 1.
 
 
 def axis_sizes(mesh_cfg) -> dict[str, int]:

@@ -27,6 +27,7 @@ from maxlm.data import pipeline
 from maxlm.errors import UserError
 from maxlm.files import write_atomically
 from maxlm.model import flops
+from maxlm.parallel import context
 from maxlm.parallel import mesh as mesh_lib
 from maxlm.training import checkpoint, summary
 from maxlm.training import step as step_lib
@@ -82,8 +83,11 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   compile_s = time.perf_counter() - t0
   log.info("train step compiled in %.1f s", compile_s)
 
+  c = mesh.shape["context"]
+
   def to_global(local_batch):
-    return {k: jax.make_array_from_process_local_data(batch_sharding, local_batch[k]) for k in step_lib.BATCH_KEYS}
+    local_batch = context.balance({k: local_batch[k] for k in step_lib.BATCH_KEYS}, c)  # Context shards' layout.
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local_batch.items()}
 
   def evaluate(params) -> float:
     it, loss_sum, count = eval_iter(), 0.0, 0.0
