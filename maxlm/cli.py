@@ -131,7 +131,6 @@ def _train(args: list[str]) -> None:
   cfg = config.validate(
     cfg,
     num_devices=jax.device_count(),
-    process_count=jax.process_count(),
     platform=jax.devices()[0].platform,
     num_slices=mesh_lib.num_granules(jax.devices()),
   )

@@ -200,7 +200,6 @@ def validate(
   cfg: ml_collections.ConfigDict,
   *,
   num_devices: int,
-  process_count: int = 1,
   platform: str = "cpu",
   num_slices: int = 1,
   check_paths: bool = True,
@@ -287,7 +286,7 @@ def validate(
       "choose mesh.expert dividing the number of experts"
     )
 
-  _check_context(resolved, num_devices // process_count)
+  _check_context(resolved)
 
   t = resolved.train
   dp = resolved.mesh.data * resolved.mesh.fsdp * resolved.mesh.expert * dcn
@@ -305,8 +304,6 @@ def validate(
       f"train.loss_chunk={t.loss_chunk} does not divide data.seq_len={resolved.data.seq_len}: "
       "choose a divisor of seq_len, or 0 for no chunking"
     )
-  if t.global_batch % process_count:
-    raise UserError(f"train.global_batch={t.global_batch} is not divisible by the {process_count} processes")
 
   profile_steps(resolved.metrics.profile_steps)  # Raises on a malformed range.
   if t.stop_at_target and not (t.target_eval_loss > 0 and t.eval_every > 0):
@@ -365,8 +362,8 @@ def _check_moe(m: ml_collections.ConfigDict) -> None:
     )
 
 
-def _check_context(cfg: ml_collections.ConfigDict, devices_per_process: int) -> None:
-  """Context parallelism's constraints on the sequence, the loss chunks and the hosts."""
+def _check_context(cfg: ml_collections.ConfigDict) -> None:
+  """Context parallelism's constraints on the sequence and the loss chunks."""
   context, seq_len, chunk = cfg.mesh.context, cfg.data.seq_len, cfg.train.loss_chunk
   if context == 1:
     return
@@ -379,11 +376,6 @@ def _check_context(cfg: ml_collections.ConfigDict, devices_per_process: int) -> 
     raise UserError(
       f"train.loss_chunk={chunk} is not divisible by mesh.context={context}: each loss chunk spans every context "
       "shard; choose a multiple of mesh.context, or 0"
-    )
-  if devices_per_process % (context * cfg.mesh.tensor):
-    raise UserError(
-      f"mesh.context*mesh.tensor={context * cfg.mesh.tensor} does not divide the {devices_per_process} devices of a "
-      "process: a row's context shards must live on one host; lower mesh.context or mesh.tensor"
     )
 
 

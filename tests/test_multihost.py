@@ -141,6 +141,22 @@ def test_sigterm_to_one_process_stops_both_then_resume_matches_one_process(tmp_p
   assert reference[STEPS] < reference[1]  # It trained.
 
 
+def test_context_axis_across_processes_matches_one_process(tmp_path, reference):
+  """mesh.context=8 over 2 processes x 4 devices: both processes feed the same rows (maxlm.parallel.mesh.HostRows),
+  their devices holding halves of every sequence; the losses are one process's with data parallelism."""
+  workdir = str(tmp_path / "run")
+  procs, logs = launch(workdir, "--config.mesh.data=1", "--config.mesh.context=8")
+  try:
+    codes = [p.wait(timeout=START_TIMEOUT_S) for p in procs]
+  finally:
+    kill_all(procs)
+  assert codes == [0, 0], [read(log)[-3000:] for log in logs]
+  losses = losses_by_step(workdir)
+  np.testing.assert_allclose(
+    [losses[s] for s in range(1, STEPS + 1)], [reference[s] for s in range(1, STEPS + 1)], rtol=1e-4
+  )
+
+
 def test_a_dead_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
   workdir = str(tmp_path / "run")
   procs, logs = launch(workdir, "--config.train.steps=100000", "--config.checkpoint.every_steps=0")

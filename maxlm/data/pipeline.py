@@ -5,9 +5,10 @@ Every example is a dict of int32 [T] arrays: `inputs`, `targets`, `positions`, `
 row (segment 1, positions 0..T-1); `PackedSource` packs the documents of a prepared dataset.
 
 Determinism and sharding: record i of a source depends only on (seed, i). Records are batched into
-per-process slices of the global batch: global step k holds records [k·B, (k+1)·B), and process p of P
-reads the p-th contiguous B/P of them, so the global batch at step k is the same for any number of
-processes.
+row shards of the global batch: global step k holds records [k·B, (k+1)·B), and row shard s of n holds the s-th
+contiguous B/n of them, so the global batch at step k is the same for any number of processes. A process reads
+the shard its devices hold (maxlm.parallel.mesh.HostRows): its own one, or, where a mesh axis that does not split
+rows spans processes (context, tensor), the same one as the processes it shares rows with.
 """
 
 from __future__ import annotations
@@ -237,10 +238,10 @@ def _check_token_ids(source: TokenFileSource, vocab_size: int) -> None:
 
 
 def batches(
-  ds: grain.MapDataset, global_batch: int, process_index: int, process_count: int, num_workers: int = 0
+  ds: grain.MapDataset, global_batch: int, shard: int, shards: int, num_workers: int = 0
 ) -> grain.IterDataset:
-  """This process's share of each global batch of `ds`, as a resumable Grain iterator dataset."""
-  ds = ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
+  """Row shard `shard` of `shards` of each global batch of `ds`, as a resumable Grain iterator dataset."""
+  ds = ds.batch(global_batch // shards, drop_remainder=True)[shard::shards]
   it = ds.to_iter_dataset()
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():
@@ -250,15 +251,13 @@ def batches(
 
 
 def train_and_eval(
-  cfg: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
+  cfg: ml_collections.ConfigDict, shard: int = 0, shards: int = 1
 ) -> tuple[Iterator, Callable[[], Iterator]]:
   """The training iterator and a factory of fresh eval iterators (the same eval batches every time)."""
-  train = iter(
-    batches(examples(cfg, TRAIN), cfg.train.global_batch, process_index, process_count, cfg.data.num_workers)
-  )
+  train = iter(batches(examples(cfg, TRAIN), cfg.train.global_batch, shard, shards, cfg.data.num_workers))
   eval_examples = examples(cfg, EVAL)
 
   def eval_batches() -> Iterator:
-    return iter(batches(eval_examples, cfg.train.global_batch, process_index, process_count))
+    return iter(batches(eval_examples, cfg.train.global_batch, shard, shards))
 
   return train, eval_batches

@@ -141,6 +141,37 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("act_batch", "act_seq")))
 
 
+class HostRows:
+  """Which rows of a global [B, T] batch this process feeds, given the batch sharding.
+
+  Processes whose devices hold the same rows (a row's sequence split over `context` across hosts, or `tensor`
+  spanning hosts) load the same data; the others get disjoint blocks. `shard` and `shards` number the distinct row
+  sets in order of their first row, so the global batch is the same whatever the number of processes; `local`
+  maps a device's global row slice to the rows of this process's share (the row sets in ascending order)."""
+
+  def __init__(self, sharding: NamedSharding, batch: int, seq_len: int):
+    by_process: dict[int, set[tuple[int, int]]] = {}
+    for device, index in sharding.devices_indices_map((batch, seq_len)).items():
+      rows = index[0].indices(batch)[:2]
+      by_process.setdefault(device.process_index, set()).add(rows)
+    row_sets = sorted({tuple(sorted(s)) for s in by_process.values()})
+    mine = tuple(sorted(by_process[jax.process_index()]))
+    sizes = {sum(stop - start for start, stop in s) for s in row_sets}
+    if len(sizes) != 1:
+      raise ValueError(
+        f"processes hold different numbers of batch rows ({sorted(sizes)}): the mesh splits rows unevenly"
+      )
+    self.batch, self.shard, self.shards, self.rows = batch, row_sets.index(mine), len(row_sets), sizes.pop()
+    self._offset, offset = {}, 0
+    for start, stop in mine:
+      self._offset[start] = offset
+      offset += stop - start
+
+  def local(self, rows: slice) -> slice:
+    start, stop, _ = rows.indices(self.batch)
+    return slice(self._offset[start], self._offset[start] + (stop - start))
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Pins an activation's layout inside jit; a no-op when no mesh is set (e.g. plain eager calls)."""
   if jax.sharding.get_abstract_mesh().empty:

@@ -104,7 +104,6 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
   cfg = config.validate(
     cfg,
     num_devices=len(devices),
-    process_count=len({d.process_index for d in devices}),
     platform=devices[0].platform,
     num_slices=mesh_lib.num_granules(devices),
   )

@@ -77,7 +77,8 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
     peak_source,
   )
 
-  train_iter, eval_iter = pipeline.train_and_eval(cfg, jax.process_index(), jax.process_count())
+  rows = mesh_lib.HostRows(batch_sharding, t.global_batch, cfg.data.seq_len)
+  train_iter, eval_iter = pipeline.train_and_eval(cfg, rows.shard, rows.shards)
   t0 = time.perf_counter()
   compiled_step = program.lower().compile()
   compile_s = time.perf_counter() - t0
@@ -85,9 +86,15 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
 
   c = mesh.shape["context"]
 
+  shape = (t.global_batch, cfg.data.seq_len)
+
   def to_global(local_batch):
-    local_batch = context.balance({k: local_batch[k] for k in step_lib.BATCH_KEYS}, c)  # Context shards' layout.
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local_batch.items()}
+    """This process's rows (`rows.local`) as global arrays, the sequence in the context shards' layout."""
+    local_batch = context.balance({k: local_batch[k] for k in step_lib.BATCH_KEYS}, c)
+    return {
+      k: jax.make_array_from_callback(shape, batch_sharding, lambda index, v=v: v[rows.local(index[0]), index[1]])
+      for k, v in local_batch.items()
+    }
 
   def evaluate(params) -> float:
     it, loss_sum, count = eval_iter(), 0.0, 0.0
