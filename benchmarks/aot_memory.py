@@ -44,6 +44,15 @@ ROWS = [
   ("mixtral_8x7b", "v5p:4x4x4", 1, ["--config.train.microbatches=4", "--config.model.moe.capacity_factor=1.25"]),
   ("deepseek_moe_16b", "v5p:4x4x2", 1, ["--config.train.microbatches=8"]),
   ("deepseek_moe_16b", "v5p:4x4x2", 1, ["--config.train.microbatches=8", "--config.model.moe.capacity_factor=1.25"]),
+  # Long context: the sequence split over mesh.context (maxlm/parallel/context.py), 32K and 128K positions.
+  ("llama_1b_32k", "v5p:2x2x2", 1, []),
+  ("llama_1b_32k", "v5p:2x2x2", 1, ["--config.model.context_attention=ring"]),
+  (
+    "llama_1b_32k",
+    "v5p:4x4x2",
+    1,
+    ["--config.data.seq_len=131072", "--config.mesh.fsdp=2", "--config.train.microbatches=8"],
+  ),
 ]
 
 
@@ -104,13 +113,13 @@ def write(rows: dict[tuple, dict]) -> dict:
 def table(result: dict) -> str:
   gib = aot.GIB
   lines = [
-    "| config | topology | overrides | mesh (data, fsdp, expert, tensor) | args | temps | XLA peak | peak (checked) "
-    "| HBM/device | fits | compile s |",
+    "| config | topology | overrides | mesh | args | temps | XLA peak | peak (checked) | HBM/device | fits "
+    "| compile s |",
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in result["rows"]:
     where = r["topology"] + (f" ×{r['num_slices']} slices" if r["num_slices"] > 1 else "")
-    mesh = ", ".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "expert", "tensor"))
+    mesh = " × ".join(f"{a} {n}" for a, n in r["mesh"].items() if n > 1) or "one device"
     if "memory_per_device" in r:
       m = r["memory_per_device"]
       figures = " | ".join(f"{m[k] / gib:.2f}" for k in ("argument", "temp", "xla_peak", "peak"))

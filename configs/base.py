@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention = "auto"  # Attention implementation, one of ATTENTION.
   m.scan_layers = True  # jax.lax.scan over layers (fast compile); False unrolls. Parameter layout is the same.
   m.remat = "none"  # Rematerialisation per block, one of REMAT.
+  m.pipeline_repeats = 1  # With mesh.stage > 1: 1 = GPipe, R > 1 = circular (each stage runs R blocks of layers).
   m.context_attention = "all_gather"  # With mesh.context > 1, one of CONTEXT_ATTENTION (replaces model.attention).
   m.parametrization = "sp"  # One of PARAMETRIZATIONS (maxlm/training/optim.py and the model read it).
   m.mup_base_width = 0  # mup: the d_model whose tuned hyperparameters transfer (0 = this model's d_model, m = 1).
@@ -105,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   e.bias_update_rate = 0.0  # Auxiliary-loss-free balancing (DeepSeek-V3): per-step bias step γ (1e-3); 0 = off.
 
   c.mesh = ml_collections.ConfigDict()
+  # Pipeline parallel: the layers split into stages (maxlm/parallel/pipeline.py; dense models); num_layers must divide
+  # by stage*model.pipeline_repeats. -1 fills.
+  c.mesh.stage = 1
   c.mesh.data = -1  # Pure data-parallel axis (replicated params); -1 fills the remaining devices.
   c.mesh.fsdp = 1  # Data parallel with parameters and optimizer state sharded (ZeRO-3); -1 fills.
   c.mesh.expert = 1  # Expert parallel: MoE experts split over it, and a data-parallel axis elsewhere; -1 fills.
@@ -149,6 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.steps = 200  # Optimizer steps.
   t.global_batch = 16  # Rows per step over all devices; divisible by microbatches × (mesh.data × mesh.fsdp).
   t.microbatches = 1  # Gradient accumulation: the step runs global_batch/microbatches rows at a time.
+  t.pipeline_microbatches = 0  # With mesh.stage > 1: pieces of each microbatch's rows in flight; 0 = mesh.stage.
   t.seed = 0  # Parameter init seed.
   t.init_from = (
     ""  # A maxlm workdir (imported or trained) whose parameters start a run without checkpoints; fresh optimizer.

@@ -21,7 +21,7 @@ from configs import base
 from maxlm.errors import UserError
 from maxlm.files import read_json_object
 
-MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "context", "tensor")
 DCN_AXES = ("data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
 
 # (key, lowest allowed value); a key listed here must be >= its bound.
@@ -40,6 +40,7 @@ MINIMA = {
   "model.rope_scaling.original_max_len": 1,
   "model.max_position_embeddings": 0,
   "model.mup_base_width": 0,
+  "model.pipeline_repeats": 1,
   "model.moe.num_experts": 0,
   "model.moe.top_k": 1,
   "model.moe.mlp_dim": 0,
@@ -64,6 +65,7 @@ MINIMA = {
   "train.steps": 1,
   "train.global_batch": 1,
   "train.microbatches": 1,
+  "train.pipeline_microbatches": 0,
   "train.z_loss": 0.0,
   "train.loss_chunk": 0,
   "train.log_every": 1,
@@ -299,6 +301,7 @@ def validate(
       f"train.global_batch/train.microbatches={micro} is not divisible by the data-parallel size "
       f"{dp_keys}={dp}: make global_batch a multiple of {dp * t.microbatches}"
     )
+  _check_pipeline(resolved, micro // dp)
   if t.loss_chunk and resolved.data.seq_len % t.loss_chunk:
     raise UserError(
       f"train.loss_chunk={t.loss_chunk} does not divide data.seq_len={resolved.data.seq_len}: "
@@ -359,6 +362,34 @@ def _check_moe(m: ml_collections.ConfigDict) -> None:
     raise UserError(
       f"model.num_layers={m.num_layers} - model.moe.first_dense={e.first_dense} must be a positive multiple of "
       f"model.moe.every={e.every} (each group of `every` layers ends in an MoE layer)"
+    )
+
+
+def _check_pipeline(cfg: ml_collections.ConfigDict, rows_per_replica: int) -> None:
+  """Pipeline parallelism's constraints; resolves train.pipeline_microbatches=0 to one per stage."""
+  stages, repeats, m, t = cfg.mesh.stage, cfg.model.pipeline_repeats, cfg.model, cfg.train
+  if stages == 1:
+    return
+  if m.moe.num_experts:
+    raise UserError("mesh.stage > 1 does not run MoE models yet: set mesh.stage=1 (use mesh.expert and mesh.fsdp)")
+  if cfg.mesh.context > 1:
+    raise UserError("mesh.stage > 1 with mesh.context > 1 is not supported yet: use one of them")
+  if m.num_layers % (stages * repeats):
+    raise UserError(
+      f"model.num_layers={m.num_layers} is not divisible by mesh.stage*model.pipeline_repeats={stages * repeats}: "
+      "every stage runs the same number of layers in each repeat"
+    )
+  t.pipeline_microbatches = t.pipeline_microbatches or stages
+  pm = t.pipeline_microbatches
+  if repeats > 1 and pm < stages:
+    raise UserError(
+      f"train.pipeline_microbatches={pm} < mesh.stage={stages}: the circular schedule (model.pipeline_repeats > 1) "
+      "needs at least one microbatch per stage"
+    )
+  if rows_per_replica % pm:
+    raise UserError(
+      f"train.pipeline_microbatches={pm} does not divide the {rows_per_replica} rows each data-parallel replica gets "
+      "per microbatch: choose a divisor, or raise train.global_batch"
     )
 
 
@@ -433,7 +464,7 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
   if unknown:
     raise UserError(f"{path}: unknown config key '{unknown[0]}' (written by another maxlm version?)")
   cfg = ml_collections.ConfigDict(merged(base.get_config().to_dict(), saved))
-  cfg.mesh.update(data=-1, fsdp=1, expert=1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1)
+  cfg.mesh.update(stage=1, data=-1, fsdp=1, expert=1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1)
   try:
     return validate(cfg, num_devices=1, platform=platform, check_paths=False)
   except UserError as e:

@@ -118,7 +118,7 @@ def test_context_attention_equals_full_attention_for_both_variants(devices, monk
   cotangent = jax.random.normal(jax.random.key(3), q.shape)
   want, vjp = jax.vjp(lambda q, k, v: attention.xla_attention(q, k, v, segments), q, k, v)
   want_grads = vjp(cotangent)
-  mesh = mesh_lib.build_mesh([1, 1, 1, 8, 1], devices)
+  mesh = mesh_lib.build_mesh([1, 1, 1, 1, 8, 1], devices)
   order = context.order(T, 8)
   for variant in context.VARIANTS:
     with jax.set_mesh(mesh):

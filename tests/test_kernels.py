@@ -49,7 +49,7 @@ def loss_and_grads(attention, q, k, v, segments):
 
 
 @pytest.mark.parametrize("name", KERNELS)
-@pytest.mark.parametrize("mesh_sizes", [None, (2, 2, 1, 1, 2)])
+@pytest.mark.parametrize("mesh_sizes", [None, (1, 2, 2, 1, 1, 2)])
 def test_kernel_matches_xla_attention(name, mesh_sizes, devices):
   args = inputs()
   want_out, want_grads = jax.jit(functools.partial(loss_and_grads, attention.xla_attention))(*args)

@@ -128,7 +128,16 @@ def test_cli_writes_config_metrics_and_tensorboard(tmp_path):
   assert "MEASURED peak" in proc.stderr and "final loss" in proc.stderr
 
   cfg = json.loads((workdir / "config.json").read_text())
-  assert cfg["mesh"] == {"data": 2, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
+  assert cfg["mesh"] == {
+    "stage": 1,
+    "data": 2,
+    "fsdp": 1,
+    "expert": 1,
+    "context": 1,
+    "tensor": 1,
+    "dcn_data": 1,
+    "dcn_fsdp": 1,
+  }
   assert cfg["model"]["compute_dtype"] == "float32"
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [4, 6, 8, 12]

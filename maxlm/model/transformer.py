@@ -27,7 +27,7 @@ import ml_collections
 from flax import nnx
 
 from maxlm.model import attention, moe
-from maxlm.parallel import context
+from maxlm.parallel import context, pipeline
 from maxlm.parallel.mesh import constrain
 
 # The (input, output) axes of each projection matrix of a block, per layer (the stacked blocks add a leading
@@ -265,6 +265,7 @@ class Transformer(nnx.Module):
     self.kv_heads, self.head_dim = cfg.num_kv_heads, D // cfg.num_heads
     self.scan_layers = cfg.scan_layers
     self.remat = cfg.remat
+    self.pipeline_repeats = cfg.pipeline_repeats
     self.dtype = jnp.dtype(cfg.compute_dtype)
 
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
@@ -274,9 +275,12 @@ class Transformer(nnx.Module):
     """The final-normed residual stream x_BxTxD, before the output projection."""
     return self.forward(tokens_BxT, positions_BxT, segment_ids_BxT)[0]
 
-  def forward(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+  def forward(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, pipeline_microbatches: int = 0):
     """(x_BxTxD final-normed, aux): aux holds the MoE layers' auxiliary terms (maxlm/model/moe.py), each stacked
-    over the MoE layers in order ([G] scalars, counts [G, E]); None for a dense model."""
+    over the MoE layers in order ([G] scalars, counts [G, E]); None for a dense model.
+
+    Under a mesh with a `stage` axis the layers run pipelined (maxlm/parallel/pipeline.py) over
+    `pipeline_microbatches` microbatches of the rows (0: one per stage)."""
     B, T = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -300,11 +304,34 @@ class Transformer(nnx.Module):
 
     dense, dense_stacked = runner(self.blocks)
     routed, moe_stacked = runner(self.moe_blocks)
+    if (stages := pipeline.size()) > 1:  # Dense models only (config.validate).
+      x_BxTxD = pipeline.run(
+        self._layer_fn(),
+        dense_stacked,
+        x_BxTxD,
+        positions_BxT,
+        segment_ids_BxT,
+        stages=stages,
+        repeats=self.pipeline_repeats,
+        microbatches=pipeline_microbatches or stages,
+      )
+      return self.final_norm(x_BxTxD), None
     if self.scan_layers:
       x_BxTxD, aux = self._scan(x_BxTxD, dense, dense_stacked, routed, moe_stacked)
     else:
       x_BxTxD, aux = self._unrolled(x_BxTxD, dense, dense_stacked, routed, moe_stacked)
     return self.final_norm(x_BxTxD), aux
+
+  def _layer_fn(self):
+    """layer(x, layer params, positions, segment ids) -> x of a dense block, with `model.remat`'s policy."""
+    graphdef = nnx.graphdef(self.blocks)
+
+    def layer(x_BxTxD, layer_params, positions_BxT, segment_ids_BxT):
+      return nnx.merge(graphdef, layer_params)(x_BxTxD, positions_BxT, segment_ids_BxT)[0]
+
+    if self.remat != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat])
+    return layer
 
   def _scan(self, x_BxTxD, dense, dense_stacked, routed, moe_stacked):
     """The leading dense layers in one scan, then one scan over the groups of `every` layers (the last MoE)."""

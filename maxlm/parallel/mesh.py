@@ -3,6 +3,7 @@
 Parameters and activations are annotated with *logical* axis names ("embed", "act_batch", ...). `RULES`
 maps each name to mesh axes, so DP, FSDP and TP (and mixes) differ only in the mesh sizes of the config:
 
+  stage  : pipeline stages: the stacked layers split (maxlm/parallel/pipeline.py); microbatches flow through them.
   data   : batch split, parameters replicated.
   fsdp   : batch split, parameters and optimizer state split on their "embed" dimension (ZeRO-3);
            XLA all-gathers each weight before use and reduce-scatters its gradient.
@@ -49,7 +50,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "mlp": "tensor",
   "expert": "expert",
   "norm": None,
-  "layers": None,
+  "layers": "stage",
   # Activations.
   "act_batch": BATCH_AXES,
   "act_seq": "context",

@@ -98,6 +98,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
   import jax
 
   from maxlm.parallel import mesh as mesh_lib
+  from maxlm.parallel import pipeline
   from maxlm.training import step as step_lib
 
   devices = topology_devices(topology, num_slices) if topology else jax.devices()
@@ -120,9 +121,12 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
     "seq_len": cfg.data.seq_len,
     "microbatches": cfg.train.microbatches,
     "remat": cfg.model.remat,
-    "attention": cfg.model.attention,
+    "attention": cfg.model.attention
+    if cfg.mesh.context == 1
+    else f"context {cfg.model.context_attention} over {cfg.mesh.context} shards",
     "compute_dtype": cfg.model.compute_dtype,
     "param_dtype": cfg.model.param_dtype,
+    "pipeline": pipeline.describe(cfg),
     "hbm_bytes": limit,
     "hbm_source": limit_source,
     "jax": jax.__version__,
@@ -155,6 +159,8 @@ def format_report(r: dict) -> str:
     f"attention {r['attention']}; "
     f"compiled in {r['compile_s']:.1f} s",
   ]
+  if r.get("pipeline"):
+    lines.append(f"pipeline: {r['pipeline']}")
   if "memory_per_device" in r:
     m = r["memory_per_device"]
     lines.append("memory per device (GiB):")

@@ -29,6 +29,7 @@ from maxlm.files import write_atomically
 from maxlm.model import flops
 from maxlm.parallel import context
 from maxlm.parallel import mesh as mesh_lib
+from maxlm.parallel import pipeline as pipeline_lib
 from maxlm.training import checkpoint, summary
 from maxlm.training import step as step_lib
 from maxlm.training.checkpoint import Checkpointer
@@ -78,6 +79,8 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   )
 
   rows = mesh_lib.HostRows(batch_sharding, t.global_batch, cfg.data.seq_len)
+  if stages := pipeline_lib.describe(cfg):
+    log.info("pipeline: %s", stages)
   train_iter, eval_iter = pipeline.train_and_eval(cfg, rows.shard, rows.shards)
   t0 = time.perf_counter()
   compiled_step = program.lower().compile()

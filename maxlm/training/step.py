@@ -54,12 +54,21 @@ def init_state(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransform
   return graphdef, abstract, jax.jit(init, out_shardings=shardings)
 
 
-def loss_terms(params, graphdef, batch, z_loss: float, chunk: int = 0, moe_weights: tuple[float, float] = (0.0, 0.0)):
+def loss_terms(
+  params,
+  graphdef,
+  batch,
+  z_loss: float,
+  chunk: int = 0,
+  moe_weights: tuple[float, float] = (0.0, 0.0),
+  pipeline_microbatches: int = 0,
+):
   """Summed masked cross-entropy (+ z-loss, + the MoE terms weighted by `moe_weights` = (balance, router z) per
   token) and the sums needed to normalise and log them. The output projection and softmax run `chunk` positions at
-  a time (0: all T at once), fused with their gradient (maxlm/model/loss.py)."""
+  a time (0: all T at once), fused with their gradient (maxlm/model/loss.py). Under a `stage` mesh axis the layers
+  run pipelined over `pipeline_microbatches` pieces of the rows."""
   net = nnx.merge(graphdef, params)
-  x_BxTxD, aux = net.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
+  x_BxTxD, aux = net.forward(batch["inputs"], batch["positions"], batch["segment_ids"], pipeline_microbatches)
   mask_BxT = batch["loss_mask"].astype(jnp.float32)
   objective, nll_sum, z_sum = loss.cross_entropy(
     x_BxTxD, net.output_projection(), batch["targets"], mask_BxT, z_loss, chunk
@@ -96,6 +105,7 @@ def train_step(
   guard: bool,
   moe_weights: tuple[float, float] = (0.0, 0.0),
   bias_update_rate: float = 0.0,
+  pipeline_microbatches: int = 0,
 ):
   """One optimizer step. `controls` are per-step scalars from the host:
 
@@ -103,7 +113,9 @@ def train_step(
   lr_scale:   multiplies the update (the stability guard lowers it after a rollback),
   max_loss:   with `guard`, a step whose loss exceeds it or is not finite keeps the old state.
   """
-  grad_fn = functools.partial(jax.grad(loss_terms, has_aux=True), moe_weights=moe_weights)
+  grad_fn = functools.partial(
+    jax.grad(loss_terms, has_aux=True), moe_weights=moe_weights, pipeline_microbatches=pipeline_microbatches
+  )
   if microbatches == 1:
     grads, sums = grad_fn(state.params, graphdef, batch, z_loss, loss_chunk)
   else:
@@ -142,8 +154,8 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, loss_chunk: int):
-  _, sums = loss_terms(params, graphdef, batch, 0.0, loss_chunk)
+def eval_step(params, batch, *, graphdef, loss_chunk: int, pipeline_microbatches: int = 0):
+  _, sums = loss_terms(params, graphdef, batch, 0.0, loss_chunk, pipeline_microbatches=pipeline_microbatches)
   return sums["nll_sum"], sums["tokens"]
 
 
@@ -193,13 +205,16 @@ def build_step(cfg: ml_collections.ConfigDict, devices) -> StepProgram:
         guard=t.guard.policy != "none",
         moe_weights=(cfg.model.moe.lb_weight, cfg.model.moe.router_z_weight),
         bias_update_rate=cfg.model.moe.bias_update_rate,
+        pipeline_microbatches=t.pipeline_microbatches,
       ),
       in_shardings=(shardings, batch_sharding, replicated),
       out_shardings=(shardings, None),
       donate_argnums=0,
     )
     eval_fn = jax.jit(
-      functools.partial(eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk),
+      functools.partial(
+        eval_step, graphdef=graphdef, loss_chunk=t.loss_chunk, pipeline_microbatches=t.pipeline_microbatches
+      ),
       in_shardings=(shardings.params, batch_sharding),
     )
   controls = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in CONTROLS}
