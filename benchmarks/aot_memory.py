@@ -44,6 +44,24 @@ ROWS = [
   ("mixtral_8x7b", "v5p:4x4x4", 1, ["--config.train.microbatches=4", "--config.model.moe.capacity_factor=1.25"]),
   ("deepseek_moe_16b", "v5p:4x4x2", 1, ["--config.train.microbatches=8"]),
   ("deepseek_moe_16b", "v5p:4x4x2", 1, ["--config.train.microbatches=8", "--config.model.moe.capacity_factor=1.25"]),
+  # Pipeline: 4 stages x FSDP 8, GPipe and circular (2 repeats), 8 pipeline microbatches of 64 rows.
+  (
+    "llama3_8b",
+    "v5p:4x4x2",
+    1,
+    ["--config.mesh.stage=4", "--config.train.microbatches=8", "--config.train.pipeline_microbatches=8"],
+  ),
+  (
+    "llama3_8b",
+    "v5p:4x4x2",
+    1,
+    [
+      "--config.mesh.stage=4",
+      "--config.train.microbatches=8",
+      "--config.train.pipeline_microbatches=8",
+      "--config.model.pipeline_repeats=2",
+    ],
+  ),
   # Long context: the sequence split over mesh.context (maxlm/parallel/context.py), 32K and 128K positions.
   ("llama_1b_32k", "v5p:2x2x2", 1, []),
   ("llama_1b_32k", "v5p:2x2x2", 1, ["--config.model.context_attention=ring"]),

@@ -57,6 +57,29 @@ def test_compiles_for_a_v5e_2x2_from_a_cpu_host():
 
 
 @needs_libtpu
+@pytest.mark.parametrize(
+  "args, expect",
+  [
+    (
+      ["--config.mesh.stage=2", "--config.model.num_layers=4", "--config.model.pipeline_repeats=2"],
+      ("pipeline", "2 stages (circular, 2 repeats, 1 layer(s) per stage per repeat), 2 microbatches, bubble 20.0%"),
+    ),
+    (
+      ["--config.mesh.context=2", "--config.model.context_attention=ring", "--config.data.seq_len=256"],
+      ("attention", "context ring over 2 shards"),
+    ),
+  ],
+  ids=["pipeline-circular", "context-ring"],
+)
+def test_pipeline_and_context_parallel_steps_compile_for_tpu(args, expect):
+  """Both compile for a TPU: the pipeline with splash attention inside the vmap over stages, the ring in shard_map."""
+  proc = compile_cli("--topology=v5e:2x2", "--json", *args)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(proc.stdout)
+  assert r[expect[0]] == expect[1] and r["fits"]
+
+
+@needs_libtpu
 def test_an_moe_model_compiles_with_experts_over_a_split_physical_axis(tmp_path):
   """moe_tiny on a v5e 4x4 with mesh.expert=8: 8 is no product of the physical axes (4, 4), so the mesh splits one;
   the TPU program dispatches with ragged_all_to_all and multiplies with the Megablox kernel (forward and backward),

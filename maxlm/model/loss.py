@@ -2,9 +2,10 @@
 
     objective = Σ mask · (lse − logit[target])  +  z_loss · Σ mask · lse²,    lse = log Σ_v exp(logit_v)
 
-The forward pass walks the sequence in chunks of `chunk` positions (strided: with n = T/chunk chunks, chunk j
-holds positions j, j + n, j + 2n, ..., so that each chunk spans every shard of a sequence split over `context`,
-as microbatches span the data shards; the sums do not depend on the grouping); for each chunk it computes the
+The forward pass walks the sequence in chunks of `chunk` positions (contiguous; strided when the sequence is split
+over the `context` mesh axis: with n = T/chunk chunks, chunk j holds positions j, j + n, j + 2n, ..., so that each
+chunk spans every context shard, as microbatches span the data shards; the sums do not depend on the grouping, and
+contiguous chunks of one row are free reshapes, strided ones a transpose); for each chunk it computes the
 logits x·W in f32, the two sums, and at once their gradient with respect to the logits,
 
     ∂objective/∂logit_v = mask · (p_v · (1 + 2·z_loss·lse) − [v = target]),   p = softmax(logits),
@@ -25,6 +26,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from maxlm.parallel import context
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -53,9 +56,13 @@ def _sums(x_BxTxD, w_DxV, targets_BxT, mask_BxT, z_loss, chunk, *, with_grads: b
   V = w_DxV.shape[1]
   chunk = chunk if 0 < chunk < T else T
   n = T // chunk
-  # [B, T, ...] -> [n, B, chunk, ...] (position c·n + j in chunk j): the batch axis keeps its data-parallel sharding
-  # and the chunk axis the context sharding of the sequence.
-  split = lambda a: jnp.moveaxis(a.reshape(B, chunk, n, *a.shape[2:]), 2, 0)
+  # [B, T, ...] -> [n, B, chunk, ...]: the batch axis keeps its data-parallel sharding in every chunk, and with
+  # strided chunks (position c·n + j in chunk j) the chunk axis keeps the context sharding of the sequence.
+  strided = context.size() > 1
+  if strided:
+    split = lambda a: jnp.moveaxis(a.reshape(B, chunk, n, *a.shape[2:]), 2, 0)
+  else:
+    split = lambda a: a.reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
 
   def body(carry, xs):
     nll, z, dw_DxV = carry
@@ -84,6 +91,7 @@ def _sums(x_BxTxD, w_DxV, targets_BxT, mask_BxT, z_loss, chunk, *, with_grads: b
   )
   grads = None
   if with_grads:
-    dx_BxTxD = jnp.moveaxis(dx_nxBxCxD, 0, 2).reshape(B, T, D)
+    rows = jnp.moveaxis(dx_nxBxCxD, 0, 2) if strided else dx_nxBxCxD.swapaxes(0, 1)  # back in split's order
+    dx_BxTxD = rows.reshape(B, T, D)
     grads = (dx_BxTxD, dw_DxV.astype(w_DxV.dtype))
   return nll_sum + z_loss * z_sum, nll_sum, z_sum, grads

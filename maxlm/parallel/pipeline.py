@@ -95,19 +95,23 @@ def run(
   stage_S = jnp.arange(S)
 
   def iteration(carry, k):
-    state_SxbxTxD, outputs_MxbxTxD = carry
+    """Every stage's work of iteration k; the microbatch's positions and segment ids travel with its activations."""
+    (x_SxbxTxD, positions_SxbxT, segments_SxbxT), outputs_MxbxTxD = carry
     work_S = k - stage_S  # microbatch-repeat index of each stage's work (< 0 or >= R·M: idle)
-    micro_S, repeat_S = work_S % M, jnp.clip(work_S // M, 0, R - 1)
-    first_bxTxD = jnp.where(k < M, inputs_MxbxTxD[k % M], outputs_MxbxTxD[k % M])
-    state_SxbxTxD = state_SxbxTxD.at[0].set(first_bxTxD)
-    out_SxbxTxD = all_stages(per_stage, repeat_S, state_SxbxTxD, positions_MxbxT[micro_S], segments_MxbxT[micro_S])
+    repeat_S = jnp.clip(work_S // M, 0, R - 1)
+    m = k % M  # stage 0's microbatch: fresh in the first repeat, the last stage's output of it afterwards
+    x_SxbxTxD = x_SxbxTxD.at[0].set(jnp.where(k < M, inputs_MxbxTxD[m], outputs_MxbxTxD[m]))
+    positions_SxbxT = positions_SxbxT.at[0].set(positions_MxbxT[m])
+    segments_SxbxT = segments_SxbxT.at[0].set(segments_MxbxT[m])
+    out_SxbxTxD = all_stages(per_stage, repeat_S, x_SxbxTxD, positions_SxbxT, segments_SxbxT)
     last = work_S[S - 1]  # the last stage's finished microbatch, kept for the next repeat or the output
     done = (last >= 0) & (last < R * M)
     outputs_MxbxTxD = jnp.where(done, outputs_MxbxTxD.at[last % M].set(out_SxbxTxD[S - 1]), outputs_MxbxTxD)
-    return (jnp.roll(out_SxbxTxD, 1, axis=0), outputs_MxbxTxD), None
+    shift = lambda a: jnp.roll(a, 1, axis=0)  # stage s's input of the next iteration is stage s-1's output
+    return (tuple(map(shift, (out_SxbxTxD, positions_SxbxT, segments_SxbxT))), outputs_MxbxTxD), None
 
-  state_SxbxTxD = jnp.zeros((S, *inputs_MxbxTxD.shape[1:]), x_BxTxD.dtype)
+  state = tuple(jnp.zeros((S, *a.shape[1:]), a.dtype) for a in (inputs_MxbxTxD, positions_MxbxT, segments_MxbxT))
   (_, outputs_MxbxTxD), _ = jax.lax.scan(
-    iteration, (state_SxbxTxD, jnp.zeros_like(inputs_MxbxTxD)), jnp.arange(iterations(S, R, M))
+    iteration, (state, jnp.zeros_like(inputs_MxbxTxD)), jnp.arange(iterations(S, R, M))
   )
   return outputs_MxbxTxD.swapaxes(0, 1).reshape(B, T, D)
