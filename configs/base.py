@@ -87,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.scan_layers = True  # jax.lax.scan over layers (fast compile); False unrolls. Parameter layout is the same.
   m.remat = "none"  # Rematerialisation per block, one of REMAT.
   m.pipeline_repeats = 1  # With mesh.stage > 1: 1 = GPipe, R > 1 = circular (each stage runs R blocks of layers).
-  m.context_attention = "all_gather"  # With mesh.context > 1, one of CONTEXT_ATTENTION (replaces model.attention).
+  # With mesh.context > 1, one of CONTEXT_ATTENTION; all_gather runs model.attention=splash's kernel, else einsums.
+  m.context_attention = "all_gather"
   m.parametrization = "sp"  # One of PARAMETRIZATIONS (maxlm/training/optim.py and the model read it).
   m.mup_base_width = 0  # mup: the d_model whose tuned hyperparameters transfer (0 = this model's d_model, m = 1).
   m.moe = e = ml_collections.ConfigDict()  # Mixture of Experts (maxlm/model/moe.py); num_experts=0: a dense model.

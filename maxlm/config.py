@@ -288,7 +288,7 @@ def validate(
       "choose mesh.expert dividing the number of experts"
     )
 
-  _check_context(resolved)
+  _check_context(resolved, platform)
 
   t = resolved.train
   dp = resolved.mesh.data * resolved.mesh.fsdp * resolved.mesh.expert * dcn
@@ -393,7 +393,7 @@ def _check_pipeline(cfg: ml_collections.ConfigDict, rows_per_replica: int) -> No
     )
 
 
-def _check_context(cfg: ml_collections.ConfigDict) -> None:
+def _check_context(cfg: ml_collections.ConfigDict, platform: str) -> None:
   """Context parallelism's constraints on the sequence and the loss chunks."""
   context, seq_len, chunk = cfg.mesh.context, cfg.data.seq_len, cfg.train.loss_chunk
   if context == 1:
@@ -402,6 +402,15 @@ def _check_context(cfg: ml_collections.ConfigDict) -> None:
     raise UserError(
       f"data.seq_len={seq_len} is not divisible by 2*mesh.context={2 * context}: context parallelism cuts each row "
       "into 2*context chunks; choose a mesh.context with 2*context dividing seq_len"
+    )
+  m = cfg.model
+  splash = m.attention == "splash" and m.context_attention == "all_gather"
+  if splash and (seq_len % (context * context) or (platform == "tpu" and (seq_len // context) % 128)):
+    raise UserError(
+      f"splash attention over {context} context shards needs data.seq_len={seq_len} divisible by "
+      f"mesh.context²={context * context}"
+      + (" and seq_len/context by 128" if platform == "tpu" else "")
+      + ": change seq_len or mesh.context, or set model.attention=xla"
     )
   if chunk and chunk % context:
     raise UserError(

@@ -68,11 +68,16 @@ def test_compiles_for_a_v5e_2x2_from_a_cpu_host():
       ["--config.mesh.context=2", "--config.model.context_attention=ring", "--config.data.seq_len=256"],
       ("attention", "context ring over 2 shards"),
     ),
+    (
+      ["--config.mesh.context=2", "--config.data.seq_len=256"],
+      ("attention", "context all_gather over 2 shards (splash)"),
+    ),
   ],
-  ids=["pipeline-circular", "context-ring"],
+  ids=["pipeline-circular", "context-ring", "context-splash"],
 )
 def test_pipeline_and_context_parallel_steps_compile_for_tpu(args, expect):
-  """Both compile for a TPU: the pipeline with splash attention inside the vmap over stages, the ring in shard_map."""
+  """These compile for a TPU: the pipeline with splash attention inside the vmap over stages, the ring in shard_map,
+  and splash over the context shards' queries with its block tables split over them."""
   proc = compile_cli("--topology=v5e:2x2", "--json", *args)
   assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads(proc.stdout)

@@ -133,6 +133,30 @@ def test_context_attention_equals_full_attention_for_both_variants(devices, monk
       np.testing.assert_allclose(context.restore(np.asarray(g), 8), w, rtol=1e-4, atol=1e-5, err_msg=variant)
 
 
+def test_splash_context_attention_equals_full_attention(devices):
+  """The splash kernel (interpreted on CPU; its tiles need 128 positions per shard) on each shard's queries against
+  the gathered keys, with data 2 × context 2 × tensor 2: values and gradients against the einsum path."""
+  from maxlm.model import attention, kernels
+
+  B, T, H, K, Dh = 2, 256, 4, 2, 8
+  q, k, v = (jax.random.normal(jax.random.key(i), (B, T, n, Dh)) for i, n in enumerate((H, K, K)))
+  segments = jnp.asarray(_packed_batch(B, T)["segment_ids"])
+  cotangent = jax.random.normal(jax.random.key(3), q.shape)
+  want, vjp = jax.vjp(lambda q, k, v: attention.xla_attention(q, k, v, segments), q, k, v)
+  want_grads = vjp(cotangent)
+  order = context.order(T, 2)
+  with jax.set_mesh(mesh_lib.build_mesh((1, 2, 1, 1, 2, 2), devices)):
+
+    def run(q, k, v, cotangent):
+      out, vjp = jax.vjp(lambda q, k, v: kernels.splash_context_attention(q, k, v, segments[:, order]), q, k, v)
+      return out, vjp(cotangent)
+
+    got, grads = jax.jit(run)(q[:, order], k[:, order], v[:, order], cotangent[:, order])
+  np.testing.assert_allclose(context.restore(np.asarray(got), 2), want, rtol=1e-5, atol=1e-5)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(context.restore(np.asarray(g), 2), w, rtol=1e-4, atol=1e-4)
+
+
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r["loss"] for r in map(json.loads, f) if "loss" in r]

@@ -126,6 +126,7 @@ class Attention(nnx.Module):
       RopeScaling(r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_len) if r.type == "llama3" else None
     )
     self.attention_fn = attention.IMPLEMENTATIONS[cfg.attention]
+    self.attention_kernel = cfg.attention
     self.context_attention = cfg.context_attention
     self.dtype = jnp.dtype(cfg.compute_dtype)
     # muP scores q·k by 1/Dh, not 1/sqrt(Dh): q takes the extra Dh^-1/2, so every attention implementation (which all
@@ -154,7 +155,12 @@ class Attention(nnx.Module):
     q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh = self._project(x_BxTxD, positions_BxT)
     if context.size() > 1:  # The sequence is split over the mesh's context axis, in context.balance's layout.
       out_BxTxHxDh = context.attention(
-        q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, variant=self.context_attention
+        q_BxTxHxDh,
+        k_BxSxKxDh,
+        v_BxSxKxDh,
+        segment_ids_BxT,
+        variant=self.context_attention,
+        kernel=self.attention_kernel,
       )
     else:
       out_BxTxHxDh = self.attention_fn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)

@@ -68,13 +68,19 @@ def restore(x_BxT, c: int):
   return x_BxT[:, np.argsort(order(x_BxT.shape[1], c))]
 
 
-def attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, variant: str):
-  """Causal attention within segments of rows in the balanced layout, the sequence split over `context`."""
+def attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, variant: str, kernel: str = "xla"):
+  """Causal attention within segments of rows in the balanced layout, the sequence split over `context`. With
+  `kernel="splash"` the all_gather variant runs the splash kernel (maxlm/model/kernels.py); otherwise the blocks
+  below, in XLA einsums."""
+  if variant not in VARIANTS:
+    raise ValueError(f"context attention variant {variant!r} is not one of {', '.join(VARIANTS)}")
+  if kernel == "splash" and variant == "all_gather":
+    from maxlm.model import kernels
+
+    return kernels.splash_context_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)
   q_spec = logical_to_spec(("act_batch", "act_seq", "act_heads", None))
   kv_spec = logical_to_spec(("act_batch", "act_seq", "act_kv_heads", None))
   seq_spec = logical_to_spec(("act_batch", "act_seq"))
-  if variant not in VARIANTS:
-    raise ValueError(f"context attention variant {variant!r} is not one of {', '.join(VARIANTS)}")
   local = functools.partial(_local_attention, c=size(), ring=variant == "ring")
   return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seq_spec), out_specs=q_spec, check_vma=False)(
     q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT

@@ -123,7 +123,8 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
     "remat": cfg.model.remat,
     "attention": cfg.model.attention
     if cfg.mesh.context == 1
-    else f"context {cfg.model.context_attention} over {cfg.mesh.context} shards",
+    else f"context {cfg.model.context_attention} over {cfg.mesh.context} shards"
+    + (" (splash)" if cfg.model.attention == "splash" and cfg.model.context_attention == "all_gather" else ""),
     "compute_dtype": cfg.model.compute_dtype,
     "param_dtype": cfg.model.param_dtype,
     "pipeline": pipeline.describe(cfg),
