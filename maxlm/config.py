@@ -473,7 +473,7 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
   if unknown:
     raise UserError(f"{path}: unknown config key '{unknown[0]}' (written by another maxlm version?)")
   cfg = ml_collections.ConfigDict(merged(base.get_config().to_dict(), saved))
-  cfg.mesh.update(stage=1, data=-1, fsdp=1, expert=1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1)
+  cfg.mesh.update({a: 1 for a in (*MESH_AXES, *(f"dcn_{a}" for a in DCN_AXES))}, data=-1)
   try:
     return validate(cfg, num_devices=1, platform=platform, check_paths=False)
   except UserError as e:

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -78,6 +79,17 @@ def test_eval_cli_reproduces_the_training_eval_loss(run):
   np.testing.assert_allclose(result["loss"], logged, rtol=1e-6)  # Same rows, same model, same device count.
   assert math.isclose(result["perplexity"], math.exp(result["loss"]))
   assert math.isclose(result["bits_per_byte"], result["nats"] / math.log(2) / result["bytes"])
+
+
+def test_eval_ignores_the_mesh_the_run_trained_on(run):
+  """A run trained with stages, context and tensor shards evaluates data-parallel on the devices at hand."""
+  workdir, data_dir, cfg = run
+  trained_on = ml_collections.ConfigDict(cfg.to_dict())
+  trained_on.mesh.update(stage=2, data=1, context=2, tensor=2)
+  got, want = (
+    evaluate.evaluate(c, str(workdir), str(data_dir), batches=2, devices=jax.devices()[:1]) for c in (trained_on, cfg)
+  )
+  assert got["loss"] == want["loss"]
 
 
 def test_bits_per_byte_by_hand(run):

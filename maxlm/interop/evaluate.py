@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from maxlm.config import DCN_AXES, MESH_AXES
 from maxlm.data import pipeline, tokenizer
 from maxlm.errors import UserError
 from maxlm.parallel import mesh as mesh_lib
@@ -100,7 +101,7 @@ def evaluate(
   dp = len(devices)
   padded = -(-batch_size // dp) * dp  # Rows per batch, a multiple of the devices; extra rows are masked.
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  cfg.mesh.update(data=dp, fsdp=1, expert=1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1)
+  cfg.mesh.update({a: 1 for a in (*MESH_AXES, *(f"dcn_{a}" for a in DCN_AXES))}, data=dp)  # data parallel only
   _, step = checkpoint.params_location(workdir, step)
   m = checkpoint.restore_model(cfg, workdir, devices, step)
   mesh = mesh_lib.from_config(cfg.mesh, devices)

@@ -56,7 +56,7 @@ def coordinates(cfg: ml_collections.ConfigDict, widths: list[int], steps: int, l
     base.train.update(steps=steps, eval_every=0, log_every=1)
     base.checkpoint.every_steps = 0
     base.metrics.tensorboard = False
-    base.mesh.update(data=-1, fsdp=1, expert=1, context=1, tensor=1)
+    base.mesh.update({a: 1 for a in config.MESH_AXES}, data=-1)
     wide = config.validate(widen(config.validate(base, num_devices=len(devices)), width), num_devices=len(devices))
     session = loop.setup(wide, devices)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda wide=wide: transformer.create(wide.model, 0)))
