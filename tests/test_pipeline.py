@@ -3,6 +3,7 @@ schedules give the loss and gradients of the unpipelined model; checkpoints move
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -75,6 +76,16 @@ def test_the_stage_axis_splits_the_stacked_layers(devices):
   params = jax.device_put(params, mesh_lib.tree_shardings(params, mesh))
   q = params["blocks"]["attn"]["q_proj"][...]
   assert q.addressable_shards[0].data.shape[0] == 2  # 8 layers over 4 stages
+
+
+def test_gpipe_step_moves_activations_and_never_gathers_weights(devices):
+  """In the compiled GPipe step the stages exchange activations by collective-permute ([1 stage, rows, T, D]) and
+  no weight is gathered: each stage computes with the layers it holds."""
+  cfg = make_config(num_devices=8, **LAYOUT, **{"mesh.stage": 4, "mesh.data": 2})
+  hlo = step_lib.build_step(cfg, devices).lower().compile().as_text()
+  permuted = re.findall(r"= (f32\[[0-9,]+\])\S* collective-permute\(", hlo)
+  assert "f32[1,2,16,64]" in permuted, permuted  # 16 rows / 2 data / 4 microbatches = 2 rows per stage
+  assert " all-gather(" not in hlo
 
 
 def test_bubble_fraction():
