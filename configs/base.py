@@ -35,6 +35,9 @@ GROUPED_MATMULS = ("auto", "ragged_dot", "megablox")
 # How context-parallel attention (mesh.context > 1, maxlm/parallel/context.py) sees the other shards' keys.
 # all_gather: K and V gathered over the context axis at once; ring: passed around the ring block by block (ppermute).
 CONTEXT_ATTENTION = ("all_gather", "ring")
+# DiLoCo's outer optimizer on the replicas' mean drift: nesterov: SGD with Nesterov momentum (DiLoCo); sgd: heavy ball.
+OUTER_OPTIMIZERS = ("nesterov", "sgd")
+DILOCO_COMM_DTYPES = ("float32", "bfloat16")  # the dtype the replicas' drifts are all-reduced in
 # adamw: AdamW everywhere; muon: Muon for the blocks' projection matrices, AdamW for embeddings, norms and the head.
 OPTIMIZERS = ("adamw", "muon")
 # none: no checks; skip: reject a non-finite or spiking update and go on; rollback: reject it, then restore the last
@@ -56,6 +59,8 @@ CHOICES = {
   "optim.schedule": SCHEDULES,
   "optim.name": OPTIMIZERS,
   "train.guard.policy": GUARD_POLICIES,
+  "train.diloco.outer_optimizer": OUTER_OPTIMIZERS,
+  "train.diloco.comm_dtype": DILOCO_COMM_DTYPES,
 }
 
 
@@ -107,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.bias_update_rate = 0.0  # Auxiliary-loss-free balancing (DeepSeek-V3): per-step bias step γ (1e-3); 0 = off.
 
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.diloco = 1  # DiLoCo replicas: set from train.diloco.replicas by validation (leave it at 1).
   # Pipeline parallel: the layers split into stages (maxlm/parallel/pipeline.py; dense models); num_layers must divide
   # by stage*model.pipeline_repeats. -1 fills.
   c.mesh.stage = 1
@@ -155,6 +161,15 @@ def get_config() -> ml_collections.ConfigDict:
   t.global_batch = 16  # Rows per step over all devices; divisible by microbatches × (mesh.data × mesh.fsdp).
   t.microbatches = 1  # Gradient accumulation: the step runs global_batch/microbatches rows at a time.
   t.pipeline_microbatches = 0  # With mesh.stage > 1: pieces of each microbatch's rows in flight; 0 = mesh.stage.
+  # DiLoCo (maxlm/training/diloco.py): replicas train apart and average their drift every sync_every steps.
+  t.diloco = dl = ml_collections.ConfigDict()
+  dl.replicas = 1  # Model replicas over a `diloco` mesh axis (the outermost: processes or hosts); 1 = off.
+  dl.sync_every = 50  # Inner steps H between outer steps.
+  dl.outer_optimizer = "nesterov"  # One of OUTER_OPTIMIZERS.
+  dl.outer_lr = 0.7  # Outer learning rate.
+  dl.outer_momentum = 0.9  # Outer momentum (0: none).
+  dl.fragments = 1  # Streaming DiLoCo: parameter fragments (layer groups) synced at staggered steps; 1 = all at once.
+  dl.comm_dtype = "float32"  # One of DILOCO_COMM_DTYPES.
   t.seed = 0  # Parameter init seed.
   t.init_from = (
     ""  # A maxlm workdir (imported or trained) whose parameters start a run without checkpoints; fresh optimizer.

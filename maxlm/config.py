@@ -21,7 +21,7 @@ from configs import base
 from maxlm.errors import UserError
 from maxlm.files import read_json_object
 
-MESH_AXES = ("stage", "data", "fsdp", "expert", "context", "tensor")
+MESH_AXES = ("diloco", "stage", "data", "fsdp", "expert", "context", "tensor")
 DCN_AXES = ("data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
 
 # (key, lowest allowed value); a key listed here must be >= its bound.
@@ -66,6 +66,11 @@ MINIMA = {
   "train.global_batch": 1,
   "train.microbatches": 1,
   "train.pipeline_microbatches": 0,
+  "train.diloco.replicas": 1,
+  "train.diloco.sync_every": 1,
+  "train.diloco.outer_lr": 0.0,
+  "train.diloco.outer_momentum": 0.0,
+  "train.diloco.fragments": 1,
   "train.z_loss": 0.0,
   "train.loss_chunk": 0,
   "train.log_every": 1,
@@ -271,6 +276,7 @@ def validate(
       f"the devices span {num_slices} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
       f"mesh.dcn_data*mesh.dcn_fsdp={num_slices}"
     )
+  _check_diloco(resolved)
   sizes = resolve_mesh_sizes(resolved.mesh, num_devices // dcn)
   for axis, size in zip(MESH_AXES, sizes):
     resolved.mesh[axis] = size
@@ -291,8 +297,12 @@ def validate(
   _check_context(resolved, platform)
 
   t = resolved.train
-  dp = resolved.mesh.data * resolved.mesh.fsdp * resolved.mesh.expert * dcn
-  dp_keys = "mesh.data*mesh.fsdp*mesh.expert" + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn > 1 else "")
+  dp = resolved.mesh.data * resolved.mesh.fsdp * resolved.mesh.expert * dcn * resolved.mesh.diloco
+  dp_keys = (
+    "mesh.data*mesh.fsdp*mesh.expert"
+    + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn > 1 else "")
+    + ("*train.diloco.replicas" if resolved.mesh.diloco > 1 else "")
+  )
   if t.global_batch % t.microbatches:
     raise UserError(f"train.global_batch={t.global_batch} is not divisible by train.microbatches={t.microbatches}")
   micro = t.global_batch // t.microbatches
@@ -363,6 +373,36 @@ def _check_moe(m: ml_collections.ConfigDict) -> None:
       f"model.num_layers={m.num_layers} - model.moe.first_dense={e.first_dense} must be a positive multiple of "
       f"model.moe.every={e.every} (each group of `every` layers ends in an MoE layer)"
     )
+
+
+def _check_diloco(cfg: ml_collections.ConfigDict) -> None:
+  """DiLoCo's constraints; sets mesh.diloco from train.diloco.replicas."""
+  d, m = cfg.train.diloco, cfg.model
+  if cfg.mesh.diloco not in (1, d.replicas):
+    raise UserError(
+      f"mesh.diloco={cfg.mesh.diloco} but train.diloco.replicas={d.replicas}: set the replicas with "
+      "train.diloco.replicas only"
+    )
+  cfg.mesh.diloco = d.replicas
+  if d.replicas == 1:
+    return
+  if cfg.mesh.stage > 1:
+    raise UserError("train.diloco.replicas > 1 with mesh.stage > 1 is not supported yet: use one of them")
+  if d.sync_every % d.fragments:
+    raise UserError(
+      f"train.diloco.sync_every={d.sync_every} is not divisible by train.diloco.fragments={d.fragments}: each "
+      "fragment syncs once per period, at staggered steps"
+    )
+  e = m.moe  # MoE layers as maxlm.model.moe.is_moe_layer places them
+  moe = sum(i >= e.first_dense and (i - e.first_dense + 1) % e.every == 0 for i in range(m.num_layers)) * bool(
+    e.num_experts
+  )
+  for name, layers in (("dense", m.num_layers - moe), ("MoE", moe)):
+    if layers % d.fragments:
+      raise UserError(
+        f"the model's {layers} {name} layers do not split into train.diloco.fragments={d.fragments} fragments: "
+        "choose fragments dividing the layer count"
+      )
 
 
 def _check_pipeline(cfg: ml_collections.ConfigDict, rows_per_replica: int) -> None:

@@ -3,6 +3,7 @@
 Parameters and activations are annotated with *logical* axis names ("embed", "act_batch", ...). `RULES`
 maps each name to mesh axes, so DP, FSDP and TP (and mixes) differ only in the mesh sizes of the config:
 
+  diloco : DiLoCo replicas (maxlm/training/diloco.py): each trains apart on its rows; they meet every H steps.
   stage  : pipeline stages: the stacked layers split (maxlm/parallel/pipeline.py); microbatches flow through them.
   data   : batch split, parameters replicated.
   fsdp   : batch split, parameters and optimizer state split on their "embed" dimension (ZeRO-3);
@@ -51,6 +52,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "expert": "expert",
   "norm": None,
   "layers": "stage",
+  "replica": "diloco",  # DiLoCo's per-replica copies (maxlm/training/diloco.py)
   # Activations.
   "act_batch": BATCH_AXES,
   "act_seq": "context",
@@ -138,8 +140,10 @@ def tree_shardings(tree, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of [batch, seq] input arrays: rows split over the data-parallel axes."""
-  return NamedSharding(mesh, logical_to_spec(("act_batch", "act_seq")))
+  """Sharding of [batch, seq] input arrays: rows split over DiLoCo's replicas, then the data-parallel axes (inside a
+  replica the activations' "act_batch" names only the latter)."""
+  batch, seq = logical_to_spec(("act_batch", "act_seq"))
+  return NamedSharding(mesh, P(("diloco", *batch), seq))
 
 
 class HostRows:

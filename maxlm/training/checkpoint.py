@@ -160,6 +160,7 @@ class Checkpointer:
     data_iterator,
     model_cfg: ml_collections.ConfigDict,
     optim_cfg: ml_collections.ConfigDict = None,
+    train_cfg: ml_collections.ConfigDict = None,
   ):
     """(state, step, saved meta) of the newest readable checkpoint, or None if there is none."""
     for step in reversed(self.steps()):
@@ -172,7 +173,7 @@ class Checkpointer:
         continue
       _check_model_matches(meta, model_cfg, step)
       if optim_cfg is not None:
-        _check_optimizer_matches(meta, model_cfg, optim_cfg, step)
+        _check_optimizer_matches(meta, model_cfg, optim_cfg, step, train_cfg)
       try:
         restored, error = (
           self.manager.restore(
@@ -253,10 +254,13 @@ def _check_model_matches(meta: dict, model_cfg: ml_collections.ConfigDict, step:
     )
 
 
-def optimizer_layout(optim: dict, model: dict) -> dict:
+def optimizer_layout(optim: dict, model: dict, train: dict | None = None) -> dict:
   """The settings that shape the optimizer state's tree (not its values): a checkpoint restores only into the same."""
   base_width = model.get("mup_base_width") or model.get("d_model")
+  d = (train or {}).get("diloco", {})
   return {
+    "train.diloco.replicas": d.get("replicas", 1),
+    "DiLoCo outer momentum": d.get("replicas", 1) > 1 and d.get("outer_momentum", 0.9) > 0,
     "optim.name": optim.get("name", "adamw"),
     "optim.clip_norm > 0": optim.get("clip_norm", 1.0) > 0,
     "optim.decay_embeddings": optim.get("decay_embeddings", False),
@@ -264,9 +268,9 @@ def optimizer_layout(optim: dict, model: dict) -> dict:
   }
 
 
-def _check_optimizer_matches(meta: dict, model_cfg, optim_cfg, step: int) -> None:
-  saved = optimizer_layout(meta["config"].get("optim", {}), meta["config"]["model"])
-  now = optimizer_layout(optim_cfg.to_dict(), model_cfg.to_dict())
+def _check_optimizer_matches(meta: dict, model_cfg, optim_cfg, step: int, train_cfg=None) -> None:
+  saved = optimizer_layout(meta["config"].get("optim", {}), meta["config"]["model"], meta["config"].get("train"))
+  now = optimizer_layout(optim_cfg.to_dict(), model_cfg.to_dict(), train_cfg.to_dict() if train_cfg else None)
   diffs = [f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in now if saved[k] != now[k]]
   if diffs:
     raise UserError(

@@ -30,7 +30,7 @@ from maxlm.model import flops
 from maxlm.parallel import context
 from maxlm.parallel import mesh as mesh_lib
 from maxlm.parallel import pipeline as pipeline_lib
-from maxlm.training import checkpoint, summary
+from maxlm.training import checkpoint, diloco, summary
 from maxlm.training import step as step_lib
 from maxlm.training.checkpoint import Checkpointer
 from maxlm.training.guard import Diverged, Guard
@@ -81,6 +81,18 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
   rows = mesh_lib.HostRows(batch_sharding, t.global_batch, cfg.data.seq_len)
   if stages := pipeline_lib.describe(cfg):
     log.info("pipeline: %s", stages)
+  if (d := cfg.train.diloco).replicas > 1:
+    sent, dp = diloco.bytes_per_step(cfg)
+    log.info(
+      "DiLoCo: %d replicas, an outer step every %d steps%s: each replica sends %.4g MB per step on average, "
+      "data parallelism %.4g MB (%.0fx less)",
+      d.replicas,
+      d.sync_every,
+      f" in {d.fragments} staggered fragments" if d.fragments > 1 else "",
+      sent / 1e6,
+      dp / 1e6,
+      dp / sent,
+    )
   train_iter, eval_iter = pipeline.train_and_eval(cfg, rows.shard, rows.shards)
   t0 = time.perf_counter()
   compiled_step = program.lower().compile()
@@ -122,7 +134,11 @@ def setup(cfg: ml_collections.ConfigDict, devices=None) -> Session:
 
 
 def _restore_or_init(s: Session, ckpt: Checkpointer | None, guard: Guard) -> tuple[TrainState, int]:
-  restored = ckpt.restore_latest(s.program.abstract_state, s.data_iterator, s.cfg.model, s.cfg.optim) if ckpt else None
+  restored = (
+    ckpt.restore_latest(s.program.abstract_state, s.data_iterator, s.cfg.model, s.cfg.optim, s.cfg.train)
+    if ckpt
+    else None
+  )
   if restored is None:
     return _init(s), 0
   state, step, meta = restored

@@ -27,7 +27,7 @@ from flax import nnx
 
 from maxlm.model import loss, moe, transformer
 from maxlm.parallel import mesh as mesh_lib
-from maxlm.training import optim
+from maxlm.training import diloco, optim
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 CONTROLS = ("loss_scale", "lr_scale", "max_loss")
@@ -36,17 +36,36 @@ CONTROLS = ("loss_scale", "lr_scale", "max_loss")
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: nnx.State
-  opt_state: optax.OptState
+  params: nnx.State  # with DiLoCo: the global (outer) model
+  opt_state: optax.OptState  # with DiLoCo: the outer optimizer's state
+  replicas: diloco.Replicas | None = None  # DiLoCo's replicas (maxlm/training/diloco.py); None without
 
 
-def init_state(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh, seed: int):
-  """(graphdef, abstract state with shardings, init) where `init()` creates the state already sharded."""
+def fresh_state(params, tx: optax.GradientTransformation, outer=None) -> TrainState:
+  """A step-0 state from `params`: `tx`'s fresh state, or with `outer` = (outer optimizer, replicas, fragments) a
+  DiLoCo state whose replicas all start from `params` with fresh inner states."""
+  step = jnp.zeros((), jnp.int32)
+  if outer is None:
+    return TrainState(step=step, params=params, opt_state=tx.init(params))
+  outer_tx, replicas, fragments = outer
+  inner = diloco.Replicas(
+    params=diloco.with_replicas(params, replicas),
+    opt_state=diloco.with_replicas(tx.init(params), replicas),
+    outer_update_norm=jnp.zeros((), jnp.float32),
+  )
+  return TrainState(
+    step=step, params=params, opt_state=diloco.outer_states(params, outer_tx, fragments), replicas=inner
+  )
+
+
+def init_state(model_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh, seed: int, outer=None):
+  """(graphdef, abstract state with shardings, init) where `init()` creates the state already sharded; `outer` as in
+  `fresh_state`."""
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: transformer.create(model_cfg, seed)))
 
   def init() -> TrainState:
     _, params = nnx.split(transformer.create(model_cfg, seed))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return fresh_state(params, tx, outer)
 
   abstract = jax.eval_shape(init)
   shardings = mesh_lib.tree_shardings(abstract, mesh)
@@ -184,29 +203,41 @@ def build_step(cfg: ml_collections.ConfigDict, devices) -> StepProgram:
   t = cfg.train
   mesh = mesh_lib.from_config(cfg.mesh, devices)
   tx, lr_schedule = optim.make(cfg.optim, t.steps, transformer.width_multiplier(cfg.model))
+  d = t.diloco
+  outer = (diloco.outer_optimizer(d), d.replicas, d.fragments) if d.replicas > 1 else None
   # Outside a mesh context: NNX would read the logical names on parameters as mesh axes.
-  graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, t.seed)
+  graphdef, abstract_state, init = init_state(cfg.model, tx, mesh, t.seed, outer)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   abstract_batch = {
     k: jax.ShapeDtypeStruct((t.global_batch, cfg.data.seq_len), jnp.int32, sharding=batch_sharding) for k in BATCH_KEYS
   }
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step = functools.partial(
+    train_step,
+    graphdef=graphdef,
+    tx=tx,
+    lr_schedule=lr_schedule,
+    microbatches=t.microbatches,
+    z_loss=t.z_loss,
+    loss_chunk=t.loss_chunk,
+    guard=t.guard.policy != "none",
+    moe_weights=(cfg.model.moe.lb_weight, cfg.model.moe.router_z_weight),
+    bias_update_rate=cfg.model.moe.bias_update_rate,
+    pipeline_microbatches=t.pipeline_microbatches,
+  )
+  if outer is not None:
+    step = functools.partial(
+      diloco.train_step,
+      inner_step=step,
+      outer_tx=outer[0],
+      sync_every=d.sync_every,
+      fragments=d.fragments,
+      comm_dtype=jnp.dtype(d.comm_dtype),
+    )
   with jax.set_mesh(mesh):
     step_fn = jax.jit(
-      functools.partial(
-        train_step,
-        graphdef=graphdef,
-        tx=tx,
-        lr_schedule=lr_schedule,
-        microbatches=t.microbatches,
-        z_loss=t.z_loss,
-        loss_chunk=t.loss_chunk,
-        guard=t.guard.policy != "none",
-        moe_weights=(cfg.model.moe.lb_weight, cfg.model.moe.router_z_weight),
-        bias_update_rate=cfg.model.moe.bias_update_rate,
-        pipeline_microbatches=t.pipeline_microbatches,
-      ),
+      step,
       in_shardings=(shardings, batch_sharding, replicated),
       out_shardings=(shardings, None),
       donate_argnums=0,
@@ -218,10 +249,7 @@ def build_step(cfg: ml_collections.ConfigDict, devices) -> StepProgram:
       in_shardings=(shardings.params, batch_sharding),
     )
   controls = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in CONTROLS}
-  start_from = jax.jit(
-    lambda params: TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)),
-    out_shardings=shardings,
-  )
+  start_from = jax.jit(lambda params: fresh_state(params, tx, outer), out_shardings=shardings)
   return StepProgram(
     mesh=mesh,
     abstract_state=abstract_state,

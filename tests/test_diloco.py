@@ -1,0 +1,174 @@
+"""DiLoCo and streaming DiLoCo (maxlm/training/diloco.py) on 8 fake CPU devices: exact reduction to data-parallel SGD,
+replicas that drift apart and meet at each sync, staggered fragments, resume mid-period."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from maxlm.errors import UserError
+from maxlm.training import diloco, loop
+from maxlm.training import step as step_lib
+
+from conftest import make_config
+
+RUN = {
+  "train.steps": 6,
+  "train.log_every": 1,
+  "train.eval_every": 0,
+  "metrics.tensorboard": False,
+  "optim.warmup_steps": 0,
+}
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+
+
+def _sgd(**overrides):
+  """Plain SGD at a constant rate, no clipping or weight decay: DiLoCo with H=1, outer lr 1, no momentum is then
+  data-parallel SGD exactly."""
+  base = {
+    "optim.schedule": "constant",
+    "optim.warmup_steps": 0,
+    "optim.lr": 0.1,
+    "optim.weight_decay": 0.0,
+    "optim.clip_norm": 0.0,
+  }
+  return {**RUN, **base, **overrides}
+
+
+def _states(cfg, devices, steps):
+  """The state after each of `steps` steps of the real train step on synthetic batches."""
+  session = loop.setup(cfg, devices)
+  state, out = session.program.init(), []
+  with jax.set_mesh(session.mesh):
+    for _ in range(steps):
+      state, _ = session.step(state, session.next_batch(), step_lib.controls())
+      out.append(jax.device_get(state))
+  return out
+
+
+def test_with_h1_outer_lr_1_and_no_momentum_diloco_is_data_parallel_sgd(devices, monkeypatch):
+  monkeypatch.setattr(
+    "maxlm.training.optim.make",
+    lambda optim, steps, width=1.0: (optax.sgd(optim.lr), lambda step: optim.lr),
+  )
+  dp = _states(make_config(num_devices=8, **_sgd(**{"mesh.data": 8})), devices, 3)
+  dl = _states(
+    make_config(
+      num_devices=8,
+      **_sgd(
+        **{
+          "mesh.data": 4,
+          "train.diloco.replicas": 2,
+          "train.diloco.sync_every": 1,
+          "train.diloco.outer_lr": 1.0,
+          "train.diloco.outer_momentum": 0.0,
+        }
+      ),
+    ),
+    devices,
+    3,
+  )
+  for a, b in zip(dp, dl):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.params), jax.tree.leaves(b.params)):
+      np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    for x, r in zip(jax.tree.leaves(b.params), jax.tree.leaves(b.replicas.params)):
+      np.testing.assert_array_equal(r, np.broadcast_to(x, r.shape))  # every replica restarts from the outer model
+
+
+def test_replicas_drift_apart_between_syncs_and_meet_at_each(devices):
+  cfg = make_config(num_devices=8, **{**RUN, "mesh.data": 2, "train.diloco.replicas": 4, "train.diloco.sync_every": 3})
+  states = _states(cfg, devices, 6)
+  for step, state in enumerate(states, start=1):
+    q = state.replicas.params["blocks"]["attn"]["q_proj"][...]
+    outer = state.params["blocks"]["attn"]["q_proj"][...]
+    spread = float(np.max(np.abs(q - q[:1])))
+    if step % 3:
+      assert spread > 0, step  # each replica trained on its own rows
+    else:
+      assert spread == 0 and np.array_equal(q[0], outer), step  # synced: all equal the new outer model
+      assert float(state.replicas.outer_update_norm) > 0
+  # Between syncs the outer model does not move.
+  np.testing.assert_array_equal(states[3].params["embed"][...], states[4].params["embed"][...])
+
+
+def test_streaming_syncs_each_fragment_once_per_period_staggered(devices):
+  """F=2 fragments over 2 layers, H=4: fragment 0 (layer 0 and the non-block parameters) syncs at steps 2 and 6,
+  fragment 1 (layer 1) at steps 4 and 8; the bytes logged match the fragment's size."""
+  cfg = make_config(
+    num_devices=8,
+    **{
+      **RUN,
+      "train.steps": 8,
+      "mesh.data": 4,
+      "train.diloco.replicas": 2,
+      "train.diloco.sync_every": 4,
+      "train.diloco.fragments": 2,
+    },
+  )
+  states = _states(cfg, devices, 8)
+
+  def synced(state, select):
+    return all(np.array_equal(r, np.broadcast_to(o, r.shape)) for o, r in select(state))
+
+  layer = lambda i: (
+    lambda s: [
+      (o[i], r[:, i]) for o, r in zip(jax.tree.leaves(s.params["blocks"]), jax.tree.leaves(s.replicas.params["blocks"]))
+    ]
+  )
+  embed = lambda s: [(s.params["embed"][...], s.replicas.params["embed"][...])]
+  schedule = {step: (synced(s, layer(0)) and synced(s, embed), synced(s, layer(1))) for step, s in enumerate(states, 1)}
+  assert schedule == {
+    1: (False, False),
+    2: (True, False),
+    3: (False, False),
+    4: (False, True),
+    5: (False, False),
+    6: (True, False),
+    7: (False, False),
+    8: (False, True),
+  }
+  assert diloco.due_fragment(np.arange(1, 9), 4, 2).tolist() == [2, 0, 2, 1, 2, 0, 2, 1]
+
+
+def test_training_resumes_mid_period_bitwise_and_logs_the_traffic(tmp_path, devices):
+  run = {**RUN, "train.steps": 8, "checkpoint.every_steps": 3, "mesh.data": 4}
+  run.update({"train.diloco.replicas": 2, "train.diloco.sync_every": 4, "train.diloco.comm_dtype": "bfloat16"})
+  cfg = make_config(num_devices=8, **run)
+  loop.run(cfg, str(tmp_path / "whole"), devices=devices)
+  loop.run(cfg, str(tmp_path / "resumed"), devices=devices, stop_at_step=3)  # step 3: mid-period
+  loop.run(cfg, str(tmp_path / "resumed"), devices=devices)
+  whole, resumed = _losses(tmp_path / "whole"), _losses(tmp_path / "resumed")
+  assert [whole[s]["loss"] for s in range(1, 9)] == [resumed[s]["loss"] for s in range(1, 9)]
+  params = sum(np.prod(x.shape) for x in jax.tree.leaves(_states(cfg, devices, 1)[0].params))
+  assert [whole[s]["diloco_sent_bytes"] for s in range(1, 9)] == [0, 0, 0, 2 * params] * 2  # bf16 every 4 steps
+  assert whole[3]["outer_update_norm"] == 0 and whole[4]["outer_update_norm"] > 0
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"train.diloco.replicas": 2, "train.diloco.sync_every": 5, "train.diloco.fragments": 2}, "not divisible by"),
+    (
+      {"train.diloco.replicas": 2, "model.num_layers": 3, "train.diloco.fragments": 3, "train.diloco.sync_every": 3},
+      None,
+    ),
+    ({"train.diloco.replicas": 2, "train.diloco.fragments": 3, "train.diloco.sync_every": 3}, "do not split into"),
+    ({"train.diloco.replicas": 2, "mesh.diloco": 4}, "set the replicas with train.diloco.replicas only"),
+    ({"train.diloco.replicas": 2, "mesh.stage": 2}, "with mesh.stage > 1 is not supported yet"),
+    ({"train.diloco.replicas": 3}, "cannot fill 8 devices"),
+    ({"train.diloco.outer_optimizer": "adam"}, "is not one of nesterov, sgd"),
+  ],
+)
+def test_diloco_configs_are_checked(overrides, message):
+  if message is None:
+    make_config(num_devices=8, **overrides)
+    return
+  with pytest.raises(UserError, match=message):
+    make_config(num_devices=8, **overrides)
