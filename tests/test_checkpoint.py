@@ -128,7 +128,7 @@ def test_restore_onto_another_mesh(tmp_path, devices, reference, caplog, resume_
     records = run(tmp_path, devices[:num_devices], **resume_mesh)
   assert (
     "resumed from the checkpoint at step 4; resharded from mesh "
-    "{'stage': 1, 'data': 1, 'fsdp': 8, 'expert': 1, 'context': 1, 'tensor': 1}" in caplog.text
+    "{'diloco': 1, 'stage': 1, 'data': 1, 'fsdp': 8, 'expert': 1, 'context': 1, 'tensor': 1}" in caplog.text
   )
   assert [r["step"] for r in records] == [5, 6, 7, 8]
   np.testing.assert_allclose([r["loss"] for r in records], [reference[s] for s in (5, 6, 7, 8)], rtol=1e-5)

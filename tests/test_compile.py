@@ -47,7 +47,7 @@ def test_compiles_for_a_v5e_2x2_from_a_cpu_host():
   assert (r["device_kind"], r["num_devices"], r["mesh"]) == (
     "TPU v5 lite",
     4,
-    {"stage": 1, "data": 2, "fsdp": 2, "expert": 1, "context": 1, "tensor": 1},
+    {"diloco": 1, "stage": 1, "data": 2, "fsdp": 2, "expert": 1, "context": 1, "tensor": 1},
   )
   assert r["compute_dtype"] == "bfloat16" and r["hbm_bytes"] == 16 * GIB and r["fits"]
   m = r["memory_per_device"]
@@ -114,7 +114,9 @@ def test_an_moe_model_compiles_with_experts_over_a_split_physical_axis(tmp_path)
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads(proc.stdout)
-  assert r["mesh"] == {"stage": 1, "data": 1, "fsdp": 2, "expert": 8, "context": 1, "tensor": 1} and r["fits"]
+  assert (
+    r["mesh"] == {"diloco": 1, "stage": 1, "data": 1, "fsdp": 2, "expert": 8, "context": 1, "tensor": 1} and r["fits"]
+  )
   (hlo,) = [p for p in tmp_path.glob("*jit_train_step*.after_optimizations.txt")]
   text = hlo.read_text()
   # 2 dispatches (out and back) forward, 2 in the backward pass; 3 grouped matmuls forward, 6 backward.

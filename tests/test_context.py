@@ -118,7 +118,7 @@ def test_context_attention_equals_full_attention_for_both_variants(devices, monk
   cotangent = jax.random.normal(jax.random.key(3), q.shape)
   want, vjp = jax.vjp(lambda q, k, v: attention.xla_attention(q, k, v, segments), q, k, v)
   want_grads = vjp(cotangent)
-  mesh = mesh_lib.build_mesh([1, 1, 1, 1, 8, 1], devices)
+  mesh = mesh_lib.mesh_of(devices, context=8)
   order = context.order(T, 8)
   for variant in context.VARIANTS:
     with jax.set_mesh(mesh):
@@ -145,7 +145,7 @@ def test_splash_context_attention_equals_full_attention(devices):
   want, vjp = jax.vjp(lambda q, k, v: attention.xla_attention(q, k, v, segments), q, k, v)
   want_grads = vjp(cotangent)
   order = context.order(T, 2)
-  with jax.set_mesh(mesh_lib.build_mesh((1, 2, 1, 1, 2, 2), devices)):
+  with jax.set_mesh(mesh_lib.mesh_of(devices, data=2, context=2, tensor=2)):
 
     def run(q, k, v, cotangent):
       out, vjp = jax.vjp(lambda q, k, v: kernels.splash_context_attention(q, k, v, segments[:, order]), q, k, v)

@@ -49,13 +49,13 @@ def loss_and_grads(attention, q, k, v, segments):
 
 
 @pytest.mark.parametrize("name", KERNELS)
-@pytest.mark.parametrize("mesh_sizes", [None, (1, 2, 2, 1, 1, 2)])
+@pytest.mark.parametrize("mesh_sizes", [None, {"data": 2, "fsdp": 2, "tensor": 2}], ids=["one-device", "d2f2t2"])
 def test_kernel_matches_xla_attention(name, mesh_sizes, devices):
   args = inputs()
   want_out, want_grads = jax.jit(functools.partial(loss_and_grads, attention.xla_attention))(*args)
   run = jax.jit(functools.partial(loss_and_grads, KERNELS[name]))
   if mesh_sizes:
-    with jax.set_mesh(mesh_lib.build_mesh(mesh_sizes, devices)):
+    with jax.set_mesh(mesh_lib.mesh_of(devices, **mesh_sizes)):
       got_out, got_grads = run(*args)
   else:
     got_out, got_grads = run(*args)

@@ -157,6 +157,24 @@ def test_context_axis_across_processes_matches_one_process(tmp_path, reference):
   )
 
 
+def test_diloco_with_a_replica_per_process_matches_one_process(tmp_path):
+  """train.diloco.replicas=2 over 2 processes x 4 devices (each process one replica, the diloco axis across them)
+  logs the losses of the same DiLoCo run in one process with 8 devices."""
+  diloco = {"train.diloco.replicas": 2, "train.diloco.sync_every": 5, "mesh.data": 4}
+  one = loop.run(make_config(num_devices=8, **RUN, **diloco), str(tmp_path / "one_process"))
+  workdir = str(tmp_path / "run")
+  procs, logs = launch(workdir, *(f"--config.{k}={v}" for k, v in diloco.items()))
+  try:
+    codes = [p.wait(timeout=START_TIMEOUT_S) for p in procs]
+  finally:
+    kill_all(procs)
+  assert codes == [0, 0], [read(log)[-3000:] for log in logs]
+  losses = losses_by_step(workdir)
+  np.testing.assert_allclose(
+    [losses[s] for s in range(1, STEPS + 1)], [r["loss"] for r in one if "loss" in r][:STEPS], rtol=1e-5
+  )
+
+
 def test_a_dead_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
   workdir = str(tmp_path / "run")
   procs, logs = launch(workdir, "--config.train.steps=100000", "--config.checkpoint.every_steps=0")

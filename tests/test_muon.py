@@ -97,5 +97,5 @@ def test_muon_state_is_sharded_like_the_parameters(devices):
     if isinstance(x, jax.Array) and x.ndim == 4
   }
   momentum = [s for k, s in specs.items() if "q_proj" in k]
-  assert momentum and all(s == P(None, ("fsdp", "context"), "tensor", None) for s in momentum), specs
+  assert momentum and all(s == P("stage", ("fsdp", "context"), "tensor", None) for s in momentum), specs
   assert jnp.isfinite(jax.tree.leaves(state.opt_state)[0]).all()

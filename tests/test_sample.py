@@ -155,7 +155,7 @@ def test_eos_stops_each_row(m):
 
 def test_a_model_sharded_over_a_mesh_samples_as_on_one_device(spread, devices):
   graphdef, params = nnx.split(spread)
-  mesh = mesh_lib.build_mesh((1, 2, 2, 1, 1, 2), devices)
+  mesh = mesh_lib.mesh_of(devices, data=2, fsdp=2, tensor=2)
   sharded = nnx.merge(graphdef, jax.device_put(params, mesh_lib.tree_shardings(params, mesh)))
   prompts = [[5, 9, 13], [7], [200, 3, 3, 3, 3, 3, 3]]
   assert sample.generate(sharded, prompts, max_new_tokens=N) == sample.generate(spread, prompts, max_new_tokens=N)

@@ -69,11 +69,11 @@ def test_parameters_and_optimizer_state_follow_the_rules(devices):
   assert jax.tree.map(lambda a: a.sharding, abstract) == jax.tree.map(lambda a: a.sharding, state)
   q = state.params["blocks"]["attn"]["q_proj"]
   fsdp = ("fsdp", "context")  # Context shards split the parameters too.
-  assert q.sharding.spec == P(None, fsdp, "tensor", None)
+  assert q.sharding.spec == P("stage", fsdp, "tensor", None)  # layers over pipeline stages
   assert q.addressable_shards[0].data.shape == (2, 16, 2, 16)  # [N, D/(fsdp·context), H/tensor, Dh]
   assert state.params["embed"].sharding.spec == P("tensor", fsdp)
   mu = state.opt_state[1][0].mu["blocks"]["mlp"]["down_proj"]
-  assert mu.sharding.spec == P(None, "tensor", fsdp)
+  assert mu.sharding.spec == P("stage", "tensor", fsdp)
 
 
 def test_loss_falls_on_the_synthetic_task(tmp_path):
@@ -129,6 +129,7 @@ def test_cli_writes_config_metrics_and_tensorboard(tmp_path):
 
   cfg = json.loads((workdir / "config.json").read_text())
   assert cfg["mesh"] == {
+    "diloco": 1,
     "stage": 1,
     "data": 2,
     "fsdp": 1,

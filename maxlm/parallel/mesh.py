@@ -106,6 +106,14 @@ def build_mesh(
   return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
+def mesh_of(devices: Sequence[jax.Device] | None = None, **sizes: int) -> Mesh:
+  """A single-slice mesh with the named axes' sizes (`data=2, tensor=4`) and every other axis 1."""
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise KeyError(f"mesh axes {sorted(unknown)} are not among {MESH_AXES}")
+  return build_mesh([sizes.get(a, 1) for a in MESH_AXES], devices)
+
+
 def _has_slices(devices: Sequence[jax.Device]) -> bool:
   return devices[0].platform == "tpu"  # CPU and GPU devices have a slice_index too, always 0.
 
