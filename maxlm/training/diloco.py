@@ -95,10 +95,17 @@ def fragment_slices(params, fragments: int, fragment: int) -> list[slice]:
   return [of(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
+def _stored(cut: slice) -> slice:
+  """The slice a fragment's outer state keeps of a leaf: `cut`, or one placeholder row where the fragment has none
+  of it (checkpoints cannot hold zero-size arrays); placeholders see Δ = 0 and are never written back."""
+  return cut if cut.stop > cut.start else slice(0, 1)
+
+
 def fragment(params, fragments: int, f: int):
-  """The parameter tree cut to fragment f (same structure, leaves sliced on their leading axis)."""
+  """The parameter tree cut to fragment f as its outer state holds it (same structure, leading axes sliced)."""
   leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(treedef, [x[s] for x, s in zip(leaves, fragment_slices(params, fragments, f))])
+  cuts = fragment_slices(params, fragments, f)
+  return jax.tree.unflatten(treedef, [x[_stored(s)] for x, s in zip(leaves, cuts)])
 
 
 def outer_states(params, outer_tx, fragments: int) -> tuple:
@@ -123,18 +130,24 @@ def sync(params, opt_states, replicas: Replicas, *, f: int, fragments: int, oute
   outer, treedef = jax.tree.flatten(params)
   inner, inner_def = jax.tree.flatten(replicas.params)
   cuts = fragment_slices(params, fragments, f)
-  outer_f = [x[s] for x, s in zip(outer, cuts)]
+  mine = [s.stop > s.start for s in cuts]
+  outer_f = [x[_stored(s)] for x, s in zip(outer, cuts)]
   # Each replica's drift, sent in comm_dtype; its mean over replicas is the one all-reduce of the outer step.
   delta_f = [
-    jnp.mean((o[None] - i[:, s]).astype(comm_dtype), axis=0).astype(o.dtype) for o, i, s in zip(outer_f, inner, cuts)
+    jnp.mean((o[None] - i[:, s]).astype(comm_dtype), axis=0).astype(o.dtype) if m else jnp.zeros_like(o)
+    for o, i, s, m in zip(outer_f, inner, cuts, mine)
   ]
   outer_f_tree = jax.tree.unflatten(treedef, outer_f)
   updates_f, new_opt_f = outer_tx.update(jax.tree.unflatten(treedef, delta_f), opt_states[f], outer_f_tree)
   new_outer_f = jax.tree.leaves(optax.apply_updates(outer_f_tree, updates_f))
-  params = jax.tree.unflatten(treedef, [x.at[s].set(v) for x, s, v in zip(outer, cuts, new_outer_f)])
+  params = jax.tree.unflatten(
+    treedef, [x.at[s].set(v) if m else x for x, s, v, m in zip(outer, cuts, new_outer_f, mine)]
+  )
   opt_states = (*opt_states[:f], new_opt_f, *opt_states[f + 1 :])
-  inner = [x.at[:, s].set(jnp.broadcast_to(v, x[:, s].shape)) for x, s, v in zip(inner, cuts, new_outer_f)]
-  sent = sum(int(np.prod(x.shape)) for x in delta_f) * jnp.dtype(comm_dtype).itemsize
+  inner = [
+    x.at[:, s].set(jnp.broadcast_to(v, x[:, s].shape)) if m else x for x, s, v, m in zip(inner, cuts, new_outer_f, mine)
+  ]
+  sent = sum(int(np.prod(x.shape)) for x, m in zip(delta_f, mine) if m) * jnp.dtype(comm_dtype).itemsize
   replicas = replicas.replace(params=jax.tree.unflatten(inner_def, inner), outer_update_norm=optax.tree.norm(updates_f))
   return params, opt_states, replicas, jnp.float32(sent)
 
@@ -157,7 +170,8 @@ def train_step(state, batch, controls, *, inner_step, outer_tx, sync_every: int,
       return lambda params, opt_states, replicas: (params, opt_states, replicas, jnp.float32(0))
     return functools.partial(sync, f=f, fragments=fragments, outer_tx=outer_tx, comm_dtype=comm_dtype)
 
-  which = due_fragment(step, sync_every, fragments)
+  # A step the guard rejected on every replica does not advance, and must not sync twice.
+  which = jnp.where(step > state.step, due_fragment(step, sync_every, fragments), fragments)
   params, opt_state, replicas, sent = jax.lax.switch(
     which, [branch(f) for f in range(fragments + 1)], state.params, state.opt_state, replicas
   )
