@@ -37,7 +37,7 @@ GROUPED_MATMULS = ("auto", "ragged_dot", "megablox")
 CONTEXT_ATTENTION = ("all_gather", "ring")
 # DiLoCo's outer optimizer on the replicas' mean drift: nesterov: SGD with Nesterov momentum (DiLoCo); sgd: heavy ball.
 OUTER_OPTIMIZERS = ("nesterov", "sgd")
-DILOCO_COMM_DTYPES = ("float32", "bfloat16")  # the dtype the replicas' drifts are all-reduced in
+DILOCO_COMM_DTYPES = ("float32", "bfloat16", "int8")  # the dtype the replicas' drifts cross in (int8: gathered)
 # adamw: AdamW everywhere; muon: Muon for the blocks' projection matrices, AdamW for embeddings, norms and the head.
 OPTIMIZERS = ("adamw", "muon")
 # none: no checks; skip: reject a non-finite or spiking update and go on; rollback: reject it, then restore the last
@@ -126,7 +126,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_data = (
     1  # Slices the data axis spans over DCN (multi-slice TPU; processes off TPU); mesh.data is per slice.
   )
-  c.mesh.dcn_fsdp = 1  # Slices the fsdp axis spans over DCN; dcn_data*dcn_fsdp = number of slices (or 1).
+  c.mesh.dcn_fsdp = 1  # Slices the fsdp axis spans over DCN; dcn_diloco*dcn_data*dcn_fsdp = number of slices (or 1).
+  # Slices DiLoCo's replicas span (train.diloco.replicas a multiple of it); on several slices with every dcn_* at 1,
+  # validation sets it to the number of slices when the replicas divide by it.
+  c.mesh.dcn_diloco = 1
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "synthetic"  # Where training rows come from, one of DATA_SOURCES.

@@ -22,7 +22,7 @@ from maxlm.errors import UserError
 from maxlm.files import read_json_object
 
 MESH_AXES = ("diloco", "stage", "data", "fsdp", "expert", "context", "tensor")
-DCN_AXES = ("data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
+DCN_AXES = ("diloco", "data", "fsdp")  # Mesh axes that may also span slices: `mesh.dcn_<axis>` slices each.
 
 # (key, lowest allowed value); a key listed here must be >= its bound.
 MINIMA = {
@@ -89,6 +89,7 @@ MINIMA = {
   "train.guard.max_rollbacks": 0,
   "train.guard.rollback_lr_scale": 0.0,
   "train.guard.rollback_lr_steps": 0,
+  "mesh.dcn_diloco": 1,
   "mesh.dcn_data": 1,
   "mesh.dcn_fsdp": 1,
 }
@@ -265,18 +266,19 @@ def validate(
   elif m.moe.grouped_matmul == "megablox" and platform == "gpu":
     raise UserError("model.moe.grouped_matmul='megablox' is a TPU kernel: use 'auto' or 'ragged_dot' on a GPU")
 
+  _check_diloco(resolved, num_slices)
   dcn = int(np.prod([resolved.mesh[f"dcn_{a}"] for a in DCN_AXES]))
+  dcn_keys = "*".join(f"mesh.dcn_{a}" for a in DCN_AXES)
   if dcn > 1 and dcn != num_slices:
     raise UserError(
-      f"mesh.dcn_data*mesh.dcn_fsdp={dcn} but the devices form {num_slices} slice(s) (TPU slices, "
-      "or processes elsewhere): make the product match, or set both to 1"
+      f"{dcn_keys}={dcn} but the devices form {num_slices} slice(s) (TPU slices, "
+      "or processes elsewhere): make the product match, or set them all to 1"
     )
   if dcn == 1 and platform == "tpu" and num_slices > 1:
     raise UserError(
-      f"the devices span {num_slices} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
-      f"mesh.dcn_data*mesh.dcn_fsdp={num_slices}"
+      f"the devices span {num_slices} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp, or "
+      f"train.diloco.replicas for replicas across slices) so that {dcn_keys}={num_slices}"
     )
-  _check_diloco(resolved)
   sizes = resolve_mesh_sizes(resolved.mesh, num_devices // dcn)
   for axis, size in zip(MESH_AXES, sizes):
     resolved.mesh[axis] = size
@@ -297,11 +299,13 @@ def validate(
   _check_context(resolved, platform)
 
   t = resolved.train
-  dp = resolved.mesh.data * resolved.mesh.fsdp * resolved.mesh.expert * dcn * resolved.mesh.diloco
+  replicas = resolved.train.diloco.replicas
+  dcn_dp = resolved.mesh.dcn_data * resolved.mesh.dcn_fsdp
+  dp = resolved.mesh.data * resolved.mesh.fsdp * resolved.mesh.expert * dcn_dp * replicas
   dp_keys = (
     "mesh.data*mesh.fsdp*mesh.expert"
-    + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn > 1 else "")
-    + ("*train.diloco.replicas" if resolved.mesh.diloco > 1 else "")
+    + ("*mesh.dcn_data*mesh.dcn_fsdp" if dcn_dp > 1 else "")
+    + ("*train.diloco.replicas" if replicas > 1 else "")
   )
   if t.global_batch % t.microbatches:
     raise UserError(f"train.global_batch={t.global_batch} is not divisible by train.microbatches={t.microbatches}")
@@ -375,15 +379,24 @@ def _check_moe(m: ml_collections.ConfigDict) -> None:
     )
 
 
-def _check_diloco(cfg: ml_collections.ConfigDict) -> None:
-  """DiLoCo's constraints; sets mesh.diloco from train.diloco.replicas."""
-  d, m = cfg.train.diloco, cfg.model
-  if cfg.mesh.diloco not in (1, d.replicas):
+def _check_diloco(cfg: ml_collections.ConfigDict, num_slices: int) -> None:
+  """DiLoCo's constraints; sets mesh.diloco (replicas per slice) from train.diloco.replicas and, on several slices
+  with no DCN axis chosen, spreads the replicas over the slices (mesh.dcn_diloco)."""
+  d, m, mesh = cfg.train.diloco, cfg.model, cfg.mesh
+  if num_slices > 1 and d.replicas % num_slices == 0 and all(mesh[f"dcn_{a}"] == 1 for a in DCN_AXES):
+    mesh.dcn_diloco = num_slices
+  if d.replicas % mesh.dcn_diloco:
     raise UserError(
-      f"mesh.diloco={cfg.mesh.diloco} but train.diloco.replicas={d.replicas}: set the replicas with "
+      f"train.diloco.replicas={d.replicas} is not divisible by mesh.dcn_diloco={mesh.dcn_diloco} (the slices the "
+      "replicas span): make replicas a multiple of it"
+    )
+  per_slice = d.replicas // mesh.dcn_diloco
+  if mesh.diloco not in (1, per_slice):
+    raise UserError(
+      f"mesh.diloco={mesh.diloco} but train.diloco.replicas={d.replicas}: set the replicas with "
       "train.diloco.replicas only"
     )
-  cfg.mesh.diloco = d.replicas
+  mesh.diloco = per_slice
   if d.replicas == 1:
     return
   if cfg.mesh.stage > 1:
@@ -499,9 +512,9 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
 def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.ConfigDict:
   """The config of a trained run or an imported model (`<workdir>/config.json`), validated for one device.
 
-  Inference commands choose their own devices, so the saved mesh is reset to `data=-1`; the files the
-  config names are not checked (eval checks its data itself). Keys added to the schema after the run was
-  written take their defaults.
+  Inference commands choose their own devices, so the saved mesh is reset to `data=-1` (and DiLoCo to one
+  replica); the files the config names are not checked (eval checks its data itself). Keys added to the schema
+  after the run was written take their defaults.
   """
   path = os.path.join(workdir, "config.json")
   saved = read_saved(workdir)
@@ -514,6 +527,7 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
     raise UserError(f"{path}: unknown config key '{unknown[0]}' (written by another maxlm version?)")
   cfg = ml_collections.ConfigDict(merged(base.get_config().to_dict(), saved))
   cfg.mesh.update({a: 1 for a in (*MESH_AXES, *(f"dcn_{a}" for a in DCN_AXES))}, data=-1)
+  cfg.train.diloco.replicas = 1  # A DiLoCo run's checkpoints hold its outer model as the parameters.
   try:
     return validate(cfg, num_devices=1, platform=platform, check_paths=False)
   except UserError as e:

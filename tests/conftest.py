@@ -19,8 +19,9 @@ from configs import base  # noqa: E402
 from maxlm import config  # noqa: E402
 
 
-def make_config(num_devices: int = 1, **overrides):
-  """The tiny base config with dotted-key overrides ("model.num_layers": 3), validated for `num_devices`."""
+def make_config(num_devices: int = 1, num_slices: int = 1, **overrides):
+  """The tiny base config with dotted-key overrides ("model.num_layers": 3), validated for `num_devices` in
+  `num_slices` slices (processes off TPU)."""
   raw = base.get_config().to_dict()
   for key, value in overrides.items():
     *groups, name = key.split(".")
@@ -29,7 +30,7 @@ def make_config(num_devices: int = 1, **overrides):
       node = node[group]
     node[name] = value
   cfg = ml_collections.ConfigDict(raw)  # Built from a dict: type errors reach validate(), as from a config file.
-  return config.validate(cfg, num_devices=num_devices)
+  return config.validate(cfg, num_devices=num_devices, num_slices=num_slices)
 
 
 def cli_env(num_devices: int = 1) -> dict[str, str]:

@@ -3,7 +3,9 @@ which `make test` installs) and for the local devices; an oversized config exits
 
 import importlib.util
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -132,6 +134,37 @@ def test_two_slices_use_the_dcn_axis():
   assert r["num_devices"] == 8 and r["mesh"]["data"] == 8 and r["fits"]
   proc = compile_cli("--topology=v5e:2x2", "--num_slices=2")
   assert proc.returncode == 2 and "set mesh.dcn_data" in proc.stderr.strip().splitlines()[-1]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("comm_dtype, wire", [("bfloat16", "bf16"), ("int8", "s8"), ("float32", "f32")])
+def test_diloco_replicas_span_two_slices_and_send_the_drift_in_comm_dtype(tmp_path, comm_dtype, wire):
+  """train.diloco.replicas=2 on 2 slices of a v5e 2x2: validation puts the replicas across the slices
+  (mesh.dcn_diloco=2), and in the TPU program what crosses the slices (the DCN sends) is the drift in comm_dtype:
+  over 90% of the bytes sent. (XLA:CPU would widen a bfloat16 all-reduce to float32; int8 goes as all-to-all and
+  all-gather with float32 scales.)"""
+  env = cli_env(1)
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={tmp_path}"
+  env["JAX_COMPILATION_CACHE_DIR"] = ""  # a cache hit would compile (and dump) nothing
+  args = ["--topology=v5e:2x2", "--num_slices=2", "--json", "--config.train.diloco.replicas=2"]
+  args += ["--config.train.diloco.sync_every=4", f"--config.train.diloco.comm_dtype={comm_dtype}"]
+  proc = subprocess.run(
+    [sys.executable, "-m", "maxlm", "compile", "--config=configs/tiny.py", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  r = json.loads(proc.stdout)
+  assert r["mesh"]["diloco"] == 2 and r["mesh"]["data"] == 4 and r["num_slices"] == 2 and r["fits"]
+  (hlo,) = [p for p in tmp_path.glob("*jit_train_step*.after_optimizations.txt")]
+  sent = {}  # bytes sent over DCN by dtype
+  for dtype, shape in re.findall(r"= \((\w+)\[([\d,]*)\]\S* [^\n]*? send\(", hlo.read_text()):
+    size = {"s8": 1, "pred": 1, "bf16": 2, "f32": 4, "s32": 4, "u32": 4}[dtype]
+    sent[dtype] = sent.get(dtype, 0) + size * math.prod(int(d) for d in shape.split(",") if d)
+  assert sent.get(wire, 0) > 0.9 * sum(sent.values()), sent
 
 
 @needs_libtpu

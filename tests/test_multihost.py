@@ -157,11 +157,13 @@ def test_context_axis_across_processes_matches_one_process(tmp_path, reference):
   )
 
 
-def test_diloco_with_a_replica_per_process_matches_one_process(tmp_path):
-  """train.diloco.replicas=2 over 2 processes x 4 devices (each process one replica, the diloco axis across them)
-  logs the losses of the same DiLoCo run in one process with 8 devices."""
-  diloco = {"train.diloco.replicas": 2, "train.diloco.sync_every": 5, "mesh.data": 4}
-  one = loop.run(make_config(num_devices=8, **RUN, **diloco), str(tmp_path / "one_process"))
+@pytest.mark.parametrize("comm_dtype", ["float32", "int8"])
+def test_diloco_with_a_replica_per_process_matches_one_process(tmp_path, comm_dtype):
+  """train.diloco.replicas=2 over 2 processes x 4 devices logs the losses of the same DiLoCo run in one process
+  with 8 devices. The processes are the "slices": validation puts the replicas across them (mesh.dcn_diloco=2),
+  and the drifts go between processes in comm_dtype (int8: all-to-all and all-gather)."""
+  diloco = {"train.diloco.replicas": 2, "train.diloco.sync_every": 5, "train.diloco.comm_dtype": comm_dtype}
+  one = loop.run(make_config(num_devices=8, **RUN, **diloco, **{"mesh.data": 4}), str(tmp_path / "one_process"))
   workdir = str(tmp_path / "run")
   procs, logs = launch(workdir, *(f"--config.{k}={v}" for k, v in diloco.items()))
   try:
@@ -169,6 +171,9 @@ def test_diloco_with_a_replica_per_process_matches_one_process(tmp_path):
   finally:
     kill_all(procs)
   assert codes == [0, 0], [read(log)[-3000:] for log in logs]
+  with open(os.path.join(workdir, "config.json")) as f:
+    mesh = json.load(f)["mesh"]
+  assert (mesh["dcn_diloco"], mesh["diloco"], mesh["data"]) == (2, 1, 4)
   losses = losses_by_step(workdir)
   np.testing.assert_allclose(
     [losses[s] for s in range(1, STEPS + 1)], [r["loss"] for r in one if "loss" in r][:STEPS], rtol=1e-5

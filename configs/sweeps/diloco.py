@@ -16,6 +16,7 @@ RUNS = [
   {"train.diloco.replicas": 4, "train.diloco.sync_every": 10},
   {"train.diloco.replicas": 4, "train.diloco.sync_every": 50},
   {"train.diloco.replicas": 4, "train.diloco.sync_every": 50, "train.diloco.fragments": 2},
+  {"train.diloco.replicas": 4, "train.diloco.sync_every": 50, "train.diloco.comm_dtype": "int8"},
 ]
 
 

@@ -10,7 +10,7 @@ treats the replicas' average drift from the global model as a gradient,
     Δ = θ_outer - mean_r θ_r,      θ_outer <- outer_optimizer(Δ)   (Nesterov SGD, lr 0.7, momentum 0.9),
 
 and every replica restarts from the new θ_outer (their inner optimizer states are kept). Δ is the only thing that
-crosses replicas: one all-reduce of the parameters every H steps, optionally in bfloat16
+crosses replicas: one all-reduce of the parameters every H steps, optionally in bfloat16 or int8
 (train.diloco.comm_dtype), where data parallelism all-reduces the gradients every step.
 
 Streaming DiLoCo splits the parameters into F = train.diloco.fragments fragments (layer groups: the stacked blocks cut
@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 AXIS = "diloco"
 REPLICA = "replica"  # the logical name of the replica axis (maxlm.parallel.mesh.RULES maps it to `diloco`)
@@ -56,7 +57,7 @@ def bytes_per_step(cfg: ml_collections.ConfigDict) -> tuple[float, float]:
 
   n = flops.param_count(cfg.model)
   d = cfg.train.diloco
-  return n * jnp.dtype(d.comm_dtype).itemsize / d.sync_every, n * 4.0
+  return n * jnp.dtype(d.comm_dtype).itemsize / d.sync_every, n * 4.0  # (int8's row scales add 4/row_width)
 
 
 def outer_optimizer(d: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -121,6 +122,76 @@ def due_fragment(step, sync_every: int, fragments: int):
   return which
 
 
+GROUP = 256  # int8 communication: values per float32 scale
+
+
+def payload_bytes(shape, comm_dtype) -> int:
+  """Bytes one replica contributes for a drift of this shape: its values in comm_dtype, and under int8 one float32
+  scale per GROUP values. (A ring all-reduce, like the int8 all-to-all + all-gather, moves about twice this.)"""
+  n = int(np.prod(shape))
+  if jnp.dtype(comm_dtype) == jnp.int8:
+    return n + 4 * -(-n // GROUP)
+  return n * jnp.dtype(comm_dtype).itemsize
+
+
+def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Symmetric int8 along the last axis (absmax / 127 per row, round to nearest): x ≈ q · scale, |error| ≤ scale/2."""
+  scale = (jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0).astype(jnp.float32)
+  q = jnp.round(x / jnp.where(scale > 0, scale, 1.0))
+  return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def _mean_of_block(block: jax.Array, replicas: int, comm_dtype) -> jax.Array:
+  """Inside shard_map: this device's block [1, ...] of one replica's drift -> the mean over the `diloco` axis.
+
+  float32 / bfloat16: one psum in that dtype. int8 (a sum of int8 would overflow): a two-shot all-reduce. The block
+  is cut into `replicas` chunks of GROUP-value rows, quantized, and exchanged by all_to_all so that each replica
+  holds every replica's copy of one chunk; it averages them in float32, quantizes the mean again, and all_gather
+  brings every chunk's mean to every replica. Each replica sends 2(R-1)/R of its int8 values (plus the scales), as a
+  ring all-reduce does of its float32 ones; each element's error is at most its two scales' halves."""
+  x = block[0].astype(jnp.float32)
+  if jnp.dtype(comm_dtype) != jnp.int8:
+    return jax.lax.psum((x / replicas).astype(comm_dtype), AXIS).astype(jnp.float32)
+  n = x.size
+  rows = -(-n // (replicas * GROUP))
+  chunks = jnp.pad(x.reshape(-1), (0, replicas * rows * GROUP - n)).reshape(replicas, rows, GROUP)
+  q, scale = quantize_int8(chunks)
+  q, scale = (jax.lax.all_to_all(a, AXIS, 0, 0) for a in (q, scale))  # [source replica, rows, GROUP] of my chunk
+  q, scale = quantize_int8(jnp.mean(q.astype(jnp.float32) * scale, axis=0))
+  q, scale = (jax.lax.all_gather(a, AXIS) for a in (q, scale))  # [chunk, rows, GROUP]: every chunk's mean
+  return (q.astype(jnp.float32) * scale).reshape(-1)[:n].reshape(x.shape)
+
+
+def mean_drift(outer: jax.Array, inner: jax.Array, spec: P | None, comm_dtype) -> jax.Array:
+  """mean_r (outer - inner[r]) over the leading replica axis of `inner` (sharded as `spec`, whose first entry is
+  the `diloco` axis), with what crosses replicas in comm_dtype: an explicit collective in `shard_map` over the mesh
+  (without a mesh, e.g. eager on one device: the same arithmetic in place)."""
+  replicas = inner.shape[0]
+  drift = outer[None] - inner
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or spec is None:
+    if jnp.dtype(comm_dtype) != jnp.int8:
+      return jnp.sum((drift / replicas).astype(comm_dtype), axis=0, dtype=jnp.float32).astype(outer.dtype)
+    q, scale = quantize_int8(drift)
+    return jnp.mean(q.astype(jnp.float32) * scale, axis=0).astype(outer.dtype)
+  body = functools.partial(_mean_of_block, replicas=replicas, comm_dtype=comm_dtype)
+  mean = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=P(*spec[1:]), check_vma=False)(drift)
+  return mean.astype(outer.dtype)
+
+
+def _specs(tree) -> list[P | None]:
+  """Per array leaf of a replicas' tree, its PartitionSpec from the Variable's logical names (None if unnamed)."""
+  from maxlm.parallel import mesh as mesh_lib  # noqa: PLC0415
+
+  def spec(leaf):
+    if isinstance(leaf, nnx.Variable):
+      names = leaf.get_metadata().get("out_sharding")
+      return [mesh_lib.logical_to_spec(names) if names else None]
+    return [None]
+
+  return [s for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)) for s in spec(x)]
+
+
 def sync(params, opt_states, replicas: Replicas, *, f: int, fragments: int, outer_tx, comm_dtype):
   """The outer step on fragment f: Δ from the replicas' mean, the outer update, every replica reset to it.
   Returns (outer params, outer optimizer states, replicas, bytes each replica sent).
@@ -132,10 +203,10 @@ def sync(params, opt_states, replicas: Replicas, *, f: int, fragments: int, oute
   cuts = fragment_slices(params, fragments, f)
   mine = [s.stop > s.start for s in cuts]
   outer_f = [x[_stored(s)] for x, s in zip(outer, cuts)]
-  # Each replica's drift, sent in comm_dtype; its mean over replicas is the one all-reduce of the outer step.
+  specs = _specs(replicas.params)
   delta_f = [
-    jnp.mean((o[None] - i[:, s]).astype(comm_dtype), axis=0).astype(o.dtype) if m else jnp.zeros_like(o)
-    for o, i, s, m in zip(outer_f, inner, cuts, mine)
+    mean_drift(o, i[:, s], spec, comm_dtype) if m else jnp.zeros_like(o)
+    for o, i, s, m, spec in zip(outer_f, inner, cuts, mine, specs)
   ]
   outer_f_tree = jax.tree.unflatten(treedef, outer_f)
   updates_f, new_opt_f = outer_tx.update(jax.tree.unflatten(treedef, delta_f), opt_states[f], outer_f_tree)
@@ -147,7 +218,7 @@ def sync(params, opt_states, replicas: Replicas, *, f: int, fragments: int, oute
   inner = [
     x.at[:, s].set(jnp.broadcast_to(v, x[:, s].shape)) if m else x for x, s, v, m in zip(inner, cuts, new_outer_f, mine)
   ]
-  sent = sum(int(np.prod(x.shape)) for x, m in zip(delta_f, mine) if m) * jnp.dtype(comm_dtype).itemsize
+  sent = sum(payload_bytes(x.shape, comm_dtype) for x, m in zip(delta_f, mine) if m)
   replicas = replicas.replace(params=jax.tree.unflatten(inner_def, inner), outer_update_norm=optax.tree.norm(updates_f))
   return params, opt_states, replicas, jnp.float32(sent)
 
