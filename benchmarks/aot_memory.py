@@ -37,6 +37,19 @@ ROWS = [
     2,
     ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.dcn_data=2", "--config.train.microbatches=16"],
   ),
+  # DiLoCo: a replica per slice (mesh.dcn_diloco=2), FSDP inside each; the state adds the outer model and momentum.
+  (
+    "llama_1b",
+    "v5e:2x2",
+    2,
+    [
+      "--config.mesh.data=1",
+      "--config.mesh.fsdp=-1",
+      "--config.train.diloco.replicas=2",
+      "--config.train.diloco.comm_dtype=int8",
+      "--config.train.microbatches=16",
+    ],
+  ),
   ("llama3_8b", "v5p:2x2x2", 1, []),
   ("llama3_8b", "v5p:2x2x2", 1, ["--config.train.microbatches=64"]),
   # MoE: experts over mesh.expert (8), everything else FSDP; the batch split over fsdp x expert.
