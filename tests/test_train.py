@@ -138,6 +138,7 @@ def test_cli_writes_config_metrics_and_tensorboard(tmp_path):
     "tensor": 1,
     "dcn_data": 1,
     "dcn_fsdp": 1,
+    "dcn_diloco": 1,
   }
   assert cfg["model"]["compute_dtype"] == "float32"
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
