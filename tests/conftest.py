@@ -11,6 +11,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="maxl
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+from gcs_emulator import STATIC_ENV  # noqa: E402
+
+for _key, _value in STATIC_ENV.items():  # before anything imports fsspec or gcsfs
+  os.environ.setdefault(_key, _value)
+
 import jax  # noqa: E402  (after XLA_FLAGS)
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
@@ -50,3 +55,13 @@ def cli_env(num_devices: int = 1) -> dict[str, str]:
 def devices():
   assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set in conftest.py)"
   return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator on 127.0.0.1 for the session (tests/gcs_emulator.py); its bucket is `gcs_emulator.BUCKET`."""
+  from gcs_emulator import Emulator
+
+  emulator = Emulator()
+  yield emulator
+  emulator.stop()
