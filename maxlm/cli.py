@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from absl import flags
 
-from maxlm import config, errors, provenance
+from maxlm import config, errors, provenance, storage
 from maxlm.errors import RunFailed, UserError
 from maxlm.parallel import distributed
 from maxlm.training import hostmem
@@ -88,6 +88,13 @@ def _distributed_flags(flag_values: flags.FlagValues) -> dict:
 
 def check_new_directory(flag: str, path: str) -> None:
   """Fails early, before any work, when `path` cannot become a directory of outputs."""
+  if storage.is_remote(path):
+    if storage.isfile(path):
+      raise UserError(f"{flag}={path} is an object, not a directory: pass a prefix (gs://bucket/dir)")
+    bucket = "gs://" + path.split("://", 1)[1].split("/", 1)[0]
+    if not storage.exists(bucket):
+      raise UserError(f"{flag}={path}: no bucket {bucket} (or no access to it); create it or pass another")
+    return
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"{flag}={path} is a file, not a directory: pass a directory (it is created when missing)")
   parent = os.path.dirname(os.path.abspath(path))
@@ -114,8 +121,8 @@ def _train(args: list[str]) -> None:
   if not workdir.value:
     raise UserError("missing --workdir: pass a directory for the run's outputs, e.g. --workdir=/tmp/run")
   check_new_directory("--workdir", workdir.value)
-  has_run = os.path.exists(os.path.join(workdir.value, "metrics.jsonl"))
-  if has_run and not os.path.isdir(os.path.join(workdir.value, "checkpoints")):
+  has_run = storage.exists(storage.join(workdir.value, "metrics.jsonl"))
+  if has_run and not storage.isdir(storage.join(workdir.value, "checkpoints")):
     raise UserError(
       f"--workdir={workdir.value} holds a run without checkpoints to resume from: pass a new directory, or delete "
       "that one"

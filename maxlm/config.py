@@ -18,6 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import base
+from maxlm import storage
 from maxlm.errors import UserError
 from maxlm.files import read_json_object
 
@@ -334,7 +335,7 @@ def validate(
     )
   if not check_paths:
     return resolved
-  if t.init_from and not os.path.isdir(t.init_from):
+  if t.init_from and not storage.isdir(t.init_from):
     raise UserError(
       f"train.init_from={t.init_from!r}: no such directory; pass a maxlm workdir (a trained run, or "
       "a model imported with maxlm convert from-hf)"
@@ -343,14 +344,14 @@ def validate(
   if d.source == "tokens":
     if not d.path:
       raise UserError("data.source='tokens' needs data.path: pass --config.data.path=FILE")
-    if not os.path.isfile(d.path):
+    if not storage.isfile(d.path):
       raise UserError(f"data.path={d.path!r}: no such file")
   if d.source == "prepared":
     paths = [p for p in d.path.split(",") if p]
     if not paths:
       raise UserError("data.source='prepared' needs data.path: pass --config.data.path=DIR[,DIR...]")
     for path in paths:
-      if not os.path.isfile(os.path.join(path, "manifest.json")):
+      if not storage.isfile(storage.join(path, "manifest.json")):
         raise UserError(
           f"data.path: {path!r} is not a prepared dataset (no manifest.json): make one with "
           "maxlm data prepare, or pass its directory"
@@ -516,7 +517,7 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
   replica); the files the config names are not checked (eval checks its data itself). Keys added to the schema
   after the run was written take their defaults.
   """
-  path = os.path.join(workdir, "config.json")
+  path = storage.join(workdir, "config.json")
   saved = read_saved(workdir)
 
   def merged(defaults: dict, values: dict) -> dict:
@@ -537,9 +538,9 @@ def load_workdir(workdir: str, *, platform: str = "cpu") -> ml_collections.Confi
 def read_saved(workdir: str, flag: str = "--workdir") -> dict:
   """The resolved config a run or an imported model saved (`<workdir>/config.json`), as a dict of groups; `flag`
   names where the directory came from in messages."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    why = "no such directory" if not os.path.isdir(workdir) else "no config.json"
+  path = storage.join(workdir, "config.json")
+  if not storage.isfile(path):
+    why = "no such directory" if not storage.isdir(workdir) else "no config.json"
     raise UserError(f"{flag}={workdir}: {why}; pass a maxlm run or a model imported with maxlm convert from-hf")
   saved = read_json_object(path, "the run's config was damaged; restore it")
   if not all(isinstance(v, dict) for v in saved.values()):
@@ -550,8 +551,8 @@ def read_saved(workdir: str, flag: str = "--workdir") -> dict:
 def lineage(workdir: str) -> Iterator[tuple[str, dict]]:
   """(workdir, its saved config) for the workdir and the chain of `train.init_from` it started from."""
   seen = set()
-  while workdir and os.path.abspath(workdir) not in seen and os.path.isfile(os.path.join(workdir, "config.json")):
-    seen.add(os.path.abspath(workdir))
+  while workdir and storage.resolve(workdir) not in seen and storage.isfile(storage.join(workdir, "config.json")):
+    seen.add(storage.resolve(workdir))
     saved = read_saved(workdir)
     yield workdir, saved
     workdir = saved.get("train", {}).get("init_from", "")

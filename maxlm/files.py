@@ -9,13 +9,25 @@ import os
 import shutil
 from collections.abc import Iterator
 
+from maxlm import storage
 from maxlm.errors import UserError
 
 
 @contextlib.contextmanager
-def partial_directory(final: str) -> Iterator[str]:
+def partial_directory(final: str, last: tuple[str, ...] = ()) -> Iterator[str]:
   """Yields `<final>.partial` (emptied first: an interrupted earlier attempt) to write into; renames it to `final`
-  when the block succeeds, and deletes it when the block fails (giving the space back)."""
+  when the block succeeds, and deletes it when the block fails (giving the space back).
+
+  For a bucket `final` (`gs://`) the block writes into a local staging directory instead, uploaded when it
+  succeeds with the top-level files in `last` (the marks of completeness readers check) uploaded after the rest."""
+  if storage.is_remote(final):
+    staging = storage.staging_dir(final, "output")
+    try:
+      yield staging
+      storage.upload_tree(staging, final, last)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+    return
   partial = final.rstrip("/") + ".partial"
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
@@ -25,18 +37,6 @@ def partial_directory(final: str) -> Iterator[str]:
     shutil.rmtree(partial, ignore_errors=True)
     raise
   os.replace(partial, final)
-
-
-def write_atomically(path: str, data: str | bytes) -> None:
-  """Writes `path` through a temporary file renamed over it: a failed write leaves the old file whole."""
-  tmp = path + ".tmp"
-  try:
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def reserve(path: str, nbytes: int) -> None:
@@ -52,8 +52,7 @@ def reserve(path: str, nbytes: int) -> None:
 def read_json_object(path: str, fix: str) -> dict:
   """The JSON object in `path`; a file that is not one is a UserError ending with `fix` (what the user should do)."""
   try:
-    with open(path, "rb") as f:
-      data = json.load(f)
+    data = json.loads(storage.read_text(path))
   except ValueError as e:
     raise UserError(f"{path} is not valid JSON ({' '.join(str(e).split())}): {fix}") from None
   if not isinstance(data, dict):

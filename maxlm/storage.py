@@ -150,42 +150,67 @@ def cache_dir() -> str:
 
 
 def local_copy(path: str, what: str) -> str:
-  """A local directory with the files of `path`: `path` itself when local; else a copy under the cache
+  """A local file or directory with the content of `path`: `path` itself when local; else a copy under the cache
   (`$MAXLM_CACHE/remote/`), made once per source and content (listed names and sizes) and reused after, so that
   readers memory-map local files instead of fetching ranges per step. `what` names the content in messages."""
   if not is_remote(path):
     return path
   source = Path(path)
-  files = [(name, source.joinpath(name).stat().length) for name in _files(source)]
+  single = source.is_file()
+  root = source.parent if single else source
+  files = [(name, root.joinpath(name).stat().length) for name in ([source.name] if single else _files(source))]
   if not files:
     raise UserError(f"{path}: no such {what} (nothing under that prefix); check the bucket and path")
   key = hashlib.sha256(json.dumps([resolve(path), files]).encode()).hexdigest()[:16]
   local = os.path.join(cache_dir(), "remote", f"{source.name}-{key}")
+  found = os.path.join(local, source.name) if single else local
   if os.path.isfile(os.path.join(local, ".complete")):
-    return local
-  partial = local + ".partial"
+    return found
+  need, free = sum(size for _, size in files), free_bytes(local)
+  if free is not None and free < need + (64 << 20):
+    raise UserError(
+      f"{path}: the {what} needs {need / 1e9:.2f} GB in the local cache {cache_dir()} and {free / 1e9:.2f} GB are "
+      "free: point MAXLM_CACHE at a larger disk"
+    )
+  partial = f"{local}.partial-{os.getpid()}"  # Processes sharing a host may copy at once: each its own.
   shutil.rmtree(partial, ignore_errors=True)
-  for name, size in files:
-    out = os.path.join(partial, name)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with source.joinpath(name).open("rb") as src, open(out, "wb") as dst:
-      shutil.copyfileobj(src, dst, 16 << 20)
-    if os.path.getsize(out) != size:
-      raise UserError(f"{path}/{name} changed while it was copied; rerun when nothing writes to it")
-  with open(os.path.join(partial, ".complete"), "w") as f:
-    f.write(resolve(path) + "\n")
+  try:
+    for name, size in files:
+      out = os.path.join(partial, name)
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      with root.joinpath(name).open("rb") as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+      if os.path.getsize(out) != size:
+        raise UserError(f"{path}/{name} changed while it was copied; rerun when nothing writes to it")
+    with open(os.path.join(partial, ".complete"), "w") as f:
+      f.write(resolve(path) + "\n")
+    os.replace(partial, local)
+  except OSError:
+    if not os.path.isfile(os.path.join(local, ".complete")):  # Else another process finished the same copy first.
+      raise
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
+  return found
+
+
+def upload_tree(local: str, remote: str, last: tuple[str, ...] = ()) -> None:
+  """Copies a local directory's files to `remote` (a bucket prefix), streamed in chunks. The top-level files named
+  in `last` go after all others: readers take them as the mark of a complete directory (a dataset's
+  manifest.json, a workdir's config.json), so an interrupted upload never looks complete."""
+  names = sorted(os.path.relpath(os.path.join(root, n), local) for root, _, files in os.walk(local) for n in files)
+  for name in sorted(names, key=lambda n: n in last):
+    with open(os.path.join(local, name), "rb") as f, Path(join(remote, name)).open("wb") as out:
+      shutil.copyfileobj(f, out, 16 << 20)
+
+
+def staging_dir(remote: str, what: str) -> str:
+  """A local directory (emptied) in which to build `what` (a name: "dataset", "metrics") of `remote` before it is
+  uploaded."""
+  key = hashlib.sha256(f"{resolve(remote)} {what}".encode()).hexdigest()[:16]
+  local = os.path.join(cache_dir(), "staging", f"{epath.Path(remote).name}-{what}-{key}")
   shutil.rmtree(local, ignore_errors=True)
-  os.replace(partial, local)
+  os.makedirs(local)
   return local
-
-
-def upload_tree(local: str, remote: str) -> None:
-  """Copies a local directory's files to `remote` (a bucket prefix), the largest streamed in chunks."""
-  for root, _, names in os.walk(local):
-    for name in names:
-      src = os.path.join(root, name)
-      with open(src, "rb") as f, Path(join(remote, os.path.relpath(src, local))).open("wb") as out:
-        shutil.copyfileobj(f, out, 16 << 20)
 
 
 def _check_gcs_installed() -> None:

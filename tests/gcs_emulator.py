@@ -42,12 +42,32 @@ def _add_move_to(server_module, objects) -> None:
   server_module.HANDLERS = (route, *server_module.HANDLERS)
 
 
+def _add_generation_headers(server_module, objects) -> None:
+  """Downloads answer with the object's generation in `x-goog-generation`, as GCS does: tensorstore (Orbax's
+  OCDBT manifests) reads it on every read and refuses a response without it ("Malformed StorageGeneration")."""
+  original = objects.download
+
+  def download(request, response, storage, *args, **kwargs):
+    original(request, response, storage, *args, **kwargs)
+    if response.status in (200, 206):
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+  objects.download = download  # objects.get serves ?alt=media through this name
+  server_module.HANDLERS = tuple(
+    (route, {method: download if fn is original else fn for method, fn in methods.items()})
+    for route, methods in server_module.HANDLERS
+  )
+
+
 class Emulator:
   def __init__(self):
     from gcp_storage_emulator import server
     from gcp_storage_emulator.handlers import objects
 
     _add_move_to(server, objects)
+    _add_generation_headers(server, objects)
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
     self.port = _free_port()
     self.url = f"http://127.0.0.1:{self.port}"

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from maxlm import storage
 from maxlm.data import dataset
 from maxlm.errors import UserError
 
@@ -68,6 +69,7 @@ class TokenFileSource:
   """
 
   def __init__(self, path: str, dtype: str, seq_len: int, seed: int, split: int, eval_fraction: float):
+    path = storage.local_copy(path, "token file")  # A bucket's file is read from a local copy (a memory map).
     self.path, self.dtype, self.seq_len, self.seed, self.split = os.path.abspath(path), dtype, seq_len, seed, split
     n = os.path.getsize(path) // np.dtype(dtype).itemsize
     cut = int(n * (1 - eval_fraction))
@@ -112,6 +114,7 @@ class PackedSource:
   """
 
   def __init__(self, directory: str, split: str, seq_len: int, seed: int):
+    directory = storage.local_copy(directory, "prepared dataset")  # A bucket's dataset: a local copy, made once.
     self.directory, self.split, self.seq_len, self.seed = os.path.abspath(directory), split, seq_len, seed
     self._tokens, self.offsets, self.manifest = dataset.load_split(directory, split)
     self.lengths = np.diff(self.offsets)

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import tqdm
 
+from maxlm import storage
 from maxlm.data import corpus, dataset, quality
 from maxlm.data import dedup as dedup_lib
 from maxlm.data.tokenizer import Tokenizer
@@ -103,11 +104,10 @@ def prepare(
   }
   if dedup == "near":
     arguments.update(near_threshold=near_threshold, shingle_words=shingle_words)
-  existing = os.path.join(output, "manifest.json")
-  if os.path.exists(existing):
+  existing = storage.join(output, "manifest.json")
+  if storage.exists(existing):
     try:
-      with open(existing, "rb") as f:
-        manifest = json.load(f)
+      manifest = json.loads(storage.read_text(existing))
     except ValueError:
       manifest = None
     if not isinstance(manifest, dict):
@@ -119,14 +119,15 @@ def prepare(
       f"--output={output} holds a different dataset (other inputs, settings or format version): "
       "choose another --output, or delete it"
     )
-  if os.path.exists(output):
+  if storage.exists(output):
     raise UserError(f"--output={output} exists and is not a prepared dataset: choose another --output")
 
   dtype = dataset.token_dtype(tok.vocab_size)
   rule_sets = [name for name in quality.RULE_SETS if filters in (name, "default")]
   curator = _Curator(input_files, dedup, near_threshold if dedup == "near" else None, rule_sets)
-  # Written into <output>.partial, renamed when complete and deleted on any failure (the space comes back).
-  with partial_directory(output) as partial:
+  # Written into <output>.partial, renamed when complete and deleted on any failure (the space comes back); for a
+  # bucket, built locally and uploaded with manifest.json last (readers take it as the mark of a complete dataset).
+  with partial_directory(output, last=("manifest.json",)) as partial:
     writers = {split: dataset.SplitWriter(os.path.join(partial, split), dtype) for split in dataset.SPLITS}
     skipped = collections.Counter()
     options = {

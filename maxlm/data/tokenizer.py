@@ -16,9 +16,8 @@ from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
-from maxlm import config
+from maxlm import config, storage
 from maxlm.errors import UserError
-from maxlm.files import write_atomically
 
 MODEL_TYPES = ("bpe", "unigram")
 MIN_VOCAB = 260  # 256 byte-fallback tokens, pad, unk, bos, eos
@@ -28,8 +27,7 @@ LINE_CHARS = 4000  # Longest piece of a line handed to SentencePiece (its limit 
 class Tokenizer:
   def __init__(self, path: str):
     try:
-      with open(path, "rb") as f:
-        self.model_bytes = f.read()
+      self.model_bytes = storage.Path(path).read_bytes()
       self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
     except (OSError, RuntimeError) as e:
       raise UserError(f"{path}: not a readable SentencePiece model ({' '.join(str(e).split())})") from None
@@ -60,11 +58,9 @@ class Tokenizer:
 def from_manifest(dataset: str) -> Tokenizer | None:
   """The tokenizer a prepared dataset was made with, if its recorded file still exists with the recorded hash."""
   try:
-    with open(os.path.join(dataset, "manifest.json")) as f:
-      info = json.load(f)["tokenizer"]
-    with open(info["path"], "rb") as f:
-      if hashlib.sha256(f.read()).hexdigest() != info["sha256"]:
-        return None
+    info = json.loads(storage.read_text(storage.join(dataset, "manifest.json")))["tokenizer"]
+    if hashlib.sha256(storage.Path(info["path"]).read_bytes()).hexdigest() != info["sha256"]:
+      return None
   except (OSError, KeyError, ValueError):
     return None
   return Tokenizer(info["path"])
@@ -78,13 +74,12 @@ def for_run(workdir: str) -> tuple[Tokenizer | None, bool]:
   BOS: `maxlm data prepare` adds none), found by the path and SHA-256 its manifest records.
   """
   for directory, saved in config.lineage(workdir):
-    path = os.path.join(directory, "tokenizer.model")
-    if os.path.isfile(path):
-      side = os.path.join(directory, "hf", "tokenizer_config.json")
+    path = storage.join(directory, "tokenizer.model")
+    if storage.isfile(path):
+      side = storage.join(directory, "hf", "tokenizer_config.json")
       add_bos = True
-      if os.path.isfile(side):
-        with open(side) as f:
-          add_bos = bool(json.load(f).get("add_bos_token", True))
+      if storage.isfile(side):
+        add_bos = bool(json.loads(storage.read_text(side)).get("add_bos_token", True))
       return Tokenizer(path), add_bos
     data = saved.get("data", {})
     if data.get("source") == "prepared":
@@ -154,5 +149,5 @@ def train(
     if counted[0] == 0:
       raise UserError("--input: no text to train on (every input was skipped or empty)") from None
     raise UserError(f"tokenizer training failed: {' '.join(str(e).split())}") from None
-  write_atomically(output, model.getvalue())  # Never a half-written model, even on a full disk.
+  storage.write_atomically(output, model.getvalue())  # Never a half-written model, even on a full disk.
   return Tokenizer(output)

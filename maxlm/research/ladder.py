@@ -33,9 +33,9 @@ import numpy as np
 from configs import base
 from maxlm import config
 from maxlm.errors import UserError
-from maxlm.files import write_atomically
 from maxlm.model import flops
 from maxlm.research import fit, sweep
+from maxlm.storage import write_atomically
 from maxlm.training import summary
 
 log = logging.getLogger("maxlm")

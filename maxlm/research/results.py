@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 
-from maxlm.files import write_atomically
+from maxlm.storage import write_atomically
 from maxlm.training import summary
 
 METRICS = (

@@ -45,9 +45,9 @@ import numpy as np
 from configs import base
 from maxlm import config
 from maxlm.errors import UserError
-from maxlm.files import write_atomically
 from maxlm.parallel import distributed
 from maxlm.research import results
+from maxlm.storage import write_atomically
 from maxlm.training import summary
 
 log = logging.getLogger("maxlm")

@@ -29,8 +29,6 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Sequence
 
 import grain
@@ -42,7 +40,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from configs import base
-from maxlm import config, errors
+from maxlm import config, errors, storage
 from maxlm.errors import RunFailed, UserError
 from maxlm.model import transformer
 from maxlm.parallel import mesh as mesh_lib
@@ -52,7 +50,7 @@ log = logging.getLogger("maxlm")
 
 class Checkpointer:
   def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = storage.join(storage.resolve(workdir), "checkpoints")
     c = cfg.checkpoint
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -120,9 +118,9 @@ class Checkpointer:
     """Refuses to start a save the file system cannot hold (every process checks its own shards), so a full disk
     stops the run with a report instead of a half-written checkpoint and the storage library's errors."""
     need = int(1.1 * _local_bytes(state)) + (4 << 20)
-    free = shutil.disk_usage(self.directory).free
-    if not _everywhere(free >= need):
-      where = f"{free / 1e6:.0f} MB are free" if free < need else "another process lacks the space"
+    free = storage.free_bytes(self.directory)  # None on a bucket: nothing to check.
+    if not _everywhere(free is None or free >= need):
+      where = f"{free / 1e6:.0f} MB are free" if free is not None and free < need else "another process lacks the space"
       raise RunFailed(
         f"not enough free space for the checkpoint of step {step} in {self.directory}: it needs about "
         f"{need / 1e6:.0f} MB and {where}; {self._resume_hint()}"
@@ -137,7 +135,7 @@ class Checkpointer:
   def _resume_hint(self) -> str:
     with contextlib.suppress(Exception):  # A save may still be finishing (its own error is the same problem).
       self.manager.wait_until_finished()
-    steps = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit()) if os.path.isdir(self.directory) else []
+    steps = complete_steps(self.directory)
     if not steps:
       return "no checkpoint was completed: free space (or fix the directory) and rerun"
     return (
@@ -201,9 +199,9 @@ class Checkpointer:
       "checkpoint step %d is unreadable (%s); moved to checkpoints_corrupt/, trying an older one", step, reason
     )
     if jax.process_index() == 0:
-      corrupt = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
-      os.makedirs(corrupt, exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), os.path.join(corrupt, str(step)))
+      corrupt = storage.join(str(storage.Path(self.directory).parent), "checkpoints_corrupt")
+      storage.makedirs(corrupt)
+      storage.move_tree(storage.join(self.directory, str(step)), storage.join(corrupt, str(step)))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"maxlm_set_aside_{step}")  # Nobody reloads before the move is done.
     self.manager.reload()
@@ -214,6 +212,14 @@ class Checkpointer:
     finally:
       self._writer.shutdown()
       self.manager.close()
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps of the complete checkpoints in `directory` (on a bucket a step's directory exists while it is being
+  written; Orbax marks it complete last)."""
+  if not any(name.isdigit() for name in storage.listdir(directory)):
+    return []
+  return sorted(ocp.utils.checkpoint_steps(storage.resolve(directory)))
 
 
 class _Position:
@@ -354,24 +360,24 @@ def save_params(directory: str, params) -> None:
     (jax.Array, ocp.type_handlers.ArrayHandler()),
   )  # Unused here; its absence is logged as a warning.
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
-  checkpointer.save(os.path.abspath(directory), args=ocp.args.PyTreeSave({"params": params}))
+  checkpointer.save(storage.resolve(directory), args=ocp.args.PyTreeSave({"params": params}))
 
 
 def params_location(workdir: str, step: int | None = None, flag: str = "--workdir") -> tuple[str, int | None]:
   """(directory, step) of a workdir's parameters: `checkpoints/<step>/state` (the newest complete one unless
   `step` is given), else the imported `params/` (step None)."""
-  checkpoints = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) if os.path.isdir(checkpoints) else []
+  checkpoints = storage.join(workdir, "checkpoints")
+  steps = complete_steps(checkpoints)
   if step is not None:
     if step not in steps:
       raise UserError(
         f"--step={step}: {workdir} has no checkpoint at that step (it has: {', '.join(map(str, steps)) or 'none'})"
       )
-    return os.path.join(checkpoints, str(step), "state"), step
+    return storage.join(checkpoints, str(step), "state"), step
   if steps:
-    return os.path.join(checkpoints, str(steps[-1]), "state"), steps[-1]
-  if os.path.isdir(os.path.join(workdir, PARAMS_DIR)):
-    return os.path.join(workdir, PARAMS_DIR), None
+    return storage.join(checkpoints, str(steps[-1]), "state"), steps[-1]
+  if storage.isdir(storage.join(workdir, PARAMS_DIR)):
+    return storage.join(workdir, PARAMS_DIR), None
   raise UserError(
     f"{flag}={workdir} has no checkpoints and no imported parameters: train with "
     "checkpoint.every_steps > 0, or import a model with maxlm convert from-hf"
@@ -391,7 +397,7 @@ def restore_params(directory: str, abstract_params, names: Sequence[str] | None 
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
     restored = checkpointer.restore(
-      os.path.abspath(directory),
+      storage.resolve(directory),
       args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
       ),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import shutil
 import signal
 import threading
 import time
@@ -22,10 +22,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from maxlm import storage
 from maxlm.config import profile_steps
 from maxlm.data import pipeline
 from maxlm.errors import UserError
-from maxlm.files import write_atomically
 from maxlm.model import flops
 from maxlm.parallel import context
 from maxlm.parallel import mesh as mesh_lib
@@ -192,10 +192,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None, *, stop_at_s
   """
   started = time.monotonic()
   is_main = jax.process_index() == 0
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if cfg.train.init_from and not (os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))):
+  if cfg.train.init_from and not any(d.isdigit() for d in storage.listdir(storage.join(workdir, "checkpoints"))):
     _init_source(cfg)  # A wrong train.init_from is reported before anything is compiled or created.
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   s = setup(cfg, devices)
   ckpt = Checkpointer(workdir, cfg) if cfg.checkpoint.every_steps > 0 else None
   guard = Guard(cfg.train.guard)
@@ -212,7 +211,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, devices=None, *, stop_at_s
       ckpt.close()
     return []
   if is_main:  # Only once the run can go on: a refused resume leaves the run's config.json as it was.
-    write_atomically(os.path.join(workdir, "config.json"), cfg.to_json(indent=2))
+    storage.write_atomically(storage.join(workdir, "config.json"), cfg.to_json(indent=2))
 
   def finish(status: str, reason: str | None) -> None:
     if is_main:
@@ -275,7 +274,7 @@ def _train(
   t, c, num_devices = cfg.train, cfg.checkpoint, s.mesh.size
   writer = MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard, enabled=is_main, after_step=start)
   progress = Progress(t.steps, enabled=is_main, initial=start)
-  profiler = _Profiler(cfg.metrics.profile_steps, os.path.join(workdir, "profile"), enabled=is_main)
+  profiler = _Profiler(cfg.metrics.profile_steps, storage.join(workdir, "profile"), enabled=is_main)
   stop = StopRequest()
   records, in_flight, stopping, status, reason = [], None, False, "finished", None
   window_start, window_steps, last_save = time.perf_counter(), 0, time.monotonic()
@@ -334,6 +333,8 @@ def _train(
         progress.update(step, record)
         records.append(record)
         window_start, window_steps = time.perf_counter(), 0
+      if saved:
+        writer.sync()  # A bucket workdir's records reach it with each checkpoint (a resume finds them).
       if reached and t.stop_at_target and step < t.steps:
         if ckpt and not saved:
           save(step, wait=True)
@@ -397,15 +398,18 @@ def _rollback(
 
 
 class _Profiler:
-  """A JAX profiler trace (TensorBoard / Perfetto) of the steps `metrics.profile_steps`, on process 0."""
+  """A JAX profiler trace (TensorBoard / Perfetto) of the steps `metrics.profile_steps`, on process 0; traced
+  into a local directory and uploaded when done for a bucket workdir."""
 
   def __init__(self, spec: str, directory: str, enabled: bool):
     self.steps = profile_steps(spec) if enabled else None
-    self.directory, self.active = directory, False
+    self.directory, self.active, self.local = directory, False, directory
 
   def before(self, step: int) -> None:
     if self.steps and step == self.steps[0]:
-      jax.profiler.start_trace(self.directory)
+      if storage.is_remote(self.directory):
+        self.local = storage.staging_dir(self.directory, "profile")
+      jax.profiler.start_trace(self.local)
       self.active = True
 
   def after(self, step: int, state) -> None:
@@ -418,6 +422,9 @@ class _Profiler:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+      if self.local != self.directory:
+        storage.upload_tree(self.local, self.directory)
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 class StopRequest:

@@ -1,6 +1,9 @@
 """Run outputs: `metrics.jsonl` (one JSON object per logged step), TensorBoard events, a progress line.
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. A bucket workdir (`gs://`) has no append:
+the files are written in a local mirror (under `$MAXLM_CACHE/staging/`) and uploaded whole by `sync`, which the
+loop calls at every checkpoint (so a resumed run finds the records up to its checkpoint), every `upload_every_s`
+seconds, and at `close`.
 """
 
 from __future__ import annotations
@@ -9,19 +12,30 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import time
 
 import tqdm
+
+from maxlm import storage
 
 log = logging.getLogger("maxlm")
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, *, tensorboard: bool, enabled: bool = True, after_step: int = 0):
+  def __init__(
+    self, workdir: str, *, tensorboard: bool, enabled: bool = True, after_step: int = 0, upload_every_s: float = 30
+  ):
     """`after_step`: a resumed run's starting step; records of later steps (from the lost part of the
     interrupted run) are dropped from metrics.jsonl, since this run writes them again."""
-    self.enabled = enabled
-    path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled, self.workdir, self.upload_every_s = enabled, workdir, upload_every_s
+    self.remote = enabled and storage.is_remote(workdir)
+    self.local = storage.staging_dir(workdir, "metrics") if self.remote else workdir
+    path = os.path.join(self.local, "metrics.jsonl")
+    if self.remote and storage.isfile(storage.join(workdir, "metrics.jsonl")):
+      with open(path, "wb") as f:
+        f.write(storage.Path(storage.join(workdir, "metrics.jsonl")).read_bytes())
     if enabled and os.path.exists(path):
       _drop_records_after(path, after_step)
     self._jsonl = open(path, "a") if enabled else None
@@ -29,7 +43,17 @@ class MetricsWriter:
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter  # noqa: PLC0415  Here: it imports torch when installed (seconds).
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(os.path.join(self.local, "tb"))
+    self._synced = time.monotonic()
+    if self.remote:
+      self.sync()  # The dropped records are dropped there too.
+
+  def sync(self) -> None:
+    """Uploads metrics.jsonl and the TensorBoard events of a bucket workdir (nothing to do for a local one)."""
+    if not self.remote:
+      return
+    storage.upload_tree(self.local, self.workdir)
+    self._synced = time.monotonic()
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -46,12 +70,17 @@ class MetricsWriter:
             if isinstance(v, (int, float)):
               self._tb.add_scalar(f"{key}/{i}", v, clean["step"])
       self._tb.flush()
+    if self.remote and time.monotonic() - self._synced > self.upload_every_s:
+      self.sync()
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self.remote:
+      self.sync()
+      shutil.rmtree(self.local, ignore_errors=True)
 
 
 def _drop_records_after(path: str, step: int) -> None:

@@ -18,11 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 
-from maxlm import provenance
-from maxlm.files import write_atomically
+from maxlm import provenance, storage
 
 STATUSES = ("finished", "stopped", "diverged", "failed", "pruned")
 FILE = "summary.json"
@@ -30,8 +28,7 @@ FILE = "summary.json"
 
 def read(workdir: str) -> dict | None:
   try:
-    with open(os.path.join(workdir, FILE)) as f:
-      data = json.load(f)
+    data = json.loads(storage.read_text(storage.join(workdir, FILE)))
   except (OSError, ValueError):
     return None
   return data if isinstance(data, dict) and data.get("status") in STATUSES else None
@@ -41,16 +38,16 @@ def records(workdir: str) -> list[dict]:
   """The step records of `metrics.jsonl` (guard events and unreadable lines left out), in order."""
   out = []
   try:
-    with open(os.path.join(workdir, "metrics.jsonl"), errors="replace") as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and "loss" in record:
-          out.append(record)
+    lines = storage.read_text(storage.join(workdir, "metrics.jsonl"), errors="replace").splitlines()
   except OSError:
-    pass
+    return out
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and "loss" in record:
+      out.append(record)
   return out
 
 
@@ -129,5 +126,5 @@ def write(workdir: str, cfg: dict, figures: dict, *, wall_time_s: float, reason:
     **extra,
   }
   data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
-  write_atomically(os.path.join(workdir, FILE), json.dumps(data, indent=2) + "\n")
+  storage.write_atomically(storage.join(workdir, FILE), json.dumps(data, indent=2) + "\n")
   return data
