@@ -52,7 +52,7 @@ import numpy as np
 from safetensors import safe_open  # framework="numpy" below: the conversion never imports torch
 
 from configs import base
-from maxlm import config, files
+from maxlm import config, files, storage
 from maxlm.data import tokenizer
 from maxlm.errors import UserError
 from maxlm.model import transformer
@@ -455,9 +455,10 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   """Imports a Hugging Face Llama/Mistral directory into a new maxlm workdir; returns a summary."""
   if param_dtype not in base.PARAM_DTYPES:
     raise UserError(f"--param_dtype={param_dtype}: choose one of {', '.join(base.PARAM_DTYPES)}")
+  hf_dir = storage.local_copy(hf_dir, "Hugging Face model")  # From a bucket: read from a local copy.
   hf = read_hf_config(hf_dir)
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and os.listdir(workdir):
+  workdir = storage.resolve(workdir)
+  if storage.listdir(workdir):
     raise UserError(f"--workdir={workdir} exists and is not empty: choose a new directory")
   try:
     mapped = model_config_from_hf(hf)
@@ -480,7 +481,7 @@ def from_hf(hf_dir: str, workdir: str, *, param_dtype: str = "float32") -> dict:
   sp_path = os.path.join(hf_dir, "tokenizer.model")
   tok = tokenizer.Tokenizer(sp_path) if os.path.isfile(sp_path) else None
 
-  with files.partial_directory(workdir) as partial:
+  with files.partial_directory(workdir, last=("config.json",)) as partial:
     scratch = os.path.join(partial, "scratch")
     os.makedirs(scratch)
     _, abstract = checkpoint.abstract_params(resolved.model)
@@ -576,8 +577,8 @@ def parse_size(text: str) -> int:
 
 def _side_file(workdir: str, name: str) -> str | None:
   for directory, _ in config.lineage(workdir):
-    path = os.path.join(directory, "hf", name)
-    if os.path.isfile(path):
+    path = storage.join(directory, "hf", name)
+    if storage.isfile(path):
       return path
   return None
 
@@ -604,16 +605,15 @@ def to_hf(
     token_ids = {k + "_token_id": getattr(tok.sp, k + "_id")() for k in ("bos", "eos", "pad")}
     token_ids = {k: v for k, v in token_ids.items() if v >= 0}
   elif _side_file(workdir, "config.json"):
-    with open(_side_file(workdir, "config.json")) as f:
-      imported = json.load(f)
+    imported = json.loads(storage.read_text(_side_file(workdir, "config.json")))
     token_ids = {
       k: imported[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if imported.get(k) is not None
     }
   source_model = cfg.model
   cfg = _as_exported(cfg)
   hf = hf_config(cfg, dtype, token_ids)
-  out = os.path.abspath(out)
-  if os.path.exists(out) and os.listdir(out):
+  out = storage.resolve(out)
+  if storage.listdir(out):
     raise UserError(f"--out={out} exists and is not empty: choose a new directory")
   m = cfg.model
   np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
@@ -625,7 +625,7 @@ def to_hf(
     if len(shards) == 1
     else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
   )
-  with files.partial_directory(out) as partial:
+  with files.partial_directory(out, last=("config.json",)) as partial:
     _write_tensors(partial, names, shards, plan, directory, source_model, np_dtype, EXPORT_DTYPES[dtype])
     if len(shards) > 1:
       weight_map = {plan[j][2]: names[k] for k, shard in enumerate(shards) for j in shard}
@@ -722,7 +722,8 @@ def _write_tokenizer_files(partial: str, workdir: str, tok: tokenizer.Tokenizer 
   for name in SIDE_FILES[1:]:
     carried = _side_file(workdir, name)
     if carried:
-      shutil.copyfile(carried, os.path.join(partial, name))
+      with open(os.path.join(partial, name), "wb") as f:
+        f.write(storage.Path(carried).read_bytes())
   if tok is not None:
     with open(os.path.join(partial, "tokenizer.model"), "wb") as f:
       f.write(tok.model_bytes)
