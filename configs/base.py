@@ -20,7 +20,8 @@ ROPE_SCALING = (
 # none: keep every activation for the backward pass; full: recompute each block's forward in the backward pass;
 # dots: keep only matmul outputs; dots_no_batch: keep only matmul outputs without a batch dimension (weights-like).
 REMAT = ("none", "full", "dots", "dots_no_batch")
-DATA_SOURCES = ("synthetic", "tokens", "prepared")  # learnable walk | flat token file | maxlm data prepare output.
+# learnable walk | flat token file | maxlm data prepare output | text records tokenized as read (maxlm/data/records.py).
+DATA_SOURCES = ("synthetic", "tokens", "prepared", "array_record", "parquet")
 TOKEN_DTYPES = ("uint16", "uint32")
 SCHEDULES = ("cosine", "wsd", "constant")  # warmup + cosine | warmup-stable-decay | warmup + flat.
 # sp: standard parametrization; mup: maximal update (Yang et al. 2022): with m = d_model / model.mup_base_width, block
@@ -134,11 +135,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.source = "synthetic"  # Where training rows come from, one of DATA_SOURCES.
   d.path = (
-    ""  # source=tokens: a file of little-endian ints (data.token_dtype); prepared: dataset dir(s), comma-separated.
+    ""  # tokens: a file of little-endian ints (data.token_dtype); prepared: dataset dir(s); array_record/parquet:
+    # files, directories or globs; all comma-separated, local or gs://.
   )
+  d.tokenizer = ""  # source=array_record/parquet: the SentencePiece .model that tokenizes the records.
+  d.text_field = "text"  # source=parquet: the text column; array_record: the field of JSON records (else raw text).
   d.weights = ""  # source=prepared with several datasets: mixing weights, comma-separated (empty = equal).
   d.token_dtype = "uint16"  # Element type of the token file, one of TOKEN_DTYPES.
-  d.eval_fraction = 0.01  # source=tokens: last fraction of the file held out for eval.
+  d.eval_fraction = (
+    0.01  # source=tokens: last fraction of the file held out for eval; array_record/parquet: of records.
+  )
   d.seq_len = 64  # Tokens per training row T.
   d.seed = 0  # Data order seed (independent of the parameter init seed train.seed).
   d.num_workers = 0  # Grain worker processes for loading (0 = in the training process).

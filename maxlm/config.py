@@ -346,6 +346,18 @@ def validate(
       raise UserError("data.source='tokens' needs data.path: pass --config.data.path=FILE")
     if not storage.isfile(d.path):
       raise UserError(f"data.path={d.path!r}: no such file")
+  if d.source in ("array_record", "parquet"):
+    if not d.path:
+      raise UserError(f"data.source={d.source!r} needs data.path: pass --config.data.path=FILES (files, dirs or globs)")
+    if not d.tokenizer:
+      raise UserError(f"data.source={d.source!r} tokenizes as it reads: pass --config.data.tokenizer=FILE.model")
+    if not storage.isfile(d.tokenizer):
+      raise UserError(f"data.tokenizer={d.tokenizer!r}: no such file; pass a SentencePiece .model")
+    if d.num_workers:
+      raise UserError(
+        f"data.num_workers={d.num_workers}: data.source={d.source!r} reads in the training process; set it to 0 "
+        "(or prepare the data with maxlm data prepare for worker processes)"
+      )
   if d.source == "prepared":
     paths = [p for p in d.path.split(",") if p]
     if not paths:

@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 
 from maxlm import storage
-from maxlm.data import dataset
+from maxlm.data import dataset, records
 from maxlm.errors import UserError
 
 TRAIN, EVAL = 0, 1
@@ -257,6 +257,9 @@ def train_and_eval(
   cfg: ml_collections.ConfigDict, shard: int = 0, shards: int = 1
 ) -> tuple[Iterator, Callable[[], Iterator]]:
   """The training iterator and a factory of fresh eval iterators (the same eval batches every time)."""
+  if cfg.data.source in records.SOURCES:  # Tokenized and packed as read (maxlm/data/records.py).
+    evals = records.streams(cfg, EVAL, shard, shards)
+    return records.streams(cfg, TRAIN, shard, shards), evals.fresh
   train = iter(batches(examples(cfg, TRAIN), cfg.train.global_batch, shard, shards, cfg.data.num_workers))
   eval_examples = examples(cfg, EVAL)
 
