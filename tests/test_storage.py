@@ -207,3 +207,27 @@ def test_prepare_into_a_bucket_then_train_eval_sample_and_convert(gcs, tmp_path,
   capsys.readouterr()
   first = storage.Path(f"{exported}/model.safetensors").read_bytes()
   assert (tmp_path / "again" / "model.safetensors").read_bytes() == first  # a bucket round trip is exact
+
+
+def test_two_processes_share_a_bucket_workdir_without_a_shared_disk(gcs, tmp_path):
+  """2 processes x 4 devices to gs://, stopped at step 4 with a checkpoint and resumed: the losses of one process
+  with 8 devices, and each process's data position saved in the bucket."""
+  from test_multihost import kill_all, launch, read
+
+  workdir = f"gs://{BUCKET}/two"
+  steps = ["--config.train.steps=8", "--config.checkpoint.every_steps=4"]
+  for extra, logs_dir in ((["--stop_at_step=4"], "first"), ([], "second")):
+    procs, logs = launch(workdir, *steps, *extra, log_dir=str(tmp_path / logs_dir))
+    try:
+      codes = [p.wait(timeout=300) for p in procs]
+    finally:
+      kill_all(procs)
+    assert codes == [0, 0], [read(log)[-3000:] for log in logs]
+  assert "resumed from the checkpoint at step 4" in read(logs[0])
+  assert {"two/checkpoints/4/data/process_0-of-2.json", "two/checkpoints/4/data/process_1-of-2.json"} <= set(
+    gcs.objects("two/checkpoints/4/")
+  )
+  one = make_config(num_devices=8, **{**RUN, "train.steps": 8, "checkpoint.every_steps": 4})
+  expected = {r["step"]: r["loss"] for r in loop.run(one, str(tmp_path / "one"))}
+  got = losses(workdir)
+  np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5)
