@@ -86,8 +86,11 @@ def _distributed_flags(flag_values: flags.FlagValues) -> dict:
   }
 
 
-def check_new_directory(flag: str, path: str) -> None:
-  """Fails early, before any work, when `path` cannot become a directory of outputs."""
+def check_new_directory(flag: str, path: str, local_only: str = "") -> None:
+  """Fails early, before any work, when `path` cannot become a directory of outputs; `local_only` names what may
+  not write to a bucket (a command whose outputs stay on a local or shared disk)."""
+  if storage.is_remote(path) and local_only:
+    raise UserError(f"{flag}={path}: {local_only} keep their outputs on a local or shared disk; pass a local directory")
   if storage.is_remote(path):
     if storage.isfile(path):
       raise UserError(f"{flag}={path} is an object, not a directory: pass a prefix (gs://bucket/dir)")
@@ -152,7 +155,7 @@ def _bench(args: list[str]) -> None:
     "results_dir", "benchmarks/results", "Where the JSON and mfu.md go.", flag_values=flag_values
   )
   cfg = config.load(args, flag_values)
-  check_new_directory("--results_dir", results_dir.value)
+  check_new_directory("--results_dir", results_dir.value, local_only="benchmarks")
   import jax
 
   from maxlm.perf import bench
@@ -389,11 +392,11 @@ def _sweep(args: list[str]) -> None:
 
   if a.parallel < 1 or a.prune_eta < 2 or a.prune_rungs < 1:
     raise UserError("use --parallel >= 1, --prune_eta >= 2 and --prune_rungs >= 1")
+  check_new_directory("--workdir", a.workdir, local_only="sweeps")
   s = sweep.Sweep(a.sweep, a.workdir, sweep.parse_base_overrides(rest))
   if a.dry_run:
     print(s.describe())
     return
-  check_new_directory("--workdir", a.workdir)
   rows = sweep.execute(
     s, parallel=a.parallel, prune=a.prune, eta=a.prune_eta, rung_count=a.prune_rungs, retry_failed=a.retry_failed
   )
@@ -428,11 +431,11 @@ def _ladder(args: list[str]) -> None:
 
   if a.parallel < 1:
     raise UserError("--parallel: use 1 or more")
+  check_new_directory("--workdir", a.workdir, local_only="ladders")
   runs = ladder.LadderRuns(a.ladder, a.workdir, sweep.parse_base_overrides(rest))
   if a.dry_run:
     print(runs.describe())
     return
-  check_new_directory("--workdir", a.workdir)
   ladder.execute(runs, parallel=a.parallel)
   result = ladder.fit_directory(a.workdir, plot=os.path.join(a.workdir, "fit.png"))
   law = result["approach3"]

@@ -231,3 +231,21 @@ def test_two_processes_share_a_bucket_workdir_without_a_shared_disk(gcs, tmp_pat
   expected = {r["step"]: r["loss"] for r in loop.run(one, str(tmp_path / "one"))}
   got = losses(workdir)
   np.testing.assert_allclose([got[s] for s in range(1, 9)], [expected[s] for s in range(1, 9)], rtol=1e-5)
+
+
+def test_tokenizer_and_inputs_from_a_bucket_and_local_only_commands(gcs, tmp_path, capsys):
+  docs = "\n".join(f"line {i} of the text, with words {i * 7} and more" for i in range(300))
+  storage.write_atomically(f"gs://{BUCKET}/raw/docs.txt", docs)
+  assert cli.main(["tokenizer", "train", f"--input=gs://{BUCKET}/raw", "--vocab_size=300",
+                   f"--output=gs://{BUCKET}/tok/tok.model"]) == 0  # fmt: skip
+  tok = tokenizer.Tokenizer(f"gs://{BUCKET}/tok/tok.model")
+  assert tok.vocab_size == 300 and tok.decode(tok.encode("line 7 of")) == "line 7 of"
+  capsys.readouterr()
+  code = cli.main(["sweep", "--sweep=configs/sweeps/lr_width.py", f"--workdir=gs://{BUCKET}/sweep"])
+  assert code == 2
+  assert (
+    capsys.readouterr()
+    .err.strip()
+    .splitlines()[-1]
+    .endswith("sweeps keep their outputs on a local or shared disk; pass a local directory")
+  )

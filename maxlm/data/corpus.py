@@ -1,4 +1,5 @@
-"""Reading raw text: files, directories and globs of .txt/.md/.py, .jsonl(.gz) and .parquet, as documents.
+"""Reading raw text: files, directories and globs of .txt/.md/.py, .jsonl(.gz) and .parquet, as documents (gs://
+files and directories through a local copy).
 
 Bad input is skipped and counted, never fatal: empty files, binary files (a NUL byte), invalid UTF-8,
 JSONL lines that are not JSON or lack the text field, Parquet files without a string text column (the
@@ -19,6 +20,7 @@ import os
 import zlib
 from collections.abc import Iterator, Sequence
 
+from maxlm import storage
 from maxlm.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
@@ -32,6 +34,8 @@ def expand(paths: Sequence[str]) -> list[str]:
   """Input files in a stable order: each path as a file, a directory (recursive) or a glob."""
   files = []
   for path in paths:
+    if storage.is_remote(path):  # A bucket's file or directory: read from a local copy (no globs on a bucket).
+      path = storage.local_copy(path, "input")
     if os.path.isdir(path):
       found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(SUFFIXES))
     elif os.path.isfile(path):

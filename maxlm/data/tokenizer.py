@@ -107,9 +107,9 @@ def train(
   if vocab_size < MIN_VOCAB:
     raise UserError(f"--vocab_size={vocab_size}: use at least {MIN_VOCAB} (256 byte tokens and 4 special ones)")
   parent = os.path.dirname(os.path.abspath(output))
-  if not os.path.isdir(parent):
+  if not storage.is_remote(output) and not os.path.isdir(parent):
     raise UserError(f"--output={output}: the directory {parent} does not exist; create it or choose another path")
-  if os.path.isdir(output):
+  if storage.isdir(output):
     raise UserError(f"--output={output} is a directory: name the tokenizer file *.model")
   counted = [0]
 
