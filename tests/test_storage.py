@@ -249,3 +249,16 @@ def test_tokenizer_and_inputs_from_a_bucket_and_local_only_commands(gcs, tmp_pat
     .splitlines()[-1]
     .endswith("sweeps keep their outputs on a local or shared disk; pass a local directory")
   )
+
+
+def test_rollback_restores_from_a_bucket(gcs):
+  workdir = f"gs://{BUCKET}/rollback"
+  local = losses_of_run(None, **{"train.guard.policy": "rollback", "train.inject_nan_at_step": 7})
+  loop.run(
+    make_config(**{**RUN, "train.guard.policy": "rollback", "train.inject_nan_at_step": 7}),
+    workdir,
+    devices=jax.devices()[:1],
+  )
+  lines = storage.read_text(workdir + "/metrics.jsonl").splitlines()
+  assert {"step": 7, "event": "rollback", "to_step": 6, "data_skipped_to": 8} in map(json.loads, lines)
+  assert losses(workdir) == local  # the same trajectory as the local run's rollback
