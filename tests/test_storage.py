@@ -262,3 +262,11 @@ def test_rollback_restores_from_a_bucket(gcs):
   lines = storage.read_text(workdir + "/metrics.jsonl").splitlines()
   assert {"step": 7, "event": "rollback", "to_step": 6, "data_skipped_to": 8} in map(json.loads, lines)
   assert losses(workdir) == local  # the same trajectory as the local run's rollback
+
+
+def test_a_profile_trace_is_uploaded_to_a_bucket(gcs, cache):
+  workdir = f"gs://{BUCKET}/profiled"
+  cfg = make_config(**{**RUN, "train.steps": 4, "checkpoint.every_steps": 0, "metrics.profile_steps": "2-3"})
+  loop.run(cfg, workdir, devices=jax.devices()[:1])
+  assert len([n for n in gcs.objects("profiled/profile/") if n.endswith(".xplane.pb")]) == 1
+  assert not os.listdir(cache / "staging")  # the local trace and metrics mirror are gone
