@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= /tmp/maxlm-demo
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-gpu-aot setup clean
 
 $(BIN)/maxlm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,17 @@ demo: setup
 test: setup $(VENV)/.test
 	$(BIN)/python -m pytest -q tests
 
+# GPU compilation without a GPU (tests/test_gpu_aot.py): the CUDA compiler plugin and cuDNN (~2.5 GB, the `gpu-aot`
+# extra) in a venv of their own, so that the main one never tries to start a CUDA backend.
+GPU_AOT_VENV := .venv-gpu-aot
+$(GPU_AOT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(GPU_AOT_VENV)
+	$(GPU_AOT_VENV)/bin/pip install --quiet --upgrade pip
+	$(GPU_AOT_VENV)/bin/pip install --quiet -e '.[gpu-aot]' 'pytest>=8,<10'
+	touch $@
+
+test-gpu-aot: $(GPU_AOT_VENV)/.installed
+	JAX_PLATFORMS=cpu $(GPU_AOT_VENV)/bin/python -m pytest -q tests/test_gpu_aot.py
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(GPU_AOT_VENV) *.egg-info

@@ -1,10 +1,14 @@
-"""Per-device memory of the shipped configs' train steps on TPU topologies, compiled ahead of time on this host.
+"""Per-device memory of the shipped configs' train steps on TPU topologies and NVIDIA GPUs, compiled ahead of time on
+this host.
 
 Each row is `maxlm compile --config=configs/<config>.py --topology=<topology> <overrides>` (maxlm/perf/aot.py), run in
-this process; needs libtpu (`pip install -e '.[tpu]'`), no TPU. Writes benchmarks/results/aot_memory.json and
-benchmarks/results/aot_memory.md (the README's table). Slow on a small CPU: run it once, not in tests.
+this process. TPU rows need libtpu (`pip install -e '.[tpu]'`) and write benchmarks/results/aot_memory.{json,md};
+GPU rows (`--gpu`) need the CUDA compiler plugin (`pip install -e '.[gpu-aot]'`, e.g. the venv `make test-gpu-aot`
+makes) and write benchmarks/results/gpu_aot_memory.{json,md}. No TPU or GPU is used. The README's tables. Slow on a
+small CPU: run it once, not in tests. No autotuning happens without a device: kernel choices (and so some
+temporaries) may differ on a real one; `benchmarks/gpu_session.sh` checks the h100:1/h200:1 rows against one.
 
-  JAX_PLATFORMS=cpu python benchmarks/aot_memory.py [--only gpt2_124m]
+  JAX_PLATFORMS=cpu python benchmarks/aot_memory.py [--gpu] [--only gpt2_124m]
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu's compiler only; never a TPU backend.
 
 import jax  # noqa: E402
+from gpu_memory_check import DEVICE_CHECK  # noqa: E402  (benchmarks/, the script's directory)
 
 from maxlm import config  # noqa: E402
 from maxlm.perf import aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME = "aot_memory"  # the results files: TPU rows; gpu_aot_memory for --gpu
 # (config, topology, num_slices, overrides): the config as shipped, then what makes it fit where it does not.
 ROWS = [
   ("gpt2_124m", "v5e:2x2", 1, []),
@@ -87,10 +93,31 @@ ROWS = [
 ]
 
 
+# One node of 8 GPUs, H100 and H200 (and two nodes); then the single-GPU rows gpu_session.sh checks on a real device.
+_GPU_CASES = [
+  ("gpt2_124m", []),
+  ("llama_1b", []),
+  ("llama_1b", ["--config.train.microbatches=4"]),
+  ("llama3_8b", []),
+  ("llama3_8b", ["--config.train.microbatches=64"]),
+  ("llama_1b_32k", []),
+]
+GPU_ROWS = [(name, gpu, 1, overrides) for name, overrides in _GPU_CASES for gpu in ("h100:8", "h200:8")]
+GPU_ROWS += [
+  ("llama3_8b", "h100:2x8", 1, ["--config.mesh.fsdp=16", "--config.train.microbatches=32"]),
+]
+# What benchmarks/gpu_session.sh measures on the one lent GPU, predicted here for either card.
+GPU_ROWS += [(name, gpu, 1, overrides) for name, overrides in DEVICE_CHECK.values() for gpu in ("h100:1", "h200:1")]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", default="", help="comma-separated config names (the other rows are kept)")
+  parser.add_argument("--gpu", action="store_true", help="the GPU rows (needs the gpu-aot extra)")
   args = parser.parse_args()
+  global ROWS, NAME
+  if args.gpu:
+    ROWS, NAME = GPU_ROWS, "gpu_aot_memory"
   rows = _previous_rows()
   for name, topology, slices, overrides in ROWS:
     if args.only and name not in args.only.split(","):
@@ -114,7 +141,7 @@ def _key(r: dict) -> tuple:
 
 def _previous_rows() -> dict[tuple, dict]:
   """The rows of the last results file still in ROWS, by (config, topology, slices, overrides)."""
-  path = os.path.join(REPO, "benchmarks", "results", "aot_memory.json")
+  path = os.path.join(REPO, "benchmarks", "results", f"{NAME}.json")
   if not os.path.isfile(path):
     return {}
   with open(path) as f:
@@ -126,7 +153,7 @@ def write(rows: dict[tuple, dict]) -> dict:
   order = [(n, t, s, " ".join(o.replace("--config.", "") for o in ov)) for n, t, s, ov in ROWS]
   rows = [rows[k] for k in order if k in rows]
   result = {
-    "benchmark": "aot_memory",
+    "benchmark": NAME,
     "date": datetime.date.today().isoformat(),
     "jax": jax.__version__,
     "host": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
@@ -134,9 +161,9 @@ def write(rows: dict[tuple, dict]) -> dict:
     "rows": rows,
   }
   out = os.path.join(REPO, "benchmarks", "results")
-  with open(os.path.join(out, "aot_memory.json"), "w") as f:
+  with open(os.path.join(out, f"{NAME}.json"), "w") as f:
     json.dump(result, f, indent=2)
-  with open(os.path.join(out, "aot_memory.md"), "w") as f:
+  with open(os.path.join(out, f"{NAME}.md"), "w") as f:
     f.write(table(result))
   return result
 
@@ -159,11 +186,18 @@ def table(result: dict) -> str:
       figures = f"— | {need} | — | compiler: > {have} available"
     lines.append(
       f"| {r['config']} | {where} | {r['overrides'] or 'as shipped'} | {mesh} | {figures} | "
-      f"{r['hbm_bytes'] / gib:.0f} | {'yes' if r['fits'] else '**no**'} | {r['compile_s']:.0f} |"
+      f"{r['hbm_bytes'] / gib:.{1 if NAME.startswith('gpu') else 0}f} | {'yes' if r['fits'] else '**no**'} | "
+      f"{r['compile_s']:.0f} |"
     )
   return "\n".join(lines) + (
     f"\n\nGiB per device; compiled {', '.join(sorted({r['date'] for r in result['rows']}))}, jax {result['jax']}, "
-    f"on {result['host']} with libtpu.\n"
+    f"on {result['host']} with "
+    + (
+      "the CUDA compiler plugin (no GPU). HBM/device: JAX's allocator share, 0.75 of the card's memory "
+      "(XLA_PYTHON_CLIENT_MEM_FRACTION).\n"
+      if NAME.startswith("gpu")
+      else "libtpu.\n"
+    )
   )
 
 

@@ -3,6 +3,7 @@
 #   1. attention kernels: cudnn vs xla numerics and forward+backward time (benchmarks/attention_check.py)
 #   2. the MFU sweep (benchmarks/mfu.py --preset gpu): gpt2_124m and llama_1b variants
 #   3. maxlm vs nanoGPT-style PyTorch + torch.compile on gpt2_124m (benchmarks/nanogpt_compare.py)
+#   4. the deviceless GPU compile's memory prediction against the device (benchmarks/gpu_memory_check.py)
 # Results go to $OUT (the device tool brings them back) and are then copied into benchmarks/results/.
 #
 # Before the call, here: `bash benchmarks/gpu_session.sh --fetch-wheels` downloads the packages the GPU
@@ -28,3 +29,7 @@ timeout 150 python3 benchmarks/attention_check.py --results_dir "$OUT/results" 2
 timeout 300 python3 benchmarks/mfu.py --preset gpu --steps 10 --results_dir "$OUT/results" 2>&1 | tail -20
 timeout 150 python3 benchmarks/nanogpt_compare.py --config gpt2_124m --batch 16 --steps 10 \
   --results_dir "$OUT/results" 2>&1 | tail -5
+# The compass check of the deviceless GPU compile (benchmarks/aot_memory.py --gpu, rows h100:1/h200:1): the real
+# device's compile and allocator peak within 10% of the prediction for the mfu sweep's gpt2_124m and llama_1b steps.
+timeout 120 python3 benchmarks/gpu_memory_check.py --measured "$OUT/results/mfu_sweep_gpu.json" --out "$OUT/results" \
+  2>&1 | tail -5

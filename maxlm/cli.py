@@ -172,7 +172,10 @@ def _bench(args: list[str]) -> None:
 def _compile(args: list[str]) -> None:
   flag_values = flags.FlagValues()
   topology = flags.DEFINE_string(
-    "topology", None, "TPU topology, e.g. v5e:4x4 (default: the local devices).", flag_values=flag_values
+    "topology",
+    None,
+    "TPU topology (v5e:4x4) or GPUs (h100:8, h200:2x8 = 2 nodes x 8); default: the local devices.",
+    flag_values=flag_values,
   )
   num_slices = flags.DEFINE_integer(
     "num_slices", 1, "Slices of --topology (multi-slice over DCN).", flag_values=flag_values
@@ -186,7 +189,8 @@ def _compile(args: list[str]) -> None:
   from maxlm.perf import aot
 
   if topology.value:
-    distributed.use_platforms(os.environ.get("JAX_PLATFORMS") or "cpu")  # libtpu's compiler, never a TPU backend.
+    # The compilers of libtpu or the CUDA plugin for topology devices; never a TPU or GPU backend.
+    distributed.use_platforms(os.environ.get("JAX_PLATFORMS") or "cpu")
   report = aot.compile_report(cfg, topology.value, num_slices.value)
   print(json.dumps(report, indent=2) if as_json.value else aot.format_report(report))
   if not report["fits"]:
@@ -523,9 +527,10 @@ COMMANDS = {
     _bench,
   ),
   "compile": Command(
-    """  compile          --config=FILE [--topology=v5e:4x4 [--num_slices=2]] [--json] [--config.KEY=VALUE ...]
-                   compile the train step ahead of time (for a TPU topology from any host, or for the local
-                   devices) and report per-device memory against the chip's HBM; exit 1 when it does not fit.""",
+    """  compile          --config=FILE [--topology=v5e:4x4 [--num_slices=2] | h100:8 | h200:2x8] [--json]
+                   [--config.KEY=VALUE ...]
+                   compile the train step ahead of time (for a TPU topology or GPUs from any host, or for the local
+                   devices) and report per-device memory against the device's HBM; exit 1 when it does not fit.""",
     _compile,
   ),
   "tokenizer": Command(

@@ -23,6 +23,7 @@ chip (v4 topologies list both TensorCores as devices), or a local device's `byte
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import ml_collections
@@ -46,9 +47,66 @@ MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Ran out of memory", "exceeds the memory")
 
 
-def topology_devices(name: str, num_slices: int = 1) -> list:
-  """The devices of a TPU topology such as `v5e:2x2` or `v5p:2x2x2`, from libtpu, on any host."""
+GPU_TARGETS = os.path.join(os.path.dirname(__file__), "gpu_targets")  # <name>.txtpb: XLA GpuTargetConfigProto
+GPU_TOPOLOGY = re.compile(r"(?P<gpu>[a-z0-9]+):(?:(?P<nodes>\d+)x)?(?P<per_node>\d+)")
+DEFAULT_MEM_FRACTION = 0.75  # JAX's GPU allocator takes this share of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
+
+
+def gpu_targets() -> list[str]:
+  return sorted(f.removesuffix(".txtpb") for f in os.listdir(GPU_TARGETS) if f.endswith(".txtpb"))
+
+
+def is_gpu_topology(name: str) -> bool:
+  match = GPU_TOPOLOGY.fullmatch(name)
+  return bool(match) and match["gpu"] in gpu_targets()
+
+
+def has_cuda_compiler() -> bool:
+  """Whether the CUDA PJRT plugin (XLA's GPU compiler) is installed."""
   import importlib.util
+
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:
+    return False
+
+
+def gpu_topology_devices(name: str) -> list:
+  """The devices of `h100:8` (one node of 8 GPUs), `h200:2x8` (2 nodes of 8) …, for XLA's GPU compiler with no GPU:
+  the compile-only CUDA plugin (`pip install -e '.[gpu-aot]'`) and a target config (maxlm/perf/gpu_targets/)."""
+  match = GPU_TOPOLOGY.fullmatch(name)
+  nodes, per_node = int(match["nodes"] or 1), int(match["per_node"])
+  if not 1 <= per_node <= 8 or nodes < 1:
+    raise UserError(f"--topology={name}: use 1 to 8 GPUs per node, e.g. {match['gpu']}:8 or {match['gpu']}:2x8")
+  if not has_cuda_compiler():
+    raise UserError(
+      f"--topology={name} needs XLA's CUDA compiler (no GPU needed): pip install -e '.[gpu-aot]' "
+      "(jax-cuda12-plugin and cuDNN, about 2.5 GB)"
+    )
+  from jax.experimental import topologies
+
+  with open(os.path.join(GPU_TARGETS, match["gpu"] + ".txtpb")) as f:
+    target = f.read()
+  return list(
+    topologies.get_topology_desc(platform="cuda", target_config=target, topology=f"1x{nodes}x{per_node}").devices
+  )
+
+
+def gpu_memory_bytes(name: str) -> int:
+  """The device memory a target config declares (`device_memory_size`)."""
+  with open(os.path.join(GPU_TARGETS, GPU_TOPOLOGY.fullmatch(name)["gpu"] + ".txtpb")) as f:
+    return int(re.search(r"device_memory_size:\s*(\d+)", f.read())[1])
+
+
+def topology_devices(name: str, num_slices: int = 1) -> list:
+  """The devices of a TPU topology such as `v5e:2x2` or `v5p:2x2x2`, from libtpu, or of a GPU one such as
+  `h100:8` or `h200:2x8` (`gpu_topology_devices`), on any host."""
+  import importlib.util
+
+  if is_gpu_topology(name):
+    if num_slices > 1:
+      raise UserError(f"--num_slices is for TPU slices: give GPU nodes in --topology, e.g. {name.split(':')[0]}:2x8")
+    return gpu_topology_devices(name)
 
   if importlib.util.find_spec("libtpu") is None:
     raise UserError("--topology needs libtpu for the TPU compiler: pip install -e '.[tpu]' (works on a CPU host)")
@@ -65,13 +123,21 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
       ) from None
     raise UserError(
       f"--topology={name}: libtpu does not know it ({' '.join(str(e).split())[:200]}); use "
-      "GENERATION:SHAPE, e.g. v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:2x2"
+      "GENERATION:SHAPE, e.g. v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:2x2; or a GPU: "
+      f"{', '.join(t + ':8' for t in gpu_targets())}, {gpu_targets()[0]}:2x8 (nodes x GPUs)"
     ) from None
 
 
-def hbm_per_device(devices) -> tuple[int | None, str]:
+def hbm_per_device(devices, topology: str | None = None) -> tuple[int | None, str]:
   """(bytes one device may use, where that figure comes from)."""
   d = devices[0]
+  if topology and is_gpu_topology(topology):
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION") or DEFAULT_MEM_FRACTION)
+    total = gpu_memory_bytes(topology)
+    return int(fraction * total), (
+      f"{fraction:g} of {total / GIB:.1f} GiB per {d.device_kind}: JAX's allocator share "
+      "(XLA_PYTHON_CLIENT_MEM_FRACTION)"
+    )
   if d.platform == "tpu":
     kind = next((k for k in sorted(HBM_GIB_PER_CHIP, key=len, reverse=True) if k in d.device_kind), None)
     if kind is not None:
@@ -93,8 +159,11 @@ def hbm_per_device(devices) -> tuple[int | None, str]:
   return None, f"unknown for {d.device_kind}"
 
 
-def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, num_slices: int = 1) -> dict:
-  """Compiles the train step of a loaded (not yet validated) config; returns the memory report."""
+def compile_report(
+  cfg: ml_collections.ConfigDict, topology: str | None = None, num_slices: int = 1, hlo: bool = False
+) -> dict:
+  """Compiles the train step of a loaded (not yet validated) config; returns the memory report (with `hlo`, the
+  optimized HLO text too, under "hlo")."""
   import jax
 
   from maxlm.parallel import mesh as mesh_lib
@@ -108,7 +177,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
     platform=devices[0].platform,
     num_slices=mesh_lib.num_granules(devices),
   )
-  limit, limit_source = hbm_per_device(devices)
+  limit, limit_source = hbm_per_device(devices, topology)
   report = {
     "topology": topology or "local",
     "num_slices": num_slices,
@@ -141,6 +210,8 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str | None = None, 
       raise
     return {**report, "compile_s": time.perf_counter() - t0, "fits": False, "compiler_error": text[:600]}
   report["compile_s"] = time.perf_counter() - t0
+  if hlo:
+    report["hlo"] = compiled.as_text()
   stats = compiled.memory_analysis()
   memory = {f: int(getattr(stats, f"{f}_size_in_bytes")) for f in MEMORY_FIELDS}
   memory["live"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
