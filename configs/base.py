@@ -13,6 +13,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on GPU/TPU, f
 # auto: splash on TPU (data.seq_len % 128 == 0), cudnn on GPU with bfloat16, else xla; xla: block-causal einsums
 # (any platform); cudnn: cuDNN flash attention (GPU, bfloat16); splash: Pallas splash attention (TPU).
 ATTENTION = ("auto", "xla", "cudnn", "splash")
+QUANTIZATIONS = ("none", "fp8", "int8")  # maxlm/model/quant.py
 ROPE_SCALING = (
   "none",
   "llama3",
@@ -49,6 +50,7 @@ CHOICES = {
   "model.param_dtype": PARAM_DTYPES,
   "model.compute_dtype": COMPUTE_DTYPES,
   "model.attention": ATTENTION,
+  "model.quantization": QUANTIZATIONS,
   "model.rope_scaling.type": ROPE_SCALING,
   "model.remat": REMAT,
   "model.context_attention": CONTEXT_ATTENTION,
@@ -90,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # Stored (master) parameter dtype, one of PARAM_DTYPES.
   m.compute_dtype = "auto"  # Matmul/activation dtype, one of COMPUTE_DTYPES.
   m.attention = "auto"  # Attention implementation, one of ATTENTION.
+  # Projection matmuls (attention, MLP, experts) in low precision, one of QUANTIZATIONS (maxlm/model/quant.py): fp8
+  # for H100/H200, int8 for TPU; embedding, router, output head and attention scores stay in compute_dtype.
+  m.quantization = "none"
   m.scan_layers = True  # jax.lax.scan over layers (fast compile); False unrolls. Parameter layout is the same.
   m.remat = "none"  # Rematerialisation per block, one of REMAT.
   m.pipeline_repeats = 1  # With mesh.stage > 1: 1 = GPipe, R > 1 = circular (each stage runs R blocks of layers).

@@ -262,10 +262,15 @@ def validate(
   if m.compute_dtype == "auto":
     m.compute_dtype = "float32" if platform == "cpu" else "bfloat16"
   _resolve_attention(m, platform, resolved.data.seq_len)
-  if m.moe.grouped_matmul == "auto":
-    m.moe.grouped_matmul = "megablox" if platform == "tpu" else "ragged_dot"
+  if m.moe.grouped_matmul == "auto":  # Megablox has no quantized form: quantized experts take qwix's ragged_dot.
+    m.moe.grouped_matmul = "megablox" if platform == "tpu" and m.quantization == "none" else "ragged_dot"
   elif m.moe.grouped_matmul == "megablox" and platform == "gpu":
     raise UserError("model.moe.grouped_matmul='megablox' is a TPU kernel: use 'auto' or 'ragged_dot' on a GPU")
+  elif m.moe.grouped_matmul == "megablox" and m.quantization != "none":
+    raise UserError(
+      f"model.moe.grouped_matmul='megablox' has no {m.quantization} form: use 'auto' or 'ragged_dot' with "
+      "model.quantization"
+    )
 
   _check_diloco(resolved, num_slices)
   dcn = int(np.prod([resolved.mesh[f"dcn_{a}"] for a in DCN_AXES]))

@@ -51,6 +51,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from maxlm.model import quant
 from maxlm.parallel import mesh as mesh_lib
 
 AUX_KEYS = ("balance_loss", "router_z_loss", "dropped", "counts")
@@ -93,6 +94,7 @@ class MoE(nnx.Module):
     self.router_fn, self.renormalize = e.router, e.renormalize
     self.grouped_matmul = e.grouped_matmul
     self.dtype = jnp.dtype(cfg.compute_dtype)
+    self.quantization = cfg.quantization
 
   def __call__(self, x_BxTxD) -> tuple[jax.Array, dict]:
     """(y_BxTxD, aux): the routed experts' output and this layer's auxiliary terms (module docstring)."""
@@ -116,6 +118,7 @@ class MoE(nnx.Module):
       "renormalize": self.renormalize,
       "grouped_matmul": self.grouped_matmul,
       "dtype": self.dtype,
+      "quantization": self.quantization,
     }
 
 
@@ -159,9 +162,9 @@ def _moe_local(x_BxTxD, router_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, bias
   experts = (w_gate_ExDxF.astype(dt), w_up_ExDxF.astype(dt), w_down_ExFxD.astype(dt))
   x_XxD = x_XxD.astype(dt)
   if options["capacity_factor"] > 0:
-    y_XxAxD, kept_XxA = _capacity(x_XxD, chosen_XxA, experts, E, options["capacity_factor"])
+    y_XxAxD, kept_XxA = _capacity(x_XxD, chosen_XxA, experts, E, options["capacity_factor"], options["quantization"])
   else:
-    y_XxAxD = _dropless(x_XxD, chosen_XxA, experts, E, options["grouped_matmul"])
+    y_XxAxD = _dropless(x_XxD, chosen_XxA, experts, E, options["grouped_matmul"], options["quantization"])
     kept_XxA = jnp.ones(chosen_XxA.shape, bool)
   y_XxD = jnp.einsum("xad,xa->xd", y_XxAxD, weights_XxA.astype(dt))
   if tensor := _axis("tensor"):
@@ -188,11 +191,17 @@ def _moe_local(x_BxTxD, router_DxE, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, bias
   return y_XxD.reshape(b, T, D), aux
 
 
-def _grouped_matmul(x_MxK, w_gxKxN, groups_g, kernel: str):
+def _grouped_matmul(x_MxK, w_gxKxN, groups_g, kernel: str, quantization: str = "none"):
   """Row block g of x (rows sorted by group, groups_g of each) times w[g]; rows past the groups give 0."""
   if kernel != "megablox":
     # XLA:CPU expands ragged_dot into a dense product with every group (G times the FLOPs): tiles there instead.
-    return jax.lax.platform_dependent(x_MxK, w_gxKxN, groups_g, cpu=_grouped_matmul_tiled, default=jax.lax.ragged_dot)
+    return jax.lax.platform_dependent(
+      x_MxK,
+      w_gxKxN,
+      groups_g,
+      cpu=functools.partial(_grouped_matmul_tiled, quantization=quantization),
+      default=functools.partial(quant.ragged_dot, quantization=quantization),
+    )
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
   M = x_MxK.shape[0]
@@ -209,7 +218,7 @@ def _grouped_matmul(x_MxK, w_gxKxN, groups_g, kernel: str):
   return y[:M]
 
 
-def _grouped_matmul_tiled(x_MxK, w_gxKxN, groups_g):
+def _grouped_matmul_tiled(x_MxK, w_gxKxN, groups_g, quantization: str = "none"):
   """ragged_dot as batched matmuls over segments: the rows are cut at every tile start and every group end, so each
   segment lies in one tile and one group, and there are at most M/t + G of them (Megablox's scheme in XLA). Each
   segment multiplies its whole tile, masked to its rows: (M + G·t)·K·N multiply-adds instead of G·M·K·N."""
@@ -226,16 +235,16 @@ def _grouped_matmul_tiled(x_MxK, w_gxKxN, groups_g):
   row_Pxt = tile_P[:, None] * t + jnp.arange(t)
   mine_Pxt = (row_Pxt >= start_P[:, None]) & (row_Pxt < end_P[:, None]) & (group_P[:, None] < G)
   x_PxtxK = jnp.where(mine_Pxt[..., None], x_nxtxK[tile_P], 0)
-  y_PxtxN = jnp.einsum("ptk,pkn->ptn", x_PxtxK, w_gxKxN[jnp.minimum(group_P, G - 1)])
+  y_PxtxN = quant.dot("ptk,pkn->ptn", x_PxtxK, w_gxKxN[jnp.minimum(group_P, G - 1)], quantization)
   y_nxtxN = jnp.zeros((n, t, N), y_PxtxN.dtype).at[tile_P].add(y_PxtxN)
   return y_nxtxN.reshape(n * t, N)[:M]
 
 
-def _swiglu_grouped(x_RxD, groups_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD, kernel: str):
+def _swiglu_grouped(x_RxD, groups_e, w_gate_exDxF, w_up_exDxF, w_down_exFxD, kernel: str, quantization: str = "none"):
   """Expert g's SwiGLU on its rows (rows sorted by expert, groups_e of each); rows past the groups give 0."""
-  gate_RxF = _grouped_matmul(x_RxD, w_gate_exDxF, groups_e, kernel)
-  up_RxF = _grouped_matmul(x_RxD, w_up_exDxF, groups_e, kernel)
-  return _grouped_matmul(jax.nn.silu(gate_RxF) * up_RxF, w_down_exFxD, groups_e, kernel)
+  gate_RxF = _grouped_matmul(x_RxD, w_gate_exDxF, groups_e, kernel, quantization)
+  up_RxF = _grouped_matmul(x_RxD, w_up_exDxF, groups_e, kernel, quantization)
+  return _grouped_matmul(jax.nn.silu(gate_RxF) * up_RxF, w_down_exFxD, groups_e, kernel, quantization)
 
 
 def _exclusive_cumsum(x, axis=0):
@@ -263,7 +272,7 @@ def _ragged_all_to_all(operand_NxD, output_MxD, input_offsets, send_sizes, outpu
   return jax.lax.platform_dependent(*args, cpu=blocks, default=ragged)
 
 
-def _dropless(x_XxD, chosen_XxA, experts, E: int, kernel: str):
+def _dropless(x_XxD, chosen_XxA, experts, E: int, kernel: str, quantization: str = "none"):
   """Every routed copy's expert output, y_XxAxD, with no copy dropped (module docstring)."""
   X, A = chosen_XxA.shape
   D = x_XxD.shape[1]
@@ -275,7 +284,7 @@ def _dropless(x_XxD, chosen_XxA, experts, E: int, kernel: str):
   expert_axis = _axis("expert")
   Ep = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
   if Ep == 1:
-    y_RxD = _swiglu_grouped(x_RxD, counts_E, *experts, kernel)
+    y_RxD = _swiglu_grouped(x_RxD, counts_E, *experts, kernel, quantization)
   else:
     e, M = E // Ep, Ep * R
     me = jax.lax.axis_index(expert_axis)
@@ -297,7 +306,7 @@ def _dropless(x_XxD, chosen_XxA, experts, E: int, kernel: str):
     ends = jnp.cumsum(mine_Epxe.reshape(Ep * e))
     segment_M = jnp.searchsorted(ends, jnp.arange(M), side="right")  # source·e + local expert; Ep·e when empty
     order_M = jnp.argsort(jnp.where(segment_M < Ep * e, segment_M % e, e), stable=True)
-    y_MxD = _swiglu_grouped(recv_MxD[order_M], mine_Epxe.sum(axis=0), *experts, kernel)
+    y_MxD = _swiglu_grouped(recv_MxD[order_M], mine_Epxe.sum(axis=0), *experts, kernel, quantization)
     y_MxD = jnp.zeros_like(y_MxD).at[order_M].set(y_MxD)
     # Back: source s's rows return to where it sent them from.
     y_RxD = _ragged_all_to_all(
@@ -317,7 +326,7 @@ def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) 
   return max(1, math.ceil(capacity_factor * tokens * top_k / num_experts))
 
 
-def _capacity(x_XxD, chosen_XxA, experts, E: int, capacity_factor: float):
+def _capacity(x_XxD, chosen_XxA, experts, E: int, capacity_factor: float, quantization: str = "none"):
   """(y_XxAxD, kept_XxA): each expert takes at most Cap copies, all first choices before any second (GShard)."""
   X, A = chosen_XxA.shape
   D = x_XxD.shape[1]
@@ -337,9 +346,9 @@ def _capacity(x_XxD, chosen_XxA, experts, E: int, capacity_factor: float):
   if Ep > 1:  # [Ep, e, Cap, D] by destination -> by source, then each local expert's rows from every source.
     recv_EpxexCapxD = jax.lax.all_to_all(buffer_ExCapxD.reshape(Ep, e, Cap, D), expert_axis, 0, 0)
     buffer_ExCapxD = recv_EpxexCapxD.swapaxes(0, 1).reshape(e, Ep * Cap, D)
-  gate_ExCapxF = jnp.einsum("ecd,edf->ecf", buffer_ExCapxD, w_gate_exDxF)
-  up_ExCapxF = jnp.einsum("ecd,edf->ecf", buffer_ExCapxD, w_up_exDxF)
-  out_ExCapxD = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate_ExCapxF) * up_ExCapxF, w_down_exFxD)
+  gate_ExCapxF = quant.dot("ecd,edf->ecf", buffer_ExCapxD, w_gate_exDxF, quantization)
+  up_ExCapxF = quant.dot("ecd,edf->ecf", buffer_ExCapxD, w_up_exDxF, quantization)
+  out_ExCapxD = quant.dot("ecf,efd->ecd", jax.nn.silu(gate_ExCapxF) * up_ExCapxF, w_down_exFxD, quantization)
   if Ep > 1:
     out_EpxexCapxD = out_ExCapxD.reshape(e, Ep, Cap, D).swapaxes(0, 1)
     out_ExCapxD = jax.lax.all_to_all(out_EpxexCapxD, expert_axis, 0, 0).reshape(E, Cap, D)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from maxlm.model import attention, moe
+from maxlm.model import attention, moe, quant
 from maxlm.parallel import context, pipeline
 from maxlm.parallel.mesh import constrain
 
@@ -129,6 +129,7 @@ class Attention(nnx.Module):
     self.attention_kernel = cfg.attention
     self.context_attention = cfg.context_attention
     self.dtype = jnp.dtype(cfg.compute_dtype)
+    self.quantization = cfg.quantization
     # muP scores q·k by 1/Dh, not 1/sqrt(Dh): q takes the extra Dh^-1/2, so every attention implementation (which all
     # scale by Dh^-1/2) stays as it is.
     self.q_scale = Dh**-0.5 if cfg.parametrization == "mup" else None
@@ -136,9 +137,9 @@ class Attention(nnx.Module):
   def _project(self, x_BxTxD, positions_BxT):
     """Queries, keys and values of `x`, after the optional QK-norm and RoPE."""
     dt = self.dtype
-    q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_proj[...].astype(dt))
-    k_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x_BxTxD, self.k_proj[...].astype(dt))
-    v_BxSxKxDh = jnp.einsum("bsd,dhk->bshk", x_BxTxD, self.v_proj[...].astype(dt))
+    q_BxTxHxDh = quant.dot("btd,dhk->bthk", x_BxTxD, self.q_proj[...].astype(dt), self.quantization)
+    k_BxSxKxDh = quant.dot("bsd,dhk->bshk", x_BxTxD, self.k_proj[...].astype(dt), self.quantization)
+    v_BxSxKxDh = quant.dot("bsd,dhk->bshk", x_BxTxD, self.v_proj[...].astype(dt), self.quantization)
     q_BxTxHxDh = constrain(q_BxTxHxDh, ("act_batch", "act_seq", "act_heads", None))
     k_BxSxKxDh = constrain(k_BxSxKxDh, ("act_batch", "act_seq", "act_kv_heads", None))
     v_BxSxKxDh = constrain(v_BxSxKxDh, ("act_batch", "act_seq", "act_kv_heads", None))
@@ -164,7 +165,7 @@ class Attention(nnx.Module):
       )
     else:
       out_BxTxHxDh = self.attention_fn(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)
-    return jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_proj[...].astype(self.dtype))
+    return quant.dot("bthk,hkd->btd", out_BxTxHxDh, self.o_proj[...].astype(self.dtype), self.quantization)
 
   def decode(self, x_BxTxD, positions_BxT, cache):
     """Writes the new tokens' keys and values into `cache` (slot = position) and attends over it."""
@@ -173,7 +174,7 @@ class Attention(nnx.Module):
     k_BxSxKxDh = cache["k"].at[rows_Bx1, positions_BxT].set(k_BxTxKxDh.astype(cache["k"].dtype))
     v_BxSxKxDh = cache["v"].at[rows_Bx1, positions_BxT].set(v_BxTxKxDh.astype(cache["v"].dtype))
     out_BxTxHxDh = attention.cached_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, positions_BxT)
-    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o_proj[...].astype(self.dtype))
+    out_BxTxD = quant.dot("bthk,hkd->btd", out_BxTxHxDh, self.o_proj[...].astype(self.dtype), self.quantization)
     return out_BxTxD, {"k": k_BxSxKxDh, "v": v_BxSxKxDh}
 
 
@@ -187,6 +188,7 @@ class MLP(nnx.Module):
     self.up_proj = _normal(rngs, (D, F), D**-0.5, ("embed", "mlp"), pdt)
     self.down_proj = _normal(rngs, (F, D), F**-0.5, ("mlp", "embed"), pdt)
     self.dtype = jnp.dtype(cfg.compute_dtype)
+    self.quantization = cfg.quantization
 
   def __call__(self, x_BxTxD):
     dt = self.dtype
@@ -194,13 +196,13 @@ class MLP(nnx.Module):
     # two, which XLA:CPU would run side by side at half speed each (measured in benchmarks/NOTES.md).
     # Stacking on a new leading axis keeps each weight's sharding, unlike concatenating along F.
     w_2xDxF = jnp.stack([self.gate_proj[...], self.up_proj[...]]).astype(dt)
-    gate_up_BxTx2xF = jnp.einsum("btd,jdf->btjf", x_BxTxD, w_2xDxF)
+    gate_up_BxTx2xF = quant.dot("btd,jdf->btjf", x_BxTxD, w_2xDxF, self.quantization)
     # Unstacked, not indexed: the gradient of an unstack is one stack; of two indexings, two zero-padded
     # [B, T, 2, F] copies summed (benchmarks/NOTES.md).
     gate_BxTxF, up_BxTxF = jnp.unstack(gate_up_BxTx2xF, axis=2)
     h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_seq", "act_mlp"))
-    return jnp.einsum("btf,fd->btd", h_BxTxF, self.down_proj[...].astype(dt))
+    return quant.dot("btf,fd->btd", h_BxTxF, self.down_proj[...].astype(dt), self.quantization)
 
 
 class Block(nnx.Module):

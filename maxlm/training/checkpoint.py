@@ -299,7 +299,12 @@ def model_differences(saved_model: dict, model_cfg: ml_collections.ConfigDict) -
   counts as its default.
   """
   free = {"scan_layers", "remat", "attention", "compute_dtype", "max_position_embeddings"}
-  free |= {"pipeline_repeats", "context_attention", "moe.grouped_matmul"}  # How the layers run, not what they hold.
+  free |= {
+    "pipeline_repeats",
+    "context_attention",
+    "moe.grouped_matmul",
+    "quantization",
+  }  # How layers run, not what they hold.
   saved = {**_flat(base.get_config().model.to_dict()), **_flat(saved_model)}
   return [
     f"model.{k}: saved {saved.get(k)!r}, now {v!r}"
