@@ -81,6 +81,18 @@ ROWS = [
       "--config.model.pipeline_repeats=2",
     ],
   ),
+  # Low precision (maxlm/model/quant.py): int8 projections, the TPU's integer matmul units.
+  (
+    "llama_1b",
+    "v5e:4x4",
+    1,
+    [
+      "--config.mesh.data=1",
+      "--config.mesh.fsdp=-1",
+      "--config.train.microbatches=8",
+      "--config.model.quantization=int8",
+    ],
+  ),  # fmt: skip
   # Long context: the sequence split over mesh.context (maxlm/parallel/context.py), 32K and 128K positions.
   ("llama_1b_32k", "v5p:2x2x2", 1, []),
   ("llama_1b_32k", "v5p:2x2x2", 1, ["--config.model.context_attention=ring"]),
@@ -101,6 +113,8 @@ _GPU_CASES = [
   ("llama3_8b", []),
   ("llama3_8b", ["--config.train.microbatches=64"]),
   ("llama_1b_32k", []),
+  ("gpt2_124m", ["--config.model.quantization=fp8"]),
+  ("llama_1b", ["--config.train.microbatches=4", "--config.model.quantization=fp8"]),
 ]
 GPU_ROWS = [(name, gpu, 1, overrides) for name, overrides in _GPU_CASES for gpu in ("h100:8", "h200:8")]
 GPU_ROWS += [
@@ -114,6 +128,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", default="", help="comma-separated config names (the other rows are kept)")
   parser.add_argument("--gpu", action="store_true", help="the GPU rows (needs the gpu-aot extra)")
+  parser.add_argument("--missing", action="store_true", help="only the rows the results file lacks")
   args = parser.parse_args()
   global ROWS, NAME
   if args.gpu:
@@ -121,6 +136,8 @@ def main() -> None:
   rows = _previous_rows()
   for name, topology, slices, overrides in ROWS:
     if args.only and name not in args.only.split(","):
+      continue
+    if args.missing and (name, topology, slices, " ".join(o.replace("--config.", "") for o in overrides)) in rows:
       continue
     cfg = config.load([f"--config={REPO}/configs/{name}.py", *overrides])
     r = aot.compile_report(cfg, topology, slices)

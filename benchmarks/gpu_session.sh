@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 portpicker==1.6.0 tensorboardX==2.6.5"
+WHEELS="grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 portpicker==1.6.0 tensorboardX==2.6.5 qwix==0.1.8"
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

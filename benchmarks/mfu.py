@@ -55,7 +55,22 @@ PRESETS = {
         "--config.model.scan_layers=false",
       ],
     ),
+    (
+      "gpt2_124m/cudnn_fp8",
+      "gpt2_124m",
+      [
+        "--config.train.global_batch=16",
+        "--config.train.microbatches=1",
+        "--config.model.attention=cudnn",
+        "--config.model.quantization=fp8",
+      ],
+    ),
     ("llama_1b/dots_no_batch", "llama_1b", ["--config.train.global_batch=8", "--config.model.remat=dots_no_batch"]),
+    (
+      "llama_1b/dots_no_batch_fp8",
+      "llama_1b",
+      ["--config.train.global_batch=8", "--config.model.remat=dots_no_batch", "--config.model.quantization=fp8"],
+    ),
     ("llama_1b/no_remat", "llama_1b", ["--config.train.global_batch=4", "--config.model.remat=none"]),
     ("llama_1b/full_remat", "llama_1b", ["--config.train.global_batch=16", "--config.model.remat=full"]),
     # MoE, cut to fit one device (MFU counts active parameters): dropless ragged_dot, then capacity-factor 1.25.
@@ -70,6 +85,7 @@ PRESETS = {
   "tpu": [
     ("gpt2_124m/splash", "gpt2_124m", ["--config.train.global_batch=32", "--config.train.microbatches=1"]),
     ("llama_1b/splash", "llama_1b", ["--config.train.global_batch=16"]),
+    ("llama_1b/splash_int8", "llama_1b", ["--config.train.global_batch=16", "--config.model.quantization=int8"]),
     ("deepseek_moe_16b/4_layers", "deepseek_moe_16b", MOE_ONE_DEVICE + ["--config.model.num_layers=4"]),
   ],
 }

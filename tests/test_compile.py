@@ -227,3 +227,17 @@ def test_compiles_for_the_local_devices():
   r = json.loads(proc.stdout)
   assert r["topology"] == "local" and r["num_devices"] == 2 and r["device_kind"] == "cpu" and r["fits"]
   assert r["memory_per_device"]["temp"] > 0 and r["hbm_bytes"] > GIB
+
+
+@needs_libtpu
+def test_int8_projections_compile_to_integer_matmuls_for_tpu():
+  from maxlm import config
+  from maxlm.perf import aot
+
+  cfg = config.load(["--config=configs/tiny.py", "--config.model.quantization=int8"])
+  hlo = aot.compile_report(cfg, "v5e:2x2", hlo=True)["hlo"]
+  dtypes = {m[1]: m[2] for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", hlo)}
+  ops = re.findall(r"= \w+\[[^\]]*\]\S* (?:dot|convolution)\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+  operands = {(dtypes[a], dtypes[b]) for a, b in ops}
+  assert ("s8", "s8") in operands, operands  # int8 x int8 on the MXU, forward and backward
+  assert any("s8" not in pair for pair in operands)  # the output head stays in bfloat16

@@ -83,3 +83,14 @@ def test_gpu_topologies_are_parsed_and_checked():
 def test_without_the_plugin_the_error_names_the_extra():
   with pytest.raises(UserError, match=r"--topology=h100:8 needs XLA's CUDA compiler \(no GPU needed\): pip install "):
     aot.topology_devices("h100:8")
+
+
+@needs_plugin
+def test_fp8_projections_compile_to_fp8_matmuls_on_h100():
+  cfg = config.load(["--config=configs/gpt2_124m.py", "--config.model.quantization=fp8", "--config.model.num_layers=2"])
+  hlo = aot.compile_report(cfg, "h100:8", hlo=True)["hlo"]
+  dtypes = {m[1]: m[2] for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", hlo)}
+  dots = [(dtypes[a], dtypes[b]) for a, b in re.findall(r"= \w+\[[^\]]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+  assert ("f8e4m3fn", "f8e4m3fn") in dots  # forward: e4m3 x e4m3
+  assert ("f8e5m2", "f8e4m3fn") in dots  # backward: e5m2 gradients x e4m3
+  assert ("bf16", "bf16") in dots  # the output head stays bf16
