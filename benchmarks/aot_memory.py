@@ -23,10 +23,11 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu's compiler only; never a TPU backend.
 
 import jax  # noqa: E402
-from gpu_memory_check import DEVICE_CHECK  # noqa: E402  (benchmarks/, the script's directory)
 
 from maxlm import config  # noqa: E402
 from maxlm.perf import aot
+
+from gpu_memory_check import DEVICE_CHECK  # noqa: E402  (benchmarks/, the script's directory)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "aot_memory"  # the results files: TPU rows; gpu_aot_memory for --gpu

@@ -13,7 +13,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from gcs_emulator import BUCKET
 from google.cloud import storage as gcs_client
 
 from maxlm import cli, storage
@@ -21,17 +20,12 @@ from maxlm.data import prepare, tokenizer
 from maxlm.errors import UserError
 from maxlm.training import loop
 
+import test_checkpoint
 from conftest import cli_env, make_config
+from gcs_emulator import BUCKET
+from test_checkpoint import RUN  # 8 steps, a checkpoint every 2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = {
-  "train.steps": 8,
-  "train.log_every": 1,
-  "train.eval_every": 0,
-  "metrics.tensorboard": False,
-  "metrics.peak_tflops": 1.0,
-  "checkpoint.every_steps": 2,
-}
 
 
 @pytest.fixture(autouse=True)
@@ -87,21 +81,10 @@ def test_cli_refuses_a_missing_bucket_in_one_line(gcs, capsys):
   assert code == 2 and err[-1].endswith("no bucket gs://no-such-bucket (or no access to it); create it or pass another")
 
 
-def train_cli(workdir, *extra):
-  return [
-    sys.executable,
-    "-m",
-    "maxlm",
-    "train",
-    "--config=configs/tiny.py",
-    f"--workdir={workdir}",
-    "--config.train.steps=16",
-    "--config.train.log_every=1",
-    "--config.train.eval_every=0",
-    "--config.checkpoint.every_steps=2",
-    "--config.metrics.tensorboard=true",
-    *extra,
-  ]
+def train_cli(workdir):
+  """test_checkpoint's command line, shortened to 16 steps with a checkpoint every 2 and TensorBoard on."""
+  overrides = ("--config.train.steps=16", "--config.checkpoint.every_steps=2", "--config.metrics.tensorboard=true")
+  return test_checkpoint.cli(workdir, *overrides)
 
 
 def test_hard_kill_then_resume_from_a_bucket_is_bitwise(gcs, tmp_path):
