@@ -187,12 +187,14 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, caplog):
 
 
 def test_every_minutes_saves_between_step_multiples(tmp_path):
-  # 0.0001 minutes: every step is past due, so a save follows every step, not just multiples of 50.
+  # 0.0001 minutes (6 ms): nearly every step is past due, so saves follow steps that are not multiples of 50. Not
+  # necessarily every one: a step dispatched within 6 ms of the previous save's return is not due yet.
   run(
     tmp_path,
     **{"train.steps": 5, "checkpoint.every_steps": 50, "checkpoint.every_minutes": 0.0001, "checkpoint.keep": 10},
   )
-  assert sorted(map(int, os.listdir(tmp_path / "checkpoints"))) == [1, 2, 3, 4, 5]
+  saved = sorted(map(int, os.listdir(tmp_path / "checkpoints")))
+  assert saved[0] == 1 and saved[-1] == 5 and len(saved) >= 3, saved
 
 
 def test_checkpoint_missing_an_item_falls_back(tmp_path, reference, caplog):
