@@ -143,6 +143,8 @@ def test_training_from_parquet_in_a_bucket_resumes_exactly(corpus, gcs, tmp_path
   assert [(r["step"], r["loss"], r.get("eval_loss")) for r in first + rest] == [
     (r["step"], r["loss"], r.get("eval_loss")) for r in local
   ]
+  found, bos = tokenizer.for_run(str(tmp_path / "b"))  # sampling and export find data.tokenizer
+  assert found.info()["sha256"] == corpus[2].info()["sha256"] and not bos
 
 
 @pytest.mark.parametrize(

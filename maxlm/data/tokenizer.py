@@ -70,8 +70,9 @@ def for_run(workdir: str) -> tuple[Tokenizer | None, bool]:
   """(the SentencePiece tokenizer of a run, whether prompts start with BOS), or (None, False).
 
   Looked up along the run and the runs it was initialised from: an imported `tokenizer.model` (BOS as its HF
-  tokenizer_config.json says, default on as for Llama), else the tokenizer of the run's prepared data (no
-  BOS: `maxlm data prepare` adds none), found by the path and SHA-256 its manifest records.
+  tokenizer_config.json says, default on as for Llama), else the tokenizer of the run's data (no BOS: neither
+  `maxlm data prepare` nor the Parquet/ArrayRecord readers add one): `data.tokenizer`, or for prepared data the one
+  found by the path and SHA-256 its manifest records.
   """
   for directory, saved in config.lineage(workdir):
     path = storage.join(directory, "tokenizer.model")
@@ -82,6 +83,11 @@ def for_run(workdir: str) -> tuple[Tokenizer | None, bool]:
         add_bos = bool(json.loads(storage.read_text(side)).get("add_bos_token", True))
       return Tokenizer(path), add_bos
     data = saved.get("data", {})
+    if data.get("source") in ("array_record", "parquet") and data.get("tokenizer"):
+      try:
+        return Tokenizer(data["tokenizer"]), False  # The model the records were tokenized with as they were read.
+      except UserError:
+        pass  # Moved or deleted since: look further up the lineage.
     if data.get("source") == "prepared":
       for dataset in filter(None, data.get("path", "").split(",")):
         tok = from_manifest(dataset)
