@@ -99,12 +99,6 @@ def write_atomically(path: str, data: str | bytes) -> None:
       os.remove(tmp)
 
 
-def rmtree(path: str) -> None:
-  p = Path(path)
-  if p.exists():
-    p.rmtree() if p.is_dir() else p.unlink()
-
-
 def move_tree(src: str, dst: str) -> None:
   """Moves a directory: a rename on a disk; on a bucket each object copied, then the source deleted (a bucket has
   no directory rename), so an interruption leaves the source whole."""

@@ -55,8 +55,7 @@ def files(source: str, path: str) -> list[str]:
     elif os.path.isfile(item):
       names = [item]
     else:
-      names = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-    names = [n for n in names if n.endswith(SUFFIXES[source]) or os.path.isfile(item)]
+      names = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p) and p.endswith(SUFFIXES[source]))
     if not names:
       raise UserError(
         f"data.path={item}: matches no {source} file ({'/'.join(SUFFIXES[source])}); check the path or data.source"
@@ -161,6 +160,7 @@ class DocumentSequence:
     self.n = end - begin
     self.blocks = -(-self.n // BLOCK)
     self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+    self._block: tuple[int, int, np.ndarray] | None = None  # (epoch, block, its order): streams read near each other
     self.eos = tok.sp.eos_id()
 
   def index(self, position: int) -> int:
@@ -177,8 +177,11 @@ class DocumentSequence:
     k = bisect.bisect_right(starts, p) - 1
     block, within = int(order[k]), p - int(starts[k])
     size = int(starts[k + 1] - starts[k])
-    inner = np.random.default_rng([*self.seed, 32452843, epoch, block]).permutation(size)
-    return self.begin + block * BLOCK + int(inner[within])
+    cached = self._block
+    if cached is None or cached[:2] != (epoch, block):
+      cached = (epoch, block, np.random.default_rng([*self.seed, 32452843, epoch, block]).permutation(size))
+      self._block = cached
+    return self.begin + block * BLOCK + int(cached[2][within])
 
   def tokens(self, position: int) -> list[int]:
     text = self.records.text(self.index(position))
