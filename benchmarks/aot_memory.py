@@ -30,7 +30,6 @@ from maxlm.perf import aot
 from gpu_memory_check import DEVICE_CHECK  # noqa: E402  (benchmarks/, the script's directory)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAME = "aot_memory"  # the results files: TPU rows; gpu_aot_memory for --gpu
 # (config, topology, num_slices, overrides): the config as shipped, then what makes it fit where it does not.
 ROWS = [
   ("gpt2_124m", "v5e:2x2", 1, []),
@@ -131,35 +130,37 @@ def main() -> None:
   parser.add_argument("--gpu", action="store_true", help="the GPU rows (needs the gpu-aot extra)")
   parser.add_argument("--missing", action="store_true", help="only the rows the results file lacks")
   args = parser.parse_args()
-  global ROWS, NAME
-  if args.gpu:
-    ROWS, NAME = GPU_ROWS, "gpu_aot_memory"
-  rows = _previous_rows()
-  for name, topology, slices, overrides in ROWS:
+  plan, results = (GPU_ROWS, "gpu_aot_memory") if args.gpu else (ROWS, "aot_memory")
+  rows = _previous_rows(results)
+  for name, topology, slices, overrides in plan:
     if args.only and name not in args.only.split(","):
       continue
-    if args.missing and (name, topology, slices, " ".join(o.replace("--config.", "") for o in overrides)) in rows:
+    if args.missing and (name, topology, slices, _overrides(overrides)) in rows:
       continue
     cfg = config.load([f"--config={REPO}/configs/{name}.py", *overrides])
     r = aot.compile_report(cfg, topology, slices)
     r.update(
       config=name,
-      overrides=" ".join(o.replace("--config.", "") for o in overrides),
+      overrides=_overrides(overrides),
       date=datetime.date.today().isoformat(),
     )
     print(aot.format_report(r), flush=True)
     rows[_key(r)] = r
-    write(rows)  # After every row: a big config's compile takes minutes on a small CPU.
-  print(table(write(rows)))
+    write(rows, plan, results)  # After every row: a big config's compile takes minutes on a small CPU.
+  print(table(write(rows, plan, results)))
+
+
+def _overrides(flags: list[str]) -> str:
+  return " ".join(o.replace("--config.", "") for o in flags)
 
 
 def _key(r: dict) -> tuple:
   return r["config"], r["topology"], r["num_slices"], r["overrides"]
 
 
-def _previous_rows() -> dict[tuple, dict]:
-  """The rows of the last results file still in ROWS, by (config, topology, slices, overrides)."""
-  path = os.path.join(REPO, "benchmarks", "results", f"{NAME}.json")
+def _previous_rows(results: str) -> dict[tuple, dict]:
+  """The rows of the last results file, by (config, topology, slices, overrides)."""
+  path = os.path.join(REPO, "benchmarks", "results", f"{results}.json")
   if not os.path.isfile(path):
     return {}
   with open(path) as f:
@@ -167,11 +168,12 @@ def _previous_rows() -> dict[tuple, dict]:
   return {_key(r): {"date": previous["date"], **r} for r in previous["rows"]}
 
 
-def write(rows: dict[tuple, dict]) -> dict:
-  order = [(n, t, s, " ".join(o.replace("--config.", "") for o in ov)) for n, t, s, ov in ROWS]
+def write(rows: dict[tuple, dict], plan: list, results: str) -> dict:
+  """Writes the rows of `plan` (in its order) to benchmarks/results/<results>.{json,md}."""
+  order = [(n, t, s, _overrides(ov)) for n, t, s, ov in plan]
   rows = [rows[k] for k in order if k in rows]
   result = {
-    "benchmark": NAME,
+    "benchmark": results,
     "date": datetime.date.today().isoformat(),
     "jax": jax.__version__,
     "host": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
@@ -179,15 +181,15 @@ def write(rows: dict[tuple, dict]) -> dict:
     "rows": rows,
   }
   out = os.path.join(REPO, "benchmarks", "results")
-  with open(os.path.join(out, f"{NAME}.json"), "w") as f:
+  with open(os.path.join(out, f"{results}.json"), "w") as f:
     json.dump(result, f, indent=2)
-  with open(os.path.join(out, f"{NAME}.md"), "w") as f:
+  with open(os.path.join(out, f"{results}.md"), "w") as f:
     f.write(table(result))
   return result
 
 
 def table(result: dict) -> str:
-  gib = aot.GIB
+  gib, gpu = aot.GIB, result["benchmark"].startswith("gpu")
   lines = [
     "| config | topology | overrides | mesh | args | temps | XLA peak | peak (checked) | HBM/device | fits "
     "| compile s |",
@@ -204,7 +206,7 @@ def table(result: dict) -> str:
       figures = f"— | {need} | — | compiler: > {have} available"
     lines.append(
       f"| {r['config']} | {where} | {r['overrides'] or 'as shipped'} | {mesh} | {figures} | "
-      f"{r['hbm_bytes'] / gib:.{1 if NAME.startswith('gpu') else 0}f} | {'yes' if r['fits'] else '**no**'} | "
+      f"{r['hbm_bytes'] / gib:.{1 if gpu else 0}f} | {'yes' if r['fits'] else '**no**'} | "
       f"{r['compile_s']:.0f} |"
     )
   return "\n".join(lines) + (
@@ -213,7 +215,7 @@ def table(result: dict) -> str:
     + (
       "the CUDA compiler plugin (no GPU). HBM/device: JAX's allocator share, 0.75 of the card's memory "
       "(XLA_PYTHON_CLIENT_MEM_FRACTION).\n"
-      if NAME.startswith("gpu")
+      if gpu
       else "libtpu.\n"
     )
   )
