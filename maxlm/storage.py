@@ -107,7 +107,7 @@ def move_tree(src: str, dst: str) -> None:
     return
   source = Path(src)
   for name in _files(source):
-    Path(join(dst, name)).write_bytes(source.joinpath(name).read_bytes())
+    source.joinpath(name).copy(Path(join(dst, name)), overwrite=True)  # streamed: shards may be gigabytes
   source.rmtree()
 
 

@@ -85,8 +85,7 @@ def gpu_topology_devices(name: str) -> list:
     )
   from jax.experimental import topologies
 
-  with open(os.path.join(GPU_TARGETS, match["gpu"] + ".txtpb")) as f:
-    target = f.read()
+  target = gpu_target(name)
   return list(
     topologies.get_topology_desc(platform="cuda", target_config=target, topology=f"1x{nodes}x{per_node}").devices
   )
@@ -94,8 +93,13 @@ def gpu_topology_devices(name: str) -> list:
 
 def gpu_memory_bytes(name: str) -> int:
   """The device memory a target config declares (`device_memory_size`)."""
+  return int(re.search(r"device_memory_size:\s*(\d+)", gpu_target(name))[1])
+
+
+def gpu_target(name: str) -> str:
+  """The XLA GpuTargetConfigProto text of a GPU topology's card (maxlm/perf/gpu_targets/<gpu>.txtpb)."""
   with open(os.path.join(GPU_TARGETS, GPU_TOPOLOGY.fullmatch(name)["gpu"] + ".txtpb")) as f:
-    return int(re.search(r"device_memory_size:\s*(\d+)", f.read())[1])
+    return f.read()
 
 
 def topology_devices(name: str, num_slices: int = 1) -> list:
