@@ -37,69 +37,91 @@ TABLE_HEADER = (
 )
 
 
+class Runner:
+  """The production train step on batches loaded up front (the step is timed, not data): `blocked` times steps one
+  at a time, `pipelined` dispatches them back to back; `record` is the result `measure` reports."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, devices=None, batches: int = 8):
+    self.cfg = cfg
+    self.session = loop.setup(cfg, devices)
+    self.state, self.controls = self.session.program.init(), step_lib.controls()
+    self.batches = [self.session.next_batch() for _ in range(batches)]
+    jax.block_until_ready(self.batches)
+    self.metrics, self.steps_run = None, 0
+
+  def _step(self):
+    batch = self.batches[self.steps_run % len(self.batches)]
+    self.state, self.metrics = self.session.step(self.state, batch, self.controls)
+    self.steps_run += 1
+
+  def blocked(self, n: int) -> list[float]:
+    """Seconds of each of `n` steps, each blocked on before the next starts."""
+    times = []
+    for _ in range(n):
+      t0 = time.perf_counter()
+      self._step()
+      jax.block_until_ready((self.state, self.metrics))
+      times.append(time.perf_counter() - t0)
+    return times
+
+  def pipelined(self, n: int) -> float:
+    """Mean seconds per step of `n` steps dispatched back to back."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+      self._step()
+    jax.block_until_ready((self.state, self.metrics))
+    return (time.perf_counter() - t0) / n
+
+  def record(self, blocked: list[float], pipelined: float, *, name: str, warmup: int) -> dict:
+    session, cfg = self.session, self.cfg
+    n_dev = session.mesh.size
+    step_time = statistics.median(blocked)
+    tflops = session.flops_per_step / step_time / n_dev / 1e12
+    device = session.mesh.devices.flat[0]
+    peak_bytes, peak_source = _peak_memory(device, session.step)
+    return {
+      "benchmark": "bench",
+      "date": datetime.date.today().isoformat(),
+      "config": name,
+      "device": device.device_kind,
+      "platform": device.platform,
+      "devices": n_dev,
+      "mesh": {k: int(v) for k, v in session.mesh.shape.items()},
+      "host": provenance.host_description(),
+      "jax": jax.__version__,
+      "python": sys.version.split()[0],
+      "params_m": flops.param_count(cfg.model) / 1e6,
+      "tokens_per_step": session.tokens_per_step,
+      "flops_per_token": session.flops_per_step / session.tokens_per_step,
+      "compute_dtype": cfg.model.compute_dtype,
+      "attention": cfg.model.attention,
+      "remat": cfg.model.remat,
+      "scan_layers": cfg.model.scan_layers,
+      "loss_chunk": cfg.train.loss_chunk,
+      "compile_s": session.compile_s,
+      "warmup_steps": warmup,
+      "timed_steps": len(blocked),
+      "step_time_s_median": step_time,
+      "step_time_s_spread": [min(blocked), max(blocked)],
+      "step_time_s_pipelined": pipelined,
+      "tokens_per_sec_per_device": session.tokens_per_step / step_time / n_dev,
+      "tflops_per_device": tflops,
+      "peak_tflops_per_device": session.peak_tflops,
+      "mfu": tflops / session.peak_tflops,
+      "mfu_pipelined": session.flops_per_step / pipelined / n_dev / 1e12 / session.peak_tflops,
+      "peak_memory_bytes": peak_bytes,
+      "peak_memory_source": peak_source,
+      "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "final_loss": float(self.metrics["loss"]),
+    }
+
+
 def measure(cfg: ml_collections.ConfigDict, *, steps: int, warmup: int, name: str, devices=None) -> dict:
   """Times `steps` train steps after `warmup` steps; returns the result record (see the module doc)."""
-  session = loop.setup(cfg, devices)
-  n_dev = session.mesh.size
-  state, controls = session.program.init(), step_lib.controls()
-  batches = [session.next_batch() for _ in range(min(steps, 8))]  # Loaded up front: the step is timed, not data.
-  jax.block_until_ready(batches)
-  for i in range(warmup):
-    state, metrics = session.step(state, batches[i % len(batches)], controls)
-  jax.block_until_ready(state)
-
-  blocked = []
-  for i in range(steps):
-    t0 = time.perf_counter()
-    state, metrics = session.step(state, batches[i % len(batches)], controls)
-    jax.block_until_ready((state, metrics))
-    blocked.append(time.perf_counter() - t0)
-  t0 = time.perf_counter()
-  for i in range(steps):
-    state, metrics = session.step(state, batches[i % len(batches)], controls)
-  jax.block_until_ready((state, metrics))
-  pipelined = (time.perf_counter() - t0) / steps
-  loss = float(metrics["loss"])
-
-  step_time = statistics.median(blocked)
-  tflops = session.flops_per_step / step_time / n_dev / 1e12
-  device = session.mesh.devices.flat[0]
-  peak_bytes, peak_source = _peak_memory(device, session.step)
-  return {
-    "benchmark": "bench",
-    "date": datetime.date.today().isoformat(),
-    "config": name,
-    "device": device.device_kind,
-    "platform": device.platform,
-    "devices": n_dev,
-    "mesh": {k: int(v) for k, v in session.mesh.shape.items()},
-    "host": provenance.host_description(),
-    "jax": jax.__version__,
-    "python": sys.version.split()[0],
-    "params_m": flops.param_count(cfg.model) / 1e6,
-    "tokens_per_step": session.tokens_per_step,
-    "flops_per_token": session.flops_per_step / session.tokens_per_step,
-    "compute_dtype": cfg.model.compute_dtype,
-    "attention": cfg.model.attention,
-    "remat": cfg.model.remat,
-    "scan_layers": cfg.model.scan_layers,
-    "loss_chunk": cfg.train.loss_chunk,
-    "compile_s": session.compile_s,
-    "warmup_steps": warmup,
-    "timed_steps": steps,
-    "step_time_s_median": step_time,
-    "step_time_s_spread": [min(blocked), max(blocked)],
-    "step_time_s_pipelined": pipelined,
-    "tokens_per_sec_per_device": session.tokens_per_step / step_time / n_dev,
-    "tflops_per_device": tflops,
-    "peak_tflops_per_device": session.peak_tflops,
-    "mfu": tflops / session.peak_tflops,
-    "mfu_pipelined": session.flops_per_step / pipelined / n_dev / 1e12 / session.peak_tflops,
-    "peak_memory_bytes": peak_bytes,
-    "peak_memory_source": peak_source,
-    "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    "final_loss": loss,
-  }
+  runner = Runner(cfg, devices, batches=min(steps, 8))
+  runner.blocked(warmup)
+  blocked = runner.blocked(steps)
+  return runner.record(blocked, runner.pipelined(steps), name=name, warmup=warmup)
 
 
 def _peak_memory(device: jax.Device, compiled) -> tuple[int, str]:
