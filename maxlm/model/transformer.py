@@ -28,7 +28,7 @@ from flax import nnx
 
 from maxlm.model import attention, moe, quant
 from maxlm.parallel import context, pipeline
-from maxlm.parallel.mesh import constrain
+from maxlm.parallel.mesh import constrain, split_count
 
 # The (input, output) axes of each projection matrix of a block, per layer (the stacked blocks add a leading
 # "layers" axis): what matrix-aware optimizers (Muon) orthogonalize. Embeddings, norms and lm_head are not here.
@@ -192,14 +192,18 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD):
     dt = self.dtype
-    # Gate and up as one matmul over a stacked [2, D, F] weight: one [BT, D] x [D, 2F] product instead of
-    # two, which XLA:CPU would run side by side at half speed each (measured in benchmarks/NOTES.md).
-    # Stacking on a new leading axis keeps each weight's sharding, unlike concatenating along F.
-    w_2xDxF = jnp.stack([self.gate_proj[...], self.up_proj[...]]).astype(dt)
-    gate_up_BxTx2xF = quant.dot("btd,jdf->btjf", x_BxTxD, w_2xDxF, self.quantization)
-    # Unstacked, not indexed: the gradient of an unstack is one stack; of two indexings, two zero-padded
-    # [B, T, 2, F] copies summed (benchmarks/NOTES.md).
-    gate_BxTxF, up_BxTxF = jnp.unstack(gate_up_BxTx2xF, axis=2)
+    wg_DxF, wu_DxF = self.gate_proj[...].astype(dt), self.up_proj[...].astype(dt)
+    if split_count("mlp") == 1:
+      # Gate and up as one [BT, D] x [D, 2F] projection, not two that XLA:CPU would run side by side at half speed
+      # each; concatenated along F only where F is not split over devices.
+      w_Dx2F = jnp.concatenate([wg_DxF, wu_DxF], axis=1)
+      gate_up_BxTx2F = quant.dot("btd,df->btf", x_BxTxD, w_Dx2F, self.quantization)
+      gate_BxTxF, up_BxTxF = jnp.split(gate_up_BxTx2F, 2, axis=-1)
+    else:
+      # Stacked on a new leading axis, which keeps each weight's sharding. Unstacked, not indexed: the gradient of
+      # an unstack is one stack; of two indexings, two zero-padded [B, T, 2, F] copies summed (benchmarks/NOTES.md).
+      w_2xDxF = jnp.stack([wg_DxF, wu_DxF])
+      gate_BxTxF, up_BxTxF = jnp.unstack(quant.dot("btd,jdf->btjf", x_BxTxD, w_2xDxF, self.quantization), axis=2)
     h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_seq", "act_mlp"))
     return quant.dot("btf,fd->btd", h_BxTxF, self.down_proj[...].astype(dt), self.quantization)

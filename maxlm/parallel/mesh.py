@@ -28,6 +28,7 @@ logical name here is an error, so a typo cannot silently replicate a weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -183,6 +184,14 @@ class HostRows:
   def local(self, rows: slice) -> slice:
     start, stop, _ = rows.indices(self.batch)
     return slice(self._offset[start], self._offset[start] + (stop - start))
+
+
+def split_count(name: str) -> int:
+  """Into how many pieces the mesh being traced under splits a dimension with logical name `name` (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = RULES[name]
+  axes = (axes,) if isinstance(axes, str) else axes or ()
+  return 1 if mesh.empty else math.prod(mesh.shape[a] for a in axes if a in mesh.axis_names)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
