@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/python tools/demo.py --workdir=$(DEMO_DIR)
 
 test: setup $(VENV)/.test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # GPU compilation without a GPU (tests/test_gpu_aot.py): the CUDA compiler plugin and cuDNN (~2.5 GB, the `gpu-aot`
 # extra) in a venv of their own, so that the main one never tries to start a CUDA backend.

@@ -92,6 +92,35 @@ def test_nanogpt_comparison_runs_both_sides_on_the_same_shape(tmp_path):
   assert result["maxlm_over_torch"] == pytest.approx(sum(result["round_ratios"]) / 2)
 
 
+def test_matmul_floor_times_every_projection_in_three_orientations(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "benchmarks/matmul_floor.py",
+      "--config=tiny",
+      "--batch=2",
+      "--rounds=1",
+      "--repeats=1",
+      f"--results_dir={tmp_path}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=cli_env(),
+  )
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads((tmp_path / "matmul_floor_cpu_tiny.json").read_text())
+  rows = result["products"]
+  # q, k, v, o, gate+up, down per layer and the head, each forward, input gradient and weight gradient.
+  assert len(rows) == 21 and {r["kind"] for r in rows} == {"forward", "input_grad", "weight_grad"}
+  assert result["gflop_per_step"] == pytest.approx(
+    sum(2 * r["M"] * r["K"] * r["N"] * r["runs_per_step"] for r in rows) / 1e9
+  )
+  jax_sum = sum(r["jax_s"][0] * r["runs_per_step"] for r in rows)
+  assert result["step_matmul_s"]["jax"] == pytest.approx(jax_sum)
+
+
 @pytest.mark.parametrize("scan", [True, False])
 def test_profile_ops_accounts_for_the_step_matmuls(tmp_path, scan):
   """The trace joined to the HLO finds every matmul of the step: their FLOPs (counted once per event, so a
