@@ -14,8 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,8 @@ import numpy as np
 
 from maxlm.model import attention, kernels
 from maxlm.perf import bench
+
+from timing import median_seconds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (B, T, H, K, Dh): GPT-2-124M-like, Llama-1B-like, Llama-8B-like at a shorter T.
@@ -50,16 +50,6 @@ def fwd_bwd(attention):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
-def median_time(f, args, repeats):
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dtype", default="bfloat16")
@@ -77,7 +67,7 @@ def main() -> None:
     q, k, v, segments = inputs(*shape, dtype)
     ref = fwd_bwd(attention.xla_attention)
     (_, ref_out), ref_grads = ref(q, k, v, segments)
-    row = {"shape_BxTxHxKxDh": shape, "xla_ms": 1e3 * median_time(ref, (q, k, v, segments), args.repeats)}
+    row = {"shape_BxTxHxKxDh": shape, "xla_ms": 1e3 * median_seconds(ref, (q, k, v, segments), args.repeats)}
     for name, kernel in candidates.items():
       f = fwd_bwd(kernel)
       (_, out), grads = f(q, k, v, segments)
@@ -85,7 +75,7 @@ def main() -> None:
       row[name] = {
         "max_abs_out_diff": err(out, ref_out),
         "max_abs_grad_diff": [err(g, r) for g, r in zip(grads, ref_grads)],
-        "ms": 1e3 * median_time(f, (q, k, v, segments), args.repeats),
+        "ms": 1e3 * median_seconds(f, (q, k, v, segments), args.repeats),
       }
       row[name]["speedup_vs_xla"] = row["xla_ms"] / row[name]["ms"]
     rows.append(row)

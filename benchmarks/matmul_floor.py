@@ -20,12 +20,13 @@ import datetime
 import json
 import os
 import statistics
-import time
 
 import jax
 import numpy as np
 
 from maxlm import config, provenance
+
+from timing import median_seconds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,17 +43,6 @@ def products(m) -> list[tuple[str, int, int, int]]:
     ("down", m.mlp_dim, m.d_model),
   ]
   return [(name, k, n, m.num_layers) for name, k, n in layer] + [("head", m.d_model, m.vocab_size, 1)]
-
-
-def median_seconds(fn, operands, repeats: int) -> float:
-  """Median seconds of fn(*operands) after one untimed call; JAX results are waited for."""
-  jax.block_until_ready(fn(*operands))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*operands))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main() -> None:

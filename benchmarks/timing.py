@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
@@ -28,3 +29,14 @@ def step_times(session: loop.Session, state: step_lib.TrainState, steps: int, wa
     if i >= warmup:
       times.append(dt)
   return state, times
+
+
+def median_seconds(fn, operands, repeats: int) -> float:
+  """Median seconds of fn(*operands) over `repeats` calls after one untimed call; JAX results are waited for."""
+  jax.block_until_ready(fn(*operands))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*operands))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)

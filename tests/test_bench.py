@@ -12,6 +12,19 @@ from conftest import cli_env
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_benchmark(script: str, *args: str, timeout: int = 300) -> None:
+  """Runs benchmarks/`script` with `args` from the repository root; fails the test on a non-zero exit."""
+  proc = subprocess.run(
+    [sys.executable, f"benchmarks/{script}", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=cli_env(),
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_bench_writes_a_record_and_appends_a_row(tmp_path):
   args = [
     sys.executable,
@@ -64,25 +77,17 @@ def test_bench_config_error_is_one_line(tmp_path):
 
 def test_nanogpt_comparison_runs_both_sides_on_the_same_shape(tmp_path):
   pytest.importorskip("torch")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "benchmarks/nanogpt_compare.py",
-      "--config=tiny",
-      "--batch=4",
-      "--steps=1",
-      "--rounds=2",
-      "--warmup=1",
-      "--no-compile",
-      f"--results_dir={tmp_path}",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
+  run_benchmark(
+    "nanogpt_compare.py",
+    "--config=tiny",
+    "--batch=4",
+    "--steps=1",
+    "--rounds=2",
+    "--warmup=1",
+    "--no-compile",
+    f"--results_dir={tmp_path}",
     timeout=600,
-    env=cli_env(),
   )
-  assert proc.returncode == 0, proc.stderr
   result = json.loads((tmp_path / "nanogpt_compare_cpu_tiny.json").read_text())
   assert result["torch"]["params"] == result["params"] == 115_008  # The script refuses differing shapes.
   # Same initialisation scheme: both start near the uniform-prediction loss ln V.
@@ -93,23 +98,9 @@ def test_nanogpt_comparison_runs_both_sides_on_the_same_shape(tmp_path):
 
 
 def test_matmul_floor_times_every_projection_in_three_orientations(tmp_path):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "benchmarks/matmul_floor.py",
-      "--config=tiny",
-      "--batch=2",
-      "--rounds=1",
-      "--repeats=1",
-      f"--results_dir={tmp_path}",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=cli_env(),
+  run_benchmark(
+    "matmul_floor.py", "--config=tiny", "--batch=2", "--rounds=1", "--repeats=1", f"--results_dir={tmp_path}"
   )
-  assert proc.returncode == 0, proc.stderr
   result = json.loads((tmp_path / "matmul_floor_cpu_tiny.json").read_text())
   rows = result["products"]
   # q, k, v, o, gate+up, down per layer and the head, each forward, input gradient and weight gradient.
@@ -125,22 +116,13 @@ def test_matmul_floor_times_every_projection_in_three_orientations(tmp_path):
 def test_profile_ops_accounts_for_the_step_matmuls(tmp_path, scan):
   """The trace joined to the HLO finds every matmul of the step: their FLOPs (counted once per event, so a
   scanned layer's dot counts per layer) match the model's analytic count."""
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "benchmarks/profile_ops.py",
-      "--config=configs/tiny.py",
-      "--steps=1",
-      f"--config.model.scan_layers={str(scan).lower()}",
-      f"--results_dir={tmp_path}",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=cli_env(),
+  run_benchmark(
+    "profile_ops.py",
+    "--config=configs/tiny.py",
+    "--steps=1",
+    f"--config.model.scan_layers={str(scan).lower()}",
+    f"--results_dir={tmp_path}",
   )
-  assert proc.returncode == 0, proc.stderr[-2000:]
   r = json.loads((tmp_path / "profile_cpu_tiny.json").read_text())
   assert r["matmul_gflop_per_step"] * 1e9 == pytest.approx(r["flops_per_step_model"], rel=0.1)
   assert {"matmul", "elementwise fusion"} <= set(r["kinds_ms_per_step"])
