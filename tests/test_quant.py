@@ -1,6 +1,7 @@
 """model.quantization (maxlm/model/quant.py): fp8 and int8 projection matmuls on CPU: error bounds against bf16,
 finite gradients, the model's einsums, a tiny run that tracks the bf16 one, and the quantized dtypes in the program."""
 
+import functools
 import re
 import tempfile
 
@@ -18,9 +19,11 @@ from conftest import make_config
 # Relative L2 error bounds against an f32 reference, for bf16 inputs (measured: fp8 3.6% forward, 4.6-5.6% gradients;
 # int8 1.0% and 1.1-1.2%; bf16 itself 0.2%).
 BOUNDS = {"none": (0.005, 0.005), "fp8": (0.06, 0.08), "int8": (0.02, 0.025)}
-# Every einsum the model sends through quant.dot: attention, MLP (stacked gate/up), MoE capacity and CPU grouped tiles.
+# Every einsum the model sends through quant.dot: attention, MLP (gate/up concatenated, or stacked where the mlp axis
+# is split), MoE capacity and CPU grouped tiles.
 EQUATIONS = {
   "btd,dhk->bthk": ((2, 16, 64), (64, 4, 32)),
+  "btd,df->btf": ((2, 16, 64), (64, 192)),
   "bthk,hkd->btd": ((2, 16, 4, 32), (4, 32, 64)),
   "btd,jdf->btjf": ((2, 16, 64), (2, 64, 96)),
   "btf,fd->btd": ((2, 16, 96), (96, 64)),
@@ -51,6 +54,29 @@ def test_dot_is_the_einsum_within_bounds_with_finite_gradients(equation, quantiz
   expected = jax.grad(lambda x, w: loss(x, w, reference), argnums=(0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
   for g, e in zip(grads, expected):
     assert bool(jnp.isfinite(g).all()) and rel(g, e) < backward
+
+
+def test_projections_take_the_written_out_vjp_and_match_the_einsum_in_f32():
+  """quant.dot's projections ([M, K]·[K, N] with dx = dy·wᵀ, dw = xᵀ·dy) give the einsum's values and gradients; other
+  contractions (batch axes, permuted outputs) stay einsums."""
+  projections = {"btd,dhk->bthk": 1, "bthk,hkd->btd": 2, "btd,df->btf": 1, "btf,fd->btd": 1}
+  for equation in EQUATIONS:
+    assert quant._projection(equation) == projections.get(equation, 0), equation
+  assert quant._projection("btd,dhk->btkh") == 0  # a permuted output
+  x, w = jnp.arange(6.0).reshape(2, 3), jnp.arange(3.0)
+  np.testing.assert_allclose(quant.dot("bd,d->b", x, w), jnp.einsum("bd,d->b", x, w))  # w fully contracted
+  for equation in EQUATIONS:
+    x_shape, w_shape = EQUATIONS[equation]
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    cotangent = jax.random.normal(jax.random.key(2), jnp.einsum(equation, x, w).shape)
+    y, vjp = jax.vjp(functools.partial(quant.dot, equation), x, w)
+    y_ref, vjp_ref = jax.vjp(functools.partial(jnp.einsum, equation), x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(vjp(cotangent), vjp_ref(cotangent)):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-4)
+  jaxpr = jax.make_jaxpr(lambda x, w: quant.dot("btd,df->btf", x, w))(jnp.ones((2, 4, 8)), jnp.ones((8, 6)))
+  assert "custom_vjp_call" in str(jaxpr)
 
 
 @pytest.mark.parametrize("quantization", ["fp8", "int8"])

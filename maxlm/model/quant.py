@@ -45,7 +45,7 @@ def _matmul(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
 
   Derived from an einsum, the weight gradient is formed as (dyᵀ·x)ᵀ, and XLA:CPU copies the activation gradient
   into a transposed layout first (11 MB per MLP layer of `cpu_10m`); xᵀ·dy runs as one product on the stored
-  operands. 5-10% of a CPU train step (benchmarks/NOTES.md, 2026-12-07); remat policies see the same dots.
+  operands: 8-16% of the `cpu_10m` CPU step (benchmarks/NOTES.md, 2026-12-07). Remat policies see the same dots.
   """
   return x_MxK @ w_KxN
 
