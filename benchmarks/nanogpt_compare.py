@@ -217,21 +217,10 @@ def maxlm_side(config_args: list[str], warmup: int):
   cfg = config.validate(config.load(config_args), num_devices=jax.device_count(), platform=jax.devices()[0].platform)
   runner = bench.Runner(cfg)
   runner.blocked(warmup)
-
-  class Side:
-    def blocked(self, n):
-      return runner.blocked(n)
-
-    def pipelined(self, n):
-      return runner.pipelined(n)
-
-    def record(self, blocked, pipelined):
-      return runner.record(blocked, pipelined, name="", warmup=warmup)
-
-  return Side()
+  return runner
 
 
-def serve(runner) -> None:
+def serve(runner, **record_args) -> None:
   """Answers the parent's commands on stdin, one JSON line each on stdout (prefixed, so library output is
   skipped): `blocked N` -> N step times, `pipelined N` -> mean step time, `record B P` -> the side's record."""
   print(PREFIX + json.dumps("ready"), flush=True)
@@ -243,7 +232,7 @@ def serve(runner) -> None:
       answer = runner.pipelined(int(rest[0]))
     else:  # record
       blocked, pipelined = json.loads(rest[0])
-      answer = runner.record(blocked, pipelined)
+      answer = runner.record(blocked, pipelined, **record_args)
     print(PREFIX + json.dumps(answer), flush=True)
 
 
@@ -295,7 +284,7 @@ def main() -> None:
     serve(torch_side(spec["shape"], args.batch, spec["seq_len"], args.warmup, args.compile))
     return
   if args.side == "maxlm":
-    serve(maxlm_side(config_args, args.warmup))
+    serve(maxlm_side(config_args, args.warmup), name=args.config, warmup=args.warmup)
     return
 
   from maxlm import config  # JAX is imported, but no backend is started in this process.
@@ -329,7 +318,6 @@ def main() -> None:
     records[name] = side.ask(f"record {json.dumps([blocked, side.ask(f'pipelined {args.steps}')])}")
     side.close()
   pt, mx = records["torch"], records["maxlm"]
-  mx["config"] = args.config
   if pt["params"] != expected:
     sys.exit(f"parameter counts differ: PyTorch {pt['params']}, maxlm {expected}: the models are not the same shape")
   flops_per_step = flops.training_flops_per_token(raw.model, seq_len) * args.batch * seq_len
